@@ -1,0 +1,40 @@
+# repwatch — `make demo` runs the demo training with live metrics and alerts;
+# `make test` installs everything the tests need and runs them. Both start from a clean clone.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# The CPU build of torch; override (e.g. TORCH_SPEC=torch) to get a CUDA build from PyPI.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+DEMO_ARGS ?= --collapse-at 300 --steps 700 --linger 120
+
+.PHONY: demo test install promtool clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[demo,test]'
+	touch $(STAMP)
+
+# promtool (Debian's prometheus package) checks our /metrics output in the tests.
+promtool:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian package prometheus (for promtool)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "warning: promtool missing and cannot apt-get install prometheus; its tests will skip (or fail under CI=true)"; \
+	  fi; \
+	fi
+
+demo: $(STAMP)
+	$(VENV)/bin/repwatch demo $(DEMO_ARGS)
+
+test: $(STAMP) promtool
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -1,0 +1,39 @@
+"""Errors inside repwatch: caught, counted by component, logged once. Training never sees them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger("repwatch")
+
+
+class ErrorLog:
+    """Thread-safe per-component exception counts; the first exception of each is logged."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._keys_logged: set[str] = set()
+
+    def record(self, component: str, exc: BaseException, key: str | None = None) -> None:
+        """Count ``exc`` under ``component``; log it the first time ``key`` (or the component) fails."""
+        key = key or component
+        with self._lock:
+            self._counts[component] = self._counts.get(component, 0) + 1
+            first = key not in self._keys_logged
+            self._keys_logged.add(key)
+        if first:
+            log.warning("repwatch %s failed (training continues; further errors of this kind "
+                        "are counted in repwatch_errors_total): %s: %s",
+                        key, type(exc).__name__, exc, exc_info=exc)
+
+    def counts(self) -> dict[str, int]:
+        """A copy of the counts."""
+        with self._lock:
+            return dict(self._counts)
+
+    def load(self, counts: dict[str, int]) -> None:
+        """Restore counts (from a checkpoint)."""
+        with self._lock:
+            self._counts = {str(k): int(v) for k, v in counts.items()}

@@ -1,0 +1,35 @@
+"""Complete-collapse indicators of a stream, exact over the window from the shared sums.
+
+* ``embedding_std_ratio`` — SimSiam's collapse measure (Chen & He, CVPR 2021) scaled to 1:
+  ``√d · (1/d) Σ_j std_i(ẑ_ij)`` with ``ẑ_i = z_i/‖z_i‖₂`` (unbiased std, as lightly's
+  ``std_of_l2_normalized``). ≈ 1 for healthy isotropic embeddings, → 0 when every row is the
+  same vector. Blind to dimensional collapse (METRICS.md §5a): pair it with RankMe.
+* ``mean_cosine_similarity`` — mean cosine over distinct pairs of rows, from ``‖Σẑ‖²``:
+  → 1 when all rows point the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from monitor.functional.spectral import (
+    l2_normalized_std_from_sums,
+    mean_cosine_similarity_from_sums,
+)
+from monitor.scorers.moments import WindowMoments
+
+
+class CollapseScorer:
+    """Std of L2-normalised rows (× √d) and mean pairwise cosine similarity."""
+
+    signals: tuple[str, ...] = ("embedding_std_ratio", "mean_cosine_similarity")
+
+    def compute(self, m: WindowMoments) -> dict[str, Tensor]:
+        """Collapse signals of the window as device tensors (no host sync)."""
+        std = l2_normalized_std_from_sums(m.nsum, m.nsq, m.n)
+        return {
+            "embedding_std_ratio": std * math.sqrt(m.dim),
+            "mean_cosine_similarity": mean_cosine_similarity_from_sums(m.nsum, m.nsq, m.n),
+        }

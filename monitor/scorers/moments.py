@@ -1,0 +1,121 @@
+"""Shared sliding-window second-moment state of one stream of embedding rows.
+
+Every spectral and collapse scorer of a stream reads this one state (DESIGN.md: "scorers that
+need the same statistics share them"): the uncentred second moment ``S = Σ z zᵀ`` (d×d), the
+column sum ``Σ z``, the sums of L2-normalised rows ``Σ ẑ`` and ``Σ ẑ²`` and the row count ``n``,
+all in float64 (METRICS.md §1 "Streaming"), over the last ``window`` rows.
+
+The window is exact: a ring buffer keeps the rows in float32; each update adds the new rows'
+contributions and subtracts those of the rows they overwrite, in one matrix product
+``[new; old]ᵀ diag(±1) [new; old]``. Products of float32 values are exact in float64, so the
+only drift is float64 summation round-off; the sums are rebuilt from the ring every
+``rebuild_every_wraps`` passes to keep it bounded.
+
+Rows with a NaN/Inf are counted (``nonfinite`` counts values) and stored as zero rows with a
+zero validity weight, so they never reach a score. Nothing here synchronises the device:
+positions in the ring are host integers derived from shapes, counts stay tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from monitor.functional.spectral import normalize_rows
+from monitor.scorer import Scorer
+
+
+class WindowMoments(Scorer):
+    """Sliding-window sufficient statistics (S, Σz, Σẑ, Σẑ², n) of ``(b, d)`` row batches."""
+
+    def __init__(self, dim: int, window: int, device: torch.device | str = "cpu",
+                 rebuild_every_wraps: int = 64) -> None:
+        super().__init__(device)
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if window < 2:
+            raise ValueError(f"window must be >= 2 rows, got {window}")
+        self.dim = dim
+        self.window = window
+        self.rebuild_every_wraps = rebuild_every_wraps
+        # Created on the device directly: a host→device copy here would sync on first use.
+        f64 = {"dtype": torch.float64, "device": self.device}
+        self.add_state("s", torch.zeros(dim, dim, **f64), reduce="sum")
+        self.add_state("zsum", torch.zeros(dim, **f64), reduce="sum")
+        self.add_state("nsum", torch.zeros(dim, **f64), reduce="sum")
+        self.add_state("nsq", torch.zeros(dim, **f64), reduce="sum")
+        self.add_state("n", torch.zeros((), **f64), reduce="sum")
+        self.add_state("seen", torch.zeros((), **f64), reduce="sum")
+        self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum")
+        self.add_state("ring", torch.zeros(window, dim, dtype=torch.float32, device=self.device),
+                       reduce="none")
+        self.add_state("ring_valid", torch.zeros(window, **f64), reduce="none")
+        self._pos = 0
+        self._wraps = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self._pos = 0
+        self._wraps = 0
+
+    def update(self, rows: Tensor) -> None:
+        """Add a ``(b, d)`` batch of rows (any float dtype, on this scorer's device)."""
+        if rows.dim() != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"expected rows of shape (b, {self.dim}), got {tuple(rows.shape)}")
+        if rows.shape[0] > self.window:
+            rows = rows[-self.window:]
+        b = rows.shape[0]
+        if b == 0:
+            return
+        x = rows.detach().to(device=self.device, dtype=torch.float32)       # (b, d)
+        finite_vals = torch.isfinite(x)                                     # (b, d)
+        finite = finite_vals.all(dim=1)                                     # (b,)
+        self.nonfinite += (~finite_vals).sum().to(torch.float64)
+        x = torch.where(finite[:, None], x, torch.zeros_like(x))
+        valid = finite.to(torch.float64)                                    # (b,)
+
+        idx = (torch.arange(b, device=self.device) + self._pos) % self.window
+        old = self.ring.index_select(0, idx)                                # (b, d)
+        old_valid = self.ring_valid.index_select(0, idx)                    # (b,)
+        self.ring.index_copy_(0, idx, x)
+        self.ring_valid.index_copy_(0, idx, valid)
+
+        both = torch.cat([x, old]).to(torch.float64)                        # (2b, d)
+        sign = torch.cat([torch.ones(b, dtype=torch.float64, device=self.device),
+                          -torch.ones(b, dtype=torch.float64, device=self.device)])
+        signed = both * sign[:, None]
+        self.s += signed.T @ both                                           # (d, d)
+        self.zsum += signed.sum(0)
+        normed = normalize_rows(both)
+        self.nsum += (normed * sign[:, None]).sum(0)
+        self.nsq += (normed * normed * sign[:, None]).sum(0)
+        self.n += valid.sum() - old_valid.sum()
+        self.seen += valid.sum()
+
+        self._pos += b
+        if self._pos >= self.window:
+            self._pos -= self.window
+            self._wraps += 1
+            if self.rebuild_every_wraps and self._wraps % self.rebuild_every_wraps == 0:
+                self.rebuild()
+
+    def rebuild(self) -> None:
+        """Recompute the window sums exactly from the ring (removes accumulated round-off)."""
+        x = self.ring.to(torch.float64)                                     # (window, d)
+        normed = normalize_rows(x)
+        self.s = x.T @ x
+        self.zsum = x.sum(0)
+        self.nsum = normed.sum(0)
+        self.nsq = (normed * normed).sum(0)
+        self.n = self.ring_valid.sum()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = super().state_dict()
+        state["_pos"] = torch.tensor(self._pos)
+        state["_wraps"] = torch.tensor(self._wraps)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        self._pos = int(state.get("_pos", torch.tensor(0)))
+        self._wraps = int(state.get("_wraps", torch.tensor(0)))

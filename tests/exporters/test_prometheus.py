@@ -1,0 +1,74 @@
+"""Prometheus exposition: catalogue conventions, collector output, promtool, torch-free import."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporters.catalogue import CATALOGUE
+from exporters.prometheus import make_registry, render
+from monitor.snapshot import Alert, Snapshot
+
+
+def _snapshot() -> Snapshot:
+    alert = Alert(name="RepwatchRepresentationCollapse", stream="proj", severity="critical",
+                  value=0.01, signal="embedding_std_ratio", summary="s", description="d",
+                  runbook_url="docs/runbooks.md#x", run="r")
+    return Snapshot(run="r", step=120, time=1_700_000_000.0,
+                    streams={"proj": {"effective_rank": 1.2, "embedding_std_ratio": 0.01,
+                                      "effective_rank_ratio": 0.02, "window_samples": 512.0,
+                                      "spectrum_alpha": math.nan},
+                             "enc": {"effective_rank": 40.0, "embedding_std_ratio": 0.9,
+                                     "effective_rank_ratio": 0.6, "window_samples": 512.0}},
+                    counters={"proj": {"samples": 1024.0, "nonfinite_values": 3.0}},
+                    alerts=[alert], errors={"capture": 2}, publish_duration_seconds=0.004)
+
+
+def test_catalogue_conventions() -> None:
+    names = [m.name for m in CATALOGUE]
+    assert len(names) == len(set(names))
+    for m in CATALOGUE:
+        assert re.fullmatch(r"repwatch_[a-z0-9_]+", m.name)
+        assert m.help and m.signal
+        assert (m.kind == "counter") == m.name.endswith("_total")
+        assert set(m.labels) <= {"run", "stream", "component", "alertname", "severity"}
+
+
+def test_collector_values_and_nan_skipped() -> None:
+    text = render(make_registry(_snapshot)).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    rank = {s.labels["stream"]: s.value for s in fams["repwatch_effective_rank"].samples}
+    assert rank == {"proj": 1.2, "enc": 40.0}
+    assert fams["repwatch_spectrum_alpha"].samples == []  # NaN is not exported
+    samples = [s for s in fams["repwatch_samples"].samples if s.name == "repwatch_samples_total"]
+    assert samples[0].value == 1024.0 and fams["repwatch_samples"].type == "counter"
+    firing = {(s.labels["stream"], s.labels["alertname"]): s.value
+              for s in fams["repwatch_alerts_firing"].samples}
+    assert firing[("proj", "RepwatchRepresentationCollapse")] == 1.0
+    assert firing[("enc", "RepwatchRepresentationCollapse")] == 0.0
+    errors = [s for s in fams["repwatch_errors"].samples if s.name.endswith("_total")]
+    assert errors[0].labels == {"run": "r", "component": "capture"} and errors[0].value == 2
+    step = fams["repwatch_training_step"].samples[0]
+    assert step.value == 120 and step.labels == {"run": "r"}
+
+
+def test_no_snapshot_exports_nothing() -> None:
+    assert render(make_registry(lambda: None)) == b""
+
+
+def test_promtool_check_metrics(promtool: str) -> None:
+    text = render(make_registry(_snapshot))
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+def test_exporters_import_without_torch() -> None:
+    code = ("import sys, exporters, exporters.prometheus, monitor.snapshot, monitor.alerts; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

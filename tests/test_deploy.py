@@ -1,0 +1,15 @@
+"""deploy/: the shipped Prometheus config is valid for promtool."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_prometheus_config_is_valid(promtool: str) -> None:
+    proc = subprocess.run([promtool, "check", "config", "--syntax-only",
+                           str(ROOT / "deploy/prometheus/prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
