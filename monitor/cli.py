@@ -17,6 +17,16 @@ def _fmt(v: float, digits: int = 3) -> str:
     return "–" if not math.isfinite(v) else f"{v:.{digits}g}"
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     from monitor.demo import DemoResult, run_demo
     from monitor.snapshot import Snapshot
@@ -68,12 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="SimSiam on digits with live metrics and alerts")
-    demo.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
-    demo.add_argument("--collapse", action="store_true",
-                      help="drop the stop-gradient for the whole run (collapses)")
-    demo.add_argument("--collapse-at", type=int, default=None, metavar="STEP",
-                      help="drop the stop-gradient after STEP (healthy, then collapse)")
-    demo.add_argument("--every", type=int, default=10, help="publish every N steps (default 10)")
+    demo.add_argument("--steps", type=_positive, default=600, help="training steps (default 600)")
+    phase = demo.add_mutually_exclusive_group()
+    phase.add_argument("--collapse", action="store_true",
+                       help="drop the stop-gradient for the whole run (collapses)")
+    phase.add_argument("--collapse-at", type=_positive, default=None, metavar="STEP",
+                       help="drop the stop-gradient after STEP (healthy, then collapse)")
+    demo.add_argument("--every", type=_positive, default=10, help="publish every N steps (default 10)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     demo.add_argument("--host", default="127.0.0.1")

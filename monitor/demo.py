@@ -30,6 +30,7 @@ class DemoResult:
     losses: list[float] = field(default_factory=list)
     url: str | None = None
     seconds: float = 0.0
+    model: torch.nn.Module | None = None
 
     def first_fired(self, name: str, stream: str | None = None) -> int | None:
         """Step at which alert ``name`` first fired (on ``stream`` if given), else None."""
@@ -60,7 +61,7 @@ def run_demo(steps: int = 600, collapse_at: int | None = None, seed: int = 0,
 
     dev = pick_device(device)
     setup = build(seed=seed, device=dev)
-    result = DemoResult()
+    result = DemoResult(model=setup.model)
     name = run or ("demo-collapse" if collapse_at is not None else "demo")
     mon = Monitor(run=name, every=every, max_rows=256, window=window,
                   port=port, host=host) if monitor_enabled else None

@@ -60,8 +60,9 @@ class Engine:
     """Owns the streams; creates one lazily on its first batch (d from that batch)."""
 
     def __init__(self, window: int, errors: ErrorLog, spectrum: dict[str, Any] | None = None,
-                 spectrum_points: int = 1024) -> None:
+                 spectrum_points: int = 1024, peak_warmup: int = 0) -> None:
         self.window = window
+        self.peak_warmup = peak_warmup
         self.errors = errors
         self.spectrum_kwargs = spectrum or {}
         self.spectrum_points = spectrum_points
@@ -81,7 +82,7 @@ class Engine:
                              f"dimension {rows.shape[1]} (use another stream name for another layer)")
         stream.update(rows)
 
-    def compute(self) -> EngineResult:
+    def compute(self, step: int | None = None) -> EngineResult:
         """Compute every stream; one device→host transfer per device (the publish sync)."""
         per_device: dict[torch.device, list[tuple[str, dict[str, Tensor]]]] = {}
         for name, stream in self.streams.items():
@@ -115,15 +116,17 @@ class Engine:
                 else:
                     result.streams.setdefault(name, {})[key] = chunk[0]
         for name, values in result.streams.items():
-            self._track_peak(name, values)
+            self._track_peak(name, values, step)
         return result
 
-    def _track_peak(self, name: str, values: dict[str, float]) -> None:
-        """Peak effective rank once the window holds ≥ min(window, 2d) rows (METRICS.md §1)."""
+    def _track_peak(self, name: str, values: dict[str, float], step: int | None) -> None:
+        """Peak effective rank once the window holds ≥ min(window, 2d) rows (METRICS.md §1) and
+        training is past ``peak_warmup`` steps (the random-init rank is not a peak to keep)."""
         rank = values.get("effective_rank", math.nan)
         n = values.get("window_samples", 0.0)
         d = values.get("embedding_dim", 1.0)
-        if math.isfinite(rank) and n >= min(self.window, 2 * d):
+        warm = step is None or step >= self.peak_warmup
+        if warm and math.isfinite(rank) and n >= min(self.window, 2 * d):
             self.peaks[name] = max(self.peaks.get(name, rank), rank)
         peak = self.peaks.get(name, math.nan)
         values["effective_rank_peak"] = peak

@@ -63,6 +63,10 @@ class Monitor:
         log_path: optional JSONL file, one snapshot per publish.
         alpha_centered: fit α-ReQ on the centred spectrum (a second eigendecomposition).
         strict: re-raise errors inside repwatch instead of only counting them (debugging).
+        peak_warmup: steps before the peak effective rank starts being tracked. A freshly
+            initialised network's effective rank is high and falls as training starts; that
+            fall is learning, not collapse, so it must not set the peak that
+            ``RepwatchDimensionalCollapse`` compares against.
     """
 
     def __init__(self, run: str = "default", every: int = 10, max_rows: int = 256,
@@ -70,7 +74,7 @@ class Monitor:
                  tokens: Tokens = "mean", seed: int = 0,
                  rules: Sequence[AlertRule] = DEFAULT_RULES, history: int = 512,
                  log_path: str | os.PathLike[str] | None = None, alpha_centered: bool = False,
-                 strict: bool = False) -> None:
+                 strict: bool = False, peak_warmup: int = 100) -> None:
         self.run = _check_name("run", run)
         self.every = _check_int("every", every, 1)
         self.max_rows = _check_int("max_rows", max_rows, 1)
@@ -92,7 +96,9 @@ class Monitor:
         self.strict = strict
         self.rules = tuple(rules)
         self._errors = ErrorLog()
-        self._engine = Engine(self.window, self._errors, {"alpha_centered": alpha_centered})
+        self.peak_warmup = _check_int("peak_warmup", peak_warmup, 0)
+        self._engine = Engine(self.window, self._errors, {"alpha_centered": alpha_centered},
+                              peak_warmup=self.peak_warmup)
         self._alerts = AlertEngine(self.rules, run=self.run)
         self._captures: list[Capture] = []
         self._callbacks: list[Callable[[Alert], Any]] = []
@@ -187,7 +193,7 @@ class Monitor:
         t0 = time.perf_counter()
         with self._lock:
             try:
-                result = self._engine.compute()
+                result = self._engine.compute(step=self._step)
             except Exception as exc:
                 self._errors.record("publish", exc)
                 if self.strict:

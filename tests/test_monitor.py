@@ -173,22 +173,46 @@ def test_hooks_return_none() -> None:
 
 def test_state_dict_roundtrip_and_peak() -> None:
     gen = torch.Generator().manual_seed(6)
-    a = Monitor(port=None, window=128, max_rows=64, every=2)
+    a = Monitor(port=None, window=128, max_rows=64, every=2, peak_warmup=0)
     for _ in range(6):
         a.observe("z", torch.randn(64, 8, generator=gen))
         a.step()
     state = a.state_dict()
-    b = Monitor(port=None, window=128, max_rows=64, every=2)
+    b = Monitor(port=None, window=128, max_rows=64, every=2, peak_warmup=0)
     b.load_state_dict(state)
     nxt = torch.randn(64, 8, generator=gen)
     a.observe("z", nxt)
     b.observe("z", nxt)
     sa, sb = a.publish(), b.publish()
+    assert math.isfinite(sb.get("effective_rank_peak", stream="z"))
     assert sb.step == 6 and sa.streams.keys() == sb.streams.keys()
     for key, value in sa.streams["z"].items():
         assert value == sb.streams["z"][key] or (math.isnan(value) and math.isnan(sb.streams["z"][key]))
     with pytest.raises(ValueError, match="window"):
         Monitor(port=None, window=256, max_rows=64).load_state_dict(state)
+
+
+def _low_rank_after_high(peak_warmup: int) -> Snapshot:
+    """Isotropic rows for 10 steps (like a random init), then rank-4 rows for 10 steps."""
+    gen = torch.Generator().manual_seed(8)
+    mon = Monitor(port=None, window=128, max_rows=128, every=1, peak_warmup=peak_warmup)
+    basis = torch.randn(4, 32, generator=gen)
+    for step in range(20):
+        z = torch.randn(128, 32, generator=gen)
+        mon.observe("z", z if step < 10 else torch.randn(128, 4, generator=gen) @ basis)
+        mon.step()
+    assert mon.latest is not None
+    return mon.latest
+
+
+def test_peak_is_not_taken_during_warmup() -> None:
+    early = _low_rank_after_high(peak_warmup=0)        # the isotropic phase sets the peak
+    warm = _low_rank_after_high(peak_warmup=12)        # the peak only counts from step 12 on
+    rank = early.get("effective_rank", stream="z")
+    assert rank == pytest.approx(warm.get("effective_rank", stream="z"))
+    assert early.get("effective_rank_peak_ratio", stream="z") < 0.3
+    assert warm.get("effective_rank_peak_ratio", stream="z") == pytest.approx(1.0, abs=0.05)
+    assert early.get("effective_rank_peak", stream="z") > 20 > rank
 
 
 def test_collapse_alert_fires_and_resolves_through_monitor() -> None:

@@ -1,0 +1,71 @@
+"""`repwatch demo` as a user runs it: a real process serving /metrics that promtool accepts."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _scrape_until_alert(url: str, deadline: float) -> str:
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(f"{url}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            text = ""
+        if re.search(r'repwatch_alerts_firing\{alertname="RepwatchRepresentationCollapse",'
+                     r'run="demo-collapse",severity="critical",stream="projector"\} 1\.0', text):
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"collapse alert not seen on {url}/metrics; last scrape:\n{text[-2000:]}")
+
+
+@pytest.mark.slow
+def test_demo_serves_metrics_that_pass_promtool(promtool: str) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monitor.cli", "demo", "--collapse", "--steps", "400",
+         "--port", "0", "--linger", "60", "--device", "cpu"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        url = None
+        start = time.monotonic()
+        while url is None and time.monotonic() - start < 120:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+            url = m.group(1) if m else None
+        assert url, "the demo did not print its URL"
+        text = _scrape_until_alert(url, time.monotonic() + 240)
+        check = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                               capture_output=True, timeout=60)
+        assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+        page = httpx.get(f"{url}/", timeout=5).text
+        assert "RepwatchRepresentationCollapse" in page
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_help_and_bad_arguments() -> None:
+    out = subprocess.run([sys.executable, "-m", "monitor.cli", "demo", "--help"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and "--collapse-at" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "monitor.cli", "demo", "--steps", "many"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert bad.returncode == 2 and "invalid int value" in bad.stderr
