@@ -28,6 +28,7 @@ class CollapseScorer:
 
     def compute(self, m: WindowMoments) -> dict[str, Tensor]:
         """Collapse signals of the window as device tensors (no host sync)."""
+        m.settle()
         std = l2_normalized_std_from_sums(m.nsum, m.nsq, m.n)
         return {
             "embedding_std_ratio": std * math.sqrt(m.dim),

@@ -11,6 +11,12 @@ contributions and subtracts those of the rows they overwrite, in one matrix prod
 only drift is float64 summation round-off; the sums are rebuilt from the ring every
 ``rebuild_every_wraps`` passes to keep it bounded.
 
+Incremental updates cost ``2·b·d²`` per batch, a rebuild from the ring ``window·d²``. When more
+than half a window of rows arrives between two reads, the incremental updates stop for the rest
+of that interval (rows still go into the ring) and :meth:`settle`, which every reader calls
+first, rebuilds the sums from the ring once. So the cost between reads is at most about twice
+the cheaper of the two, whatever the publish cadence and batch size.
+
 Rows with a NaN/Inf are counted (``nonfinite`` counts values) and stored as zero rows with a
 zero validity weight, so they never reach a score. Nothing here synchronises the device:
 positions in the ring are host integers derived from shapes, counts stay tensors.
@@ -52,11 +58,22 @@ class WindowMoments(Scorer):
         self.add_state("ring_valid", torch.zeros(window, **f64), reduce="none")
         self._pos = 0
         self._wraps = 0
+        self._pending = 0        # rows since the last settle (host int: from shapes, no sync)
+        self._stale = False      # sums lag the ring; settle() rebuilds them
 
     def reset(self) -> None:
         super().reset()
         self._pos = 0
         self._wraps = 0
+        self._pending = 0
+        self._stale = False
+
+    def settle(self) -> None:
+        """Bring the window sums up to date with the ring; call before reading them."""
+        if self._stale:
+            self.rebuild()
+        self._stale = False
+        self._pending = 0
 
     def update(self, rows: Tensor) -> None:
         """Add a ``(b, d)`` batch of rows (any float dtype, on this scorer's device)."""
@@ -73,8 +90,16 @@ class WindowMoments(Scorer):
         self.nonfinite += (~finite_vals).sum().to(torch.float64)
         x = torch.where(finite[:, None], x, torch.zeros_like(x))
         valid = finite.to(torch.float64)                                    # (b,)
+        self.seen += valid.sum()
 
         idx = (torch.arange(b, device=self.device) + self._pos) % self.window
+        self._pending += b
+        self._stale = self._stale or 2 * self._pending > self.window
+        if self._stale:                                                     # settle() rebuilds
+            self.ring.index_copy_(0, idx, x)
+            self.ring_valid.index_copy_(0, idx, valid)
+            self._advance(b, rebuild=False)
+            return
         old = self.ring.index_select(0, idx)                                # (b, d)
         old_valid = self.ring_valid.index_select(0, idx)                    # (b,)
         self.ring.index_copy_(0, idx, x)
@@ -90,13 +115,14 @@ class WindowMoments(Scorer):
         self.nsum += (normed * sign[:, None]).sum(0)
         self.nsq += (normed * normed * sign[:, None]).sum(0)
         self.n += valid.sum() - old_valid.sum()
-        self.seen += valid.sum()
+        self._advance(b, rebuild=True)
 
+    def _advance(self, b: int, rebuild: bool) -> None:
         self._pos += b
         if self._pos >= self.window:
             self._pos -= self.window
             self._wraps += 1
-            if self.rebuild_every_wraps and self._wraps % self.rebuild_every_wraps == 0:
+            if rebuild and self.rebuild_every_wraps and self._wraps % self.rebuild_every_wraps == 0:
                 self.rebuild()
 
     def rebuild(self) -> None:
@@ -110,6 +136,7 @@ class WindowMoments(Scorer):
         self.n = self.ring_valid.sum()
 
     def state_dict(self) -> dict[str, Tensor]:
+        self.settle()
         state = super().state_dict()
         state["_pos"] = torch.tensor(self._pos)
         state["_wraps"] = torch.tensor(self._wraps)
@@ -119,3 +146,5 @@ class WindowMoments(Scorer):
         super().load_state_dict(state)
         self._pos = int(state.get("_pos", torch.tensor(0)))
         self._wraps = int(state.get("_wraps", torch.tensor(0)))
+        self._pending = 0
+        self._stale = False

@@ -64,6 +64,7 @@ class SpectrumScorer:
 
     def compute(self, m: WindowMoments) -> dict[str, Tensor]:
         """All spectral signals of the window as device tensors (no host sync)."""
+        m.settle()
         n = m.n
         d = torch.tensor(float(m.dim), dtype=torch.float64, device=m.device)
         k = torch.minimum(n, d)

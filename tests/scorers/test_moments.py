@@ -52,22 +52,44 @@ def test_streaming_batches_equal_one_batch() -> None:
         assert a[key] == pytest.approx(value, rel=1e-9), key
 
 
-def test_sliding_window_equals_last_rows() -> None:
+@pytest.mark.parametrize("read_every", [1, 3, None])
+def test_sliding_window_equals_last_rows(read_every: int | None) -> None:
+    """Read after every batch (incremental sums), every 3rd (mixed) or only at the end (rows
+    overrun the window between reads, so settle() rebuilds from the ring): all exact."""
     gen = torch.Generator().manual_seed(1)
     window = 256
     m = WindowMoments(16, window=window, rebuild_every_wraps=0)
     batches = [torch.randn(40, 16, generator=gen) * (1 + i % 3) for i in range(30)]
-    for b in batches:
+    for i, b in enumerate(batches, 1):
         m.update(b)
+        if read_every and i % read_every == 0:
+            got = _signals(m)
+            ref = _reference_stats(torch.cat(batches[:i])[-window:].numpy())
+            assert got["effective_rank"] == pytest.approx(ref["effective_rank"], rel=1e-8)
     last = torch.cat(batches)[-window:]
     ref = _reference_stats(last.numpy())
     got = _signals(m)
     for key, value in ref.items():
         assert got[key] == pytest.approx(value, rel=1e-8), key
-    # the incremental sums match a rebuild from the ring to round-off
+    # the sums match a rebuild from the ring to round-off
     s_incremental = m.s.clone()
     m.rebuild()
     assert torch.allclose(s_incremental, m.s, rtol=1e-10, atol=1e-9)
+
+
+def test_lazy_rebuild_skips_incremental_work_when_rows_overrun_the_window() -> None:
+    """More than half a window between reads: the sums go stale (no per-batch products) and
+    the first read rebuilds them, equal to the always-incremental path."""
+    gen = torch.Generator().manual_seed(9)
+    lazy, eager = WindowMoments(8, window=64), WindowMoments(8, window=64)
+    for _ in range(12):
+        b = torch.randn(16, 8, generator=gen)
+        lazy.update(b)
+        eager.update(b)
+        eager.settle()                       # a read after every batch keeps it incremental
+    assert not torch.allclose(lazy.s, eager.s)   # stale until read
+    lazy.settle()
+    assert torch.allclose(lazy.s, eager.s, rtol=1e-12) and torch.equal(lazy.n, eager.n)
 
 
 def test_nonfinite_rows_are_counted_and_excluded() -> None:
