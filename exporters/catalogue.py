@@ -13,16 +13,22 @@ from typing import Literal
 
 PREFIX = "repwatch_"
 
+Source = Literal["stream", "layer", "param", "run_signal", "counter", "run", "errors", "alerts",
+                 "histogram"]
+"""Where in a Snapshot a metric's values live (``stream``/``layer``/``param``: keyed groups)."""
+
+KEYED_SOURCES: tuple[str, ...] = ("stream", "layer", "param")
+
 
 @dataclass(frozen=True)
 class MetricSpec:
     """One exported metric."""
 
     name: str
-    kind: Literal["gauge", "counter"]
+    kind: Literal["gauge", "counter", "histogram"]
     help: str
     signal: str
-    source: Literal["stream", "counter", "run", "errors", "alerts"]
+    source: Source
     labels: tuple[str, ...] = ("run", "stream")
     unit: str = ""
     paper: str = ""
@@ -30,6 +36,8 @@ class MetricSpec:
     def __post_init__(self) -> None:
         if not self.name.startswith(PREFIX):
             raise ValueError(f"metric names start with {PREFIX!r}: {self.name!r}")
+        if self.kind not in ("gauge", "counter", "histogram"):
+            raise ValueError(f"kind must be gauge, counter or histogram, got {self.kind!r}")
         if self.kind == "counter" and not self.name.endswith("_total"):
             raise ValueError(f"counter {self.name!r} must end in _total")
         if self.kind != "counter" and self.name.endswith("_total"):
@@ -37,10 +45,28 @@ class MetricSpec:
 
 
 def _g(name: str, signal: str, help: str, *, unit: str = "", paper: str = "",
-       source: Literal["stream", "run"] = "stream") -> MetricSpec:
-    labels = ("run", "stream") if source == "stream" else ("run",)
-    return MetricSpec(PREFIX + name, "gauge", help, signal, source, labels, unit, paper)
+       source: Source = "stream", variants: tuple[str, ...] = ()) -> MetricSpec:
+    """A gauge; keyed sources get their key label (``stream``, ``layer``, ``param``), then
+    ``variants`` (labels carried in the signal key, e.g. ``tau``)."""
+    key = (source,) if source in KEYED_SOURCES else ()
+    return MetricSpec(PREFIX + name, "gauge", help, signal, source, ("run", *key, *variants),
+                      unit, paper)
 
+
+def _layer(name: str, help: str, paper: str = "", **kw: object) -> MetricSpec:
+    return _g(name, name, help, source="layer", paper=paper, **kw)  # type: ignore[arg-type]
+
+
+def _param(name: str, help: str, paper: str = "") -> MetricSpec:
+    return _g(name, name, help, source="param", paper=paper)
+
+
+_LYLE = "Lyle et al., ICML 2023"
+_SOKAR = "Sokar et al., ICML 2023"
+_DOHARE = "Dohare et al., Nature 2024"
+_KALIBHAT = "Kalibhat et al., AAAI 2024 (Q-Score)"
+_PAPYAN = "Papyan, Han & Donoho, PNAS 2020"
+_GAN = "Arora & Zhang 2017; Odena et al. 2017"
 
 CATALOGUE: tuple[MetricSpec, ...] = (
     _g("effective_rank", "effective_rank",
@@ -89,17 +115,124 @@ CATALOGUE: tuple[MetricSpec, ...] = (
        "Wall time of the latest publish (all scorers' compute, one host sync).", unit="seconds",
        source="run"),
     MetricSpec(PREFIX + "alerts_firing", "gauge",
-               "1 while the alert fires for the stream, else 0 (in-process alert engine).",
+               "1 while the alert fires for the stream (or the layer or parameter of a "
+               "layer/param-scoped rule, in the same label), else 0.",
                "alerts", "alerts", ("run", "stream", "alertname", "severity")),
+    # ---- plasticity: activation layers (mon.watch_activations)
+    _layer("dormant_units_ratio",
+           "Fraction of units that are tau-dormant over the publish interval: "
+           "E|h_i| / mean_k E|h_k| <= tau (conv channels averaged over space).",
+           paper=_SOKAR, variants=("tau",), unit="ratio"),
+    _layer("dormant_units_ratio_rise",
+           "Dormant fraction minus its lowest value in this run after peak_warmup (rising).",
+           paper=_SOKAR, variants=("tau",)),
+    _layer("low_activity_units_ratio",
+           "Fraction of units active (h != 0) on fewer than 1% of the interval's inputs.",
+           paper=_DOHARE, unit="ratio"),
+    _layer("never_active_units_ratio",
+           "Fraction of units never active (h != 0) since the layer was first seen.",
+           paper=_DOHARE, unit="ratio"),
+    _layer("activation_units", "Units (features or conv channels) in the layer."),
+    _g("activation_effective_rank", "effective_rank",
+       "RankMe of the layer's activations (own window second moment; conv: channel means).",
+       source="layer", paper=f"{_DOHARE}; Garrido et al. 2023"),
+    _g("activation_effective_rank_peak_ratio", "effective_rank_peak_ratio",
+       "Activation effective rank divided by its peak in this run (after peak_warmup); 0-1.",
+       source="layer", unit="ratio", paper=_LYLE),
+    _g("activation_srank", "srank",
+       "srank_0.01 of the layer's activations (feature rank).", source="layer",
+       paper="Kumar et al., ICLR 2021"),
+    _g("activation_window_samples", "window_samples",
+       "Rows in the layer's activation window.", source="layer"),
+    # ---- parameters: weights and gradients (publish cadence)
+    _param("weight_norm", "L2 norm of the parameter tensor.", paper=_LYLE),
+    _param("weight_abs_mean", "Mean |w| of the parameter tensor.", paper=_DOHARE),
+    _param("grad_norm", "L2 norm of the parameter's gradient at publish.", paper=_LYLE),
+    _param("update_to_weight_ratio",
+           "||w_now - w_last_publish|| / ||w_last_publish||: how fast the tensor moves."),
+    _param("weight_rank",
+           "Number of singular values of W/||W||_F above 1e-3 (conv kernels as out x in*k*k).",
+           paper="Galanti et al. 2022"),
+    _param("weight_stable_rank", "Stable rank ||W||_F^2 / ||W||_2^2.",
+           paper="Galanti et al. 2022"),
+    # ---- low-quality samples (Q-Score) on a stream
+    _g("low_quality_samples_ratio", "low_quality_samples_ratio",
+       "Fraction of the window's samples whose Q-Score is below the calibrated threshold "
+       "(10% at calibration). Q = max within-sample z-score / L1 norm (form unverified).",
+       unit="ratio", paper=_KALIBHAT),
+    _g("negative_values_ratio", "negative_values_ratio",
+       "Fraction of negative entries in the window; Q-Score (and its alert) assumes 0, i.e. "
+       "non-negative post-ReLU features.", unit="ratio"),
+    _g("qscore_threshold", "qscore_threshold",
+       "Q-Score threshold (calibrated once on the first healthy window, or set).", paper=_KALIBHAT),
+    _g("qscore_p10", "qscore_p10", "10th percentile of the window's Q-Scores.", paper=_KALIBHAT),
+    _g("qscore_p50", "qscore_p50", "Median of the window's Q-Scores.", paper=_KALIBHAT),
+    _g("qscore_auprc", "qscore_auprc",
+       "AUPRC of 'low Q-Score -> misclassified' on an evaluation stream with labels and "
+       "predictions.", paper=_KALIBHAT),
+    _g("qscore_misclassified_ratio", "qscore_misclassified_ratio",
+       "Error rate on the evaluation window: the AUPRC of a random ranking.", unit="ratio"),
+    MetricSpec(PREFIX + "qscore", "histogram",
+               "Per-sample Q-Scores since start (cumulative, fixed log-spaced buckets).",
+               "qscore", "histogram", ("run", "stream"), paper=_KALIBHAT),
+    # ---- neural collapse (labels given)
+    _g("neural_collapse_nc1", "neural_collapse_nc1",
+       "NC1 = tr(Sigma_W Sigma_B^+)/C: within-class variability over between-class; -> 0 "
+       "in the terminal phase.", paper=_PAPYAN),
+    _g("neural_collapse_nc2_equinorm", "neural_collapse_nc2_equinorm",
+       "Std/mean of the centred class-mean norms.", paper=_PAPYAN),
+    _g("neural_collapse_nc2_equiangularity", "neural_collapse_nc2_equiangularity",
+       "Std of the cosines between centred class means.", paper=_PAPYAN),
+    _g("neural_collapse_nc2_max_angle", "neural_collapse_nc2_max_angle",
+       "Mean |cos + 1/(C-1)| between centred class means (0 for a simplex ETF).", paper=_PAPYAN),
+    _g("neural_collapse_nc3", "neural_collapse_nc3",
+       "Self-duality ||W^T/||W|| - M/||M|| ||_F^2 of classifier and class means.", paper=_PAPYAN),
+    _g("neural_collapse_nc4", "neural_collapse_nc4",
+       "Fraction of samples where the classifier disagrees with the nearest class mean.",
+       unit="ratio", paper=_PAPYAN),
+    _g("neural_collapse_classes", "neural_collapse_classes", "Classes present in the window."),
+    _g("neural_collapse_effective_depth", "neural_collapse_effective_depth",
+       "First watched stream (1-based, in watch order) whose NC1 is below the threshold; "
+       "NaN when none.", source="run_signal", paper="Galanti et al. 2022"),
+    # ---- generative models: a fake stream paired with a real one (mon.pair)
+    _g("generator_diversity_ratio", "generator_diversity_ratio",
+       "Mean pairwise distance of generated samples over that of real samples; << 1 when "
+       "the generator collapses.", paper=_GAN),
+    _g("generator_duplicate_rate", "generator_duplicate_rate",
+       "Fraction of generated samples whose nearest generated neighbour is closer than the "
+       "1st percentile of real nearest-neighbour distances (birthday-paradox test).", unit="ratio",
+       paper="Arora & Zhang 2017"),
+    _g("generator_effective_rank_ratio", "generator_effective_rank_ratio",
+       "RankMe of the generated stream over RankMe of the real stream.", paper=_GAN),
+    # ---- model-level, low cadence
+    _g("earlybird_mask_distance", "earlybird_mask_distance",
+       "Normalised Hamming distance between consecutive global magnitude-pruning masks.",
+       source="run_signal", variants=("sparsity",), unit="ratio",
+       paper="You et al., ICLR 2020 (early-bird tickets)"),
+    _g("earlybird_ticket_found", "earlybird_ticket_found",
+       "1 once the mask distance stayed below 0.1 for the tracker's patience at any sparsity.",
+       source="run_signal", paper="You et al., ICLR 2020 (early-bird tickets)"),
+    _g("hessian_top_eigenvalue", "hessian_top_eigenvalue",
+       "Top eigenvalue of the loss Hessian (power iteration on Hessian-vector products).",
+       source="run_signal", paper=_LYLE),
+    _g("sgd_lyapunov_exponent", "sgd_lyapunov_exponent",
+       "Sampled estimate of E log|1 - lr*h| along the top Hessian direction; > 0: unstable "
+       "in probability.", source="run_signal", paper="Ziyin et al. 2023"),
 )
 
 BY_NAME: dict[str, MetricSpec] = {m.name: m for m in CATALOGUE}
 STREAM_SIGNALS: frozenset[str] = frozenset(m.signal for m in CATALOGUE if m.source == "stream")
+LAYER_SIGNALS: frozenset[str] = frozenset(m.signal for m in CATALOGUE if m.source == "layer")
+PARAM_SIGNALS: frozenset[str] = frozenset(m.signal for m in CATALOGUE if m.source == "param")
+RUN_SIGNALS: frozenset[str] = frozenset(m.signal for m in CATALOGUE if m.source == "run_signal")
+SIGNALS_BY_SCOPE: dict[str, frozenset[str]] = {
+    "stream": STREAM_SIGNALS, "layer": LAYER_SIGNALS, "param": PARAM_SIGNALS, "run": RUN_SIGNALS}
+"""Exported signals per alert scope: every alert rule must read signals from here."""
 
 
-def metric_for_signal(signal: str) -> MetricSpec:
-    """The metric that exports snapshot signal ``signal``."""
+def metric_for_signal(signal: str, source: str = "stream") -> MetricSpec:
+    """The metric that exports snapshot signal ``signal`` of ``source``."""
     for m in CATALOGUE:
-        if m.signal == signal:
+        if m.signal == signal and m.source == source:
             return m
-    raise KeyError(f"no metric exports signal {signal!r}")
+    raise KeyError(f"no metric exports {source} signal {signal!r}")

@@ -9,12 +9,17 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from exporters.catalogue import CATALOGUE, MetricSpec
+from exporters.catalogue import CATALOGUE, KEYED_SOURCES, MetricSpec
 from monitor.alerts import DEFAULT_RULES, AlertRule
-from monitor.snapshot import Snapshot
+from monitor.snapshot import Snapshot, split_key
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -35,11 +40,27 @@ class RepwatchCollector(Collector):
         if snap is None:
             return
         for spec in CATALOGUE:
+            if spec.kind == "histogram":
+                yield from self._histogram(spec, snap)
+                continue
             family = self._family(spec)
             for labels, value in self._samples(spec, snap):
                 if math.isfinite(value):
                     family.add_metric(labels, value)
             yield family
+
+    @staticmethod
+    def _histogram(spec: MetricSpec, snap: Snapshot) -> Iterator[Metric]:
+        per_stream = snap.histograms.get(spec.signal, {})
+        if not per_stream:
+            return
+        family = HistogramMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+        for stream, hist in sorted(per_stream.items()):
+            buckets = [(_le(b), c) for b, c in zip(hist.bounds, hist.cumulative, strict=False)]
+            if not buckets or buckets[-1][0] != "+Inf":
+                buckets.append(("+Inf", hist.count))
+            family.add_metric([snap.run, stream], buckets, hist.sum)
+        yield family
 
     @staticmethod
     def _family(spec: MetricSpec) -> GaugeMetricFamily | CounterMetricFamily:
@@ -48,10 +69,19 @@ class RepwatchCollector(Collector):
         return GaugeMetricFamily(spec.name, spec.help, labels=list(spec.labels))
 
     def _samples(self, spec: MetricSpec, snap: Snapshot) -> Iterator[tuple[list[str], float]]:
-        if spec.source == "stream":
-            for stream, values in sorted(snap.streams.items()):
-                if spec.signal in values:
-                    yield [snap.run, stream], float(values[spec.signal])
+        if spec.source in KEYED_SOURCES:
+            variants = spec.labels[2:]
+            for key, values in sorted(snap.group(spec.source).items()):
+                for signal_key, value in values.items():
+                    signal, labels = split_key(signal_key)
+                    if signal == spec.signal and set(labels) == set(variants):
+                        yield [snap.run, key, *(labels[v] for v in variants)], float(value)
+        elif spec.source == "run_signal":
+            variants = spec.labels[1:]
+            for signal_key, value in sorted(snap.run_signals.items()):
+                signal, labels = split_key(signal_key)
+                if signal == spec.signal and set(labels) == set(variants):
+                    yield [snap.run, *(labels[v] for v in variants)], float(value)
         elif spec.source == "counter":
             for stream, values in sorted(snap.counters.items()):
                 if spec.signal in values:
@@ -66,10 +96,14 @@ class RepwatchCollector(Collector):
         elif spec.source == "alerts":
             firing = {(a.name, a.stream) for a in snap.alerts}
             for rule in self._rules:
-                for stream, values in sorted(snap.streams.items()):
+                for key, values in sorted(snap.group(rule.scope).items()):
                     if any(sig in values for sig in rule.signals):
-                        yield ([snap.run, stream, rule.name, rule.severity],
-                               1.0 if (rule.name, stream) in firing else 0.0)
+                        yield ([snap.run, key, rule.name, rule.severity],
+                               1.0 if (rule.name, key) in firing else 0.0)
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
 def make_registry(source: Callable[[], Snapshot | None],

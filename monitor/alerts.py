@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from monitor.snapshot import Alert
+from monitor.snapshot import SCOPES, Alert, split_key
 
 log = logging.getLogger("repwatch.alerts")
 
@@ -27,12 +27,17 @@ RUNBOOK_BASE: str = os.environ.get("REPWATCH_RUNBOOK_BASE", "docs/runbooks.md")
 
 @dataclass(frozen=True)
 class Condition:
-    """``signal op threshold`` fires; resolving needs the value past ``clear`` (hysteresis)."""
+    """``signal op threshold`` fires; resolving needs the value past ``clear`` (hysteresis).
+
+    ``also`` adds conditions that must hold at the same time (all-of), e.g. "dormant fraction
+    high *and* rising"; such a compound condition clears when any of its parts clears.
+    """
 
     signal: str
     op: Literal["<", ">"]
     threshold: float
     clear: float
+    also: tuple[Condition, ...] = ()
 
     def __post_init__(self) -> None:
         if self.op not in ("<", ">"):
@@ -55,7 +60,30 @@ class Condition:
 
     def expr(self) -> str:
         """The condition as text, e.g. ``embedding_std_ratio < 0.1``."""
-        return f"{self.signal} {self.op} {self.threshold:g}"
+        own = f"{self.signal} {self.op} {self.threshold:g}"
+        return " and ".join([own, *(c.expr() for c in self.also)])
+
+    @property
+    def signals(self) -> tuple[str, ...]:
+        """This condition's signal and those of its ``also`` parts."""
+        return (self.signal, *(s for c in self.also for s in c.signals))
+
+    def breached_in(self, values: Mapping[str, float]) -> bool:
+        """Whether this condition (and every ``also`` part) holds on ``values``."""
+        return (self.breached(values.get(self.signal, math.nan))
+                and all(c.breached_in(values) for c in self.also))
+
+    def cleared_in(self, values: Mapping[str, float]) -> bool | None:
+        """Whether it is past its clear level on ``values`` (None: nothing defined yet)."""
+        parts = [self._own_cleared(values), *(c.cleared_in(values) for c in self.also)]
+        known = [p for p in parts if p is not None]
+        if not known:
+            return None
+        return any(known) if self.also else known[0]
+
+    def _own_cleared(self, values: Mapping[str, float]) -> bool | None:
+        v = values.get(self.signal, math.nan)
+        return None if math.isnan(v) else self.cleared(v)
 
 
 @dataclass(frozen=True)
@@ -71,6 +99,7 @@ class AlertRule:
     min_window_samples: int = 256
     prometheus_for: str = "2m"
     runbook: str = ""
+    scope: Literal["stream", "layer", "param", "run"] = "stream"
 
     def __post_init__(self) -> None:
         if not self.name.startswith("Repwatch") or not self.name.isalnum():
@@ -81,6 +110,8 @@ class AlertRule:
             raise ValueError(f"{self.name}: needs at least one condition")
         if self.hold < 1:
             raise ValueError(f"{self.name}: hold must be >= 1 publish, got {self.hold}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"{self.name}: scope must be one of {SCOPES}, got {self.scope!r}")
 
     @property
     def runbook_url(self) -> str:
@@ -90,7 +121,7 @@ class AlertRule:
     @property
     def signals(self) -> tuple[str, ...]:
         """Signals this rule reads."""
-        return tuple(c.signal for c in self.conditions)
+        return tuple(s for c in self.conditions for s in c.signals)
 
 
 DEFAULT_RULES: tuple[AlertRule, ...] = (
@@ -125,18 +156,88 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
         hold=3,
         prometheus_for="5m",
     ),
+
+    AlertRule(
+        name="RepwatchPlasticityLoss",
+        severity="warning",
+        summary="Activation layer losing plasticity",
+        description=("Layer {layer} of run {run}: {signal} = {value:.4g} ({expr}). Units stop "
+                     "responding (dormant: Sokar et al. 2023) or the layer's features collapse "
+                     "onto few directions (Lyle et al. 2023; Dohare et al. 2024): the network is "
+                     "losing the ability to fit new targets. Consider ReDo "
+                     "(monitor.remedies.recycle_dormant), layer normalisation, or a smaller "
+                     "learning rate / more weight decay."),
+        conditions=(
+            Condition("dormant_units_ratio{tau=0.1}", ">", 0.3, clear=0.2,
+                      also=(Condition("dormant_units_ratio_rise{tau=0.1}", ">", 0.1, clear=0.05),)),
+            Condition("effective_rank_peak_ratio", "<", 0.5, clear=0.6),
+        ),
+        hold=3,
+        min_window_samples=64,
+        prometheus_for="10m",
+        scope="layer",
+    ),
+    AlertRule(
+        name="RepwatchLowQualitySamples",
+        severity="warning",
+        summary="Many samples have low-quality representations",
+        description=("Stream {stream} of run {run}: {signal} = {value:.4g} ({expr}). The "
+                     "share of samples whose Q-Score is below the level calibrated on the first "
+                     "healthy window (where it was 10%) has grown: low Q predicts "
+                     "misclassification (Kalibhat et al. 2024). Inspect them with "
+                     "mon.sample_scores(stream). Only for non-negative (post-ReLU) features, "
+                     "where the score is meaningful."),
+        conditions=(Condition("low_quality_samples_ratio", ">", 0.3, clear=0.2,
+                              also=(Condition("negative_values_ratio", "<", 0.001, clear=0.001),)),),
+        hold=3,
+        prometheus_for="10m",
+    ),
+    AlertRule(
+        name="RepwatchGeneratorModeCollapse",
+        severity="critical",
+        summary="Generator collapsed onto few modes",
+        description=("Generated stream {stream} of run {run}: {signal} = {value:.4g} ({expr}). "
+                     "Generated samples are far less diverse than real ones or repeat each "
+                     "other (birthday-paradox test, Arora & Zhang 2017): mode collapse. Check "
+                     "the discriminator/generator balance and learning rates."),
+        conditions=(
+            Condition("generator_diversity_ratio", "<", 0.5, clear=0.7),
+            Condition("generator_duplicate_rate", ">", 0.2, clear=0.1),
+        ),
+        hold=2,
+        min_window_samples=0,
+        prometheus_for="5m",
+    ),
+    AlertRule(
+        name="RepwatchEarlyBirdTicket",
+        severity="info",
+        summary="Early-bird ticket found: the pruning mask has stabilised",
+        description=("Run {run}: {signal} = {value:.4g} ({expr}). The global magnitude "
+                     "pruning mask has changed by less than 10% over several checks (You et "
+                     "al. 2020): a winning ticket can be drawn now and the rest of training "
+                     "run sparse."),
+        conditions=(Condition("earlybird_ticket_found", ">", 0.5, clear=0.5),),
+        hold=1,
+        min_window_samples=0,
+        prometheus_for="0m",
+        scope="run",
+    ),
 )
 
 
-def validate_rules(rules: Sequence[AlertRule], known_signals: set[str] | None = None) -> None:
-    """Reject duplicate names and (when ``known_signals`` is given) unknown signals."""
+def validate_rules(rules: Sequence[AlertRule],
+                   known_signals: set[str] | Mapping[str, Any] | None = None) -> None:
+    """Reject duplicate names and (when ``known_signals`` is given: a set, or a mapping scope →
+    set) unknown signals; variant keys (``x{tau=0.1}``) are checked by their signal name."""
     names = [r.name for r in rules]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"duplicate alert names: {dupes}")
     if known_signals is not None:
         for rule in rules:
-            unknown = [s for s in rule.signals if s not in known_signals]
+            known = (known_signals.get(rule.scope, set()) if isinstance(known_signals, Mapping)
+                     else known_signals)
+            unknown = [s for s in rule.signals if split_key(s)[0] not in known]
             if unknown:
                 raise ValueError(f"{rule.name}: unknown signals {unknown}; known: {sorted(known_signals)}")
 
@@ -161,39 +262,40 @@ class AlertEngine:
     def __post_init__(self) -> None:
         validate_rules(self.rules)
 
-    def evaluate(self, streams: Mapping[str, Mapping[str, float]], step: int
+    def evaluate(self, groups: Mapping[str, Mapping[str, Mapping[str, float]]], step: int
                  ) -> tuple[list[Alert], list[Alert], list[Alert]]:
-        """Update states from ``streams`` (stream → signal → value).
+        """Update states from ``groups`` (scope → key → signal → value; a plain
+        stream → signal → value mapping is taken as the ``stream`` scope).
 
         Returns ``(firing, newly_fired, resolved)``.
         """
+        if not set(groups) <= set(SCOPES):
+            groups = {"stream": groups}  # type: ignore[dict-item]
         fired: list[Alert] = []
         resolved: list[Alert] = []
         for rule in self.rules:
-            for stream, values in streams.items():
+            for key, values in groups.get(rule.scope, {}).items():
                 if not any(s in values for s in rule.signals):
                     continue
-                st = self._states.setdefault((rule.name, stream), _State())
+                st = self._states.setdefault((rule.name, key), _State())
                 n = values.get("window_samples", math.inf)
                 if not (n >= rule.min_window_samples):
                     continue
-                vals = [(c, values.get(c.signal, math.nan)) for c in rule.conditions]
-                if all(math.isnan(v) for _, v in vals):
+                if all(math.isnan(values.get(s, math.nan)) for s in rule.signals):
                     continue
-                breach = [(c, v) for c, v in vals if c.breached(v)]
+                breach = [c for c in rule.conditions if c.breached_in(values)]
                 if not st.firing:
                     st.breach_count = st.breach_count + 1 if breach else 0
                     if st.breach_count >= rule.hold:
-                        cond, value = breach[0]
                         st.firing, st.clear_count, st.since_step = True, 0, step
-                        st.alert = self._make(rule, stream, cond, value, step)
+                        st.alert = self._make(rule, key, breach[0], values, step)
                         fired.append(st.alert)
                 else:
-                    all_clear = all(c.cleared(v) for c, v in vals if not math.isnan(v))
+                    cleared = [c.cleared_in(values) for c in rule.conditions]
+                    all_clear = all(c for c in cleared if c is not None)
                     st.clear_count = st.clear_count + 1 if all_clear else 0
                     if breach:
-                        cond, value = breach[0]
-                        st.alert = self._make(rule, stream, cond, value, st.since_step)
+                        st.alert = self._make(rule, key, breach[0], values, st.since_step)
                     if st.clear_count >= rule.hold:
                         st.firing, st.breach_count = False, 0
                         if st.alert is not None:
@@ -205,12 +307,15 @@ class AlertEngine:
         """Alerts firing now."""
         return [st.alert for st in self._states.values() if st.firing and st.alert is not None]
 
-    def _make(self, rule: AlertRule, stream: str, cond: Condition, value: float, step: int) -> Alert:
-        desc = rule.description.format(stream=stream, run=self.run, signal=cond.signal,
-                                       value=value, expr=cond.expr())
-        return Alert(name=rule.name, stream=stream, severity=rule.severity, value=float(value),
+    def _make(self, rule: AlertRule, key: str, cond: Condition, values: Mapping[str, float],
+              step: int) -> Alert:
+        value = float(values.get(cond.signal, math.nan))
+        desc = rule.description.format(stream=key, layer=key, param=key, run=self.run,
+                                       signal=cond.signal, value=value, expr=cond.expr())
+        return Alert(name=rule.name, stream=key, severity=rule.severity, value=value,
                      signal=cond.signal, summary=rule.summary, description=desc,
-                     runbook_url=rule.runbook_url, run=self.run, since_step=step)
+                     runbook_url=rule.runbook_url, run=self.run, since_step=step,
+                     scope=rule.scope)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state (picklable, no torch)."""

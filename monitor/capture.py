@@ -68,13 +68,16 @@ def to_rows(t: Tensor, tokens: Tokens = "mean") -> Tensor:
                      f"got shape {tuple(t.shape)}")
 
 
-def subsample(rows: Tensor, max_rows: int, generator: torch.Generator) -> Tensor:
-    """At most ``max_rows`` rows drawn uniformly without replacement with ``generator``."""
+def subsample(rows: Tensor, max_rows: int, generator: torch.Generator
+              ) -> tuple[Tensor, Tensor | None]:
+    """At most ``max_rows`` rows drawn uniformly without replacement with ``generator``, and
+    their indices in ``rows`` (None when every row is kept, in order)."""
     b = rows.shape[0]
     if b <= max_rows:
-        return rows
+        return rows, None
     keys = torch.rand(b, generator=generator, device=rows.device)          # (b,)
-    return rows.index_select(0, keys.topk(max_rows).indices)
+    idx = keys.topk(max_rows).indices                                       # (max_rows,)
+    return rows.index_select(0, idx), idx
 
 
 class Capture:
@@ -102,7 +105,7 @@ class Capture:
                 if t is None:
                     raise TypeError(f"module output of type {type(output).__name__} holds no "
                                     "floating-point tensor; pass select=")
-                self.monitor._ingest(self.stream, t.detach(), self.tokens)
+                self.monitor._ingest(self.stream, t.detach(), self.tokens, from_hook=True)
         except Exception as exc:  # never reaches training
             self.monitor._errors.record("capture", exc, key=f"capture[{self.stream}]")
             if not isinstance(exc, (ValueError, TypeError)):
@@ -115,3 +118,31 @@ class Capture:
         """Detach the hook from its module."""
         self._handle.remove()
         self.enabled = False
+
+
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh)
+"""Modules :meth:`Monitor.watch_activations` finds by default."""
+
+
+class ActivationCapture(Capture):
+    """A forward hook feeding one activation layer's plasticity statistics."""
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self.enabled:
+            return None
+        try:
+            with torch.no_grad():
+                t = first_tensor(output)
+                if t is None:
+                    raise TypeError(f"activation output of type {type(output).__name__} holds "
+                                    "no floating-point tensor")
+                self.monitor._ingest_activations(self.stream, t.detach())
+        except Exception as exc:  # never reaches training
+            self.monitor._errors.record("activations", exc, key=f"activations[{self.stream}]")
+            if not isinstance(exc, (ValueError, TypeError)):
+                self.enabled = False
+            if self.monitor.strict:
+                raise
+        return None

@@ -28,6 +28,8 @@ def _positive(text: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.scenario == "plasticity":
+        return _demo_plasticity(args)
     from monitor.demo import DemoResult, run_demo
     from monitor.snapshot import Snapshot
 
@@ -69,6 +71,58 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result.snapshots else 1
 
 
+def _demo_plasticity(args: argparse.Namespace) -> int:
+    from monitor.demo_plasticity import PLASTICITY_ALERT, PlasticityResult, run_plasticity_demo
+    from monitor.snapshot import Snapshot
+
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"[bold]repwatch demo --scenario plasticity[/] — an MLP on {args.tasks} "
+                  f"random-label tasks over digits ({args.steps_per_task} steps each)"
+                  + (", ReDo on alert" if args.redo else ""))
+
+    def on_publish(snap: Snapshot) -> None:
+        if snap.step % args.steps_per_task:
+            return
+        parts = []
+        for layer, v in sorted(snap.layers.items()):
+            parts.append(f"layer {layer}: dormant(0.1) {_fmt(v.get('dormant_units_ratio{tau=0.1}', math.nan)):>5} "
+                         f"erank {_fmt(v.get('effective_rank', math.nan)):>5}")
+        alerts = ", ".join(f"[red]{a.name}[/]({a.stream})" for a in snap.alerts) or "[green]ok[/]"
+        console.print(f"step {snap.step:5d}  " + "  ".join(parts) + f"  alerts: {alerts}")
+
+    def on_task_end(task: int, acc: float, result: PlasticityResult) -> None:
+        redo = [n for t, n in result.recycled if t == task]
+        note = f"  ReDo recycled {redo[0]} units" if redo else ""
+        console.print(f"task {task:3d}: training accuracy {acc:.2f}{note}")
+
+    port = None if args.port < 0 else args.port
+
+    def announce(url: str | None) -> None:
+        if url:
+            console.print(f"Live: status page [bold]{url}/[/], Prometheus metrics {url}/metrics")
+
+    every = args.every if args.every_given else max(1, args.steps_per_task // 2)
+    result = run_plasticity_demo(tasks=args.tasks, steps_per_task=args.steps_per_task,
+                                 redo=args.redo, seed=args.seed, device=args.device, every=every,
+                                 port=port, host=args.host, on_publish=on_publish,
+                                 on_task_end=on_task_end, on_start=announce, linger=args.linger)
+    k = min(5, len(result.accuracies))
+    console.print(f"trained in {result.seconds:.1f} s; first {k} tasks' accuracy "
+                  f"{sum(result.accuracies[:k]) / max(k, 1):.2f}, last {k} "
+                  f"{sum(result.accuracies[-k:]) / max(k, 1):.2f}; {PLASTICITY_ALERT} first fired "
+                  f"at step {result.first_fired()}")
+    return 0 if result.snapshots else 1
+
+
+class _Given(argparse.Action):
+    """Store the value and remember that the user gave it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest + "_given", True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``repwatch`` console script."""
     parser = argparse.ArgumentParser(prog="repwatch", description=(
@@ -77,21 +131,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="SimSiam on digits with live metrics and alerts")
+    demo = sub.add_parser("demo", help="SimSiam on digits (or --scenario plasticity) with live "
+                                       "metrics and alerts")
+    demo.add_argument("--scenario", choices=("collapse", "plasticity"), default="collapse",
+                      help="collapse (default): SimSiam with/without stop-gradient; plasticity: "
+                           "random-label tasks that make units go dormant")
     demo.add_argument("--steps", type=_positive, default=600, help="training steps (default 600)")
     phase = demo.add_mutually_exclusive_group()
     phase.add_argument("--collapse", action="store_true",
                        help="drop the stop-gradient for the whole run (collapses)")
     phase.add_argument("--collapse-at", type=_positive, default=None, metavar="STEP",
                        help="drop the stop-gradient after STEP (healthy, then collapse)")
-    demo.add_argument("--every", type=_positive, default=10, help="publish every N steps (default 10)")
+    demo.add_argument("--every", type=_positive, default=10, action=_Given,
+                      help="publish every N steps (default 10; plasticity: half a task)")
+    plast = demo.add_argument_group("plasticity scenario")
+    plast.add_argument("--tasks", type=_positive, default=30, help="random-label tasks (default 30)")
+    plast.add_argument("--steps-per-task", type=_positive, default=100,
+                       help="steps per task (default 100)")
+    plast.add_argument("--redo", action="store_true",
+                       help="recycle dormant units (ReDo) at task ends while the alert fires")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9400, help="HTTP port (0: any free; -1: none)")
     demo.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                       help="keep serving the final state this long after training")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, every_given=False)
+
+    from monitor.select import add_parser as add_select
+    add_select(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,38 +12,126 @@ from torch import Tensor
 
 from monitor.errors import ErrorLog
 from monitor.scorers import CollapseScorer, SpectrumScorer, WindowMoments
+from monitor.snapshot import Histogram
 
 
 class Stream:
-    """One stream of rows: the shared window state and the scorers that read it."""
+    """One stream of rows: the shared window state and the scorers that read it.
+
+    Optional scorers join when first needed: Q-Score (``qscore=True``), neural collapse (the
+    first batch with labels), and the generator/real pair statistics (:meth:`Engine.pair`).
+    """
 
     def __init__(self, name: str, dim: int, window: int, device: torch.device,
-                 spectrum: dict[str, Any] | None = None) -> None:
+                 spectrum: dict[str, Any] | None = None, qscore: dict[str, Any] | None = None
+                 ) -> None:
         self.name = name
         self.dim = dim
+        self.window = window
         self.moments = WindowMoments(dim, window, device)
         self.scorers: list[SpectrumScorer | CollapseScorer] = [
             SpectrumScorer(**(spectrum or {})), CollapseScorer()]
+        self.qscore: Any = None
+        if qscore is not None:
+            from monitor.scorers.qscore import QScoreScorer
+            options = {"min_calibration_samples": min(256, window), **qscore}
+            self.qscore = QScoreScorer(window=window, device=device, **options)
+        self.nc: Any = None
         self.enabled = True
 
     @property
     def device(self) -> torch.device:
         return self.moments.device
 
-    def update(self, rows: Tensor) -> None:
-        """Accumulate a ``(b, d)`` batch (device work only)."""
+    def update(self, rows: Tensor, row_index: Tensor | None = None, labels: Tensor | None = None,
+               predictions: Tensor | None = None, max_classes: int = 1000) -> None:
+        """Accumulate a ``(b, d)`` batch (device work only); ``labels``/``predictions`` are
+        already aligned with ``rows``."""
         self.moments.update(rows)
+        if self.qscore is not None:
+            with_eval = predictions is not None
+            self.qscore.update(rows, labels=labels if with_eval else None,
+                               predictions=predictions, row_index=row_index)
+        if labels is not None:
+            self.update_labels(rows, labels, max_classes)
 
-    def compute(self) -> dict[str, Tensor]:
-        """Every scorer's signals as device tensors, plus the stream's counters."""
+    def update_labels(self, rows: Tensor, labels: Tensor, max_classes: int = 1000) -> None:
+        """Feed labelled rows to the neural-collapse scorer (created on first use)."""
+        if self.nc is None:
+            from monitor.scorers.neural_collapse import NeuralCollapseScorer
+            self.nc = NeuralCollapseScorer(self.dim, max_classes, self.window, self.device)
+        self.nc.update(rows, labels)
+
+    def compute(self, classifier: tuple[Tensor, Tensor | None] | None = None,
+                calibrate: bool = True) -> dict[str, Tensor]:
+        """Every scorer's signals as device tensors, plus the stream's counters; ``calibrate``:
+        whether reference levels (the Q-Score threshold) may be fixed now."""
         out: dict[str, Tensor] = {}
         for scorer in self.scorers:
             out.update(scorer.compute(self.moments))
+        if self.qscore is not None:
+            out.update(self.qscore.compute(calibrate=calibrate))
+            out["negative_values_ratio"] = self._negative_share()
+            edges, cumulative, total, count = self.qscore.histogram()
+            out[HISTOGRAM_PREFIX + "qscore:bounds"] = edges
+            out[HISTOGRAM_PREFIX + "qscore:cumulative"] = cumulative
+            out[HISTOGRAM_PREFIX + "qscore:sum"] = total
+            out[HISTOGRAM_PREFIX + "qscore:count"] = count
+        if self.nc is not None:
+            if classifier is not None:
+                out.update(self.nc.compute(classifier[0], classifier[1]))
+            else:
+                out.update(self.nc.compute())
         out["samples"] = self.moments.seen
         out["nonfinite_values"] = self.moments.nonfinite
         return out
 
 
+    def _negative_share(self) -> Tensor:
+        """Fraction of negative entries among the window's valid rows: Q-Score assumes
+        non-negative (post-ReLU) features (METRICS.md §4 pitfall 2)."""
+        m = self.moments
+        valid = m.ring_valid > 0                                           # (window,)
+        neg = ((m.ring < 0) & valid[:, None]).sum().to(torch.float64)
+        total = valid.sum().to(torch.float64) * self.dim
+        return torch.where(total > 0, neg / total.clamp_min(1.0),
+                           torch.full_like(total, math.nan))
+
+
+class Layer:
+    """One watched activation layer: per-unit dormancy statistics and a window of unit rows
+    (conv: channel means per sample) whose spectrum gives the layer's feature rank."""
+
+    def __init__(self, name: str, units: int, window: int, device: torch.device,
+                 taus: Sequence[float], low_activity_rate: float) -> None:
+        from monitor.scorers.activations import ActivationScorer
+
+        self.name = name
+        self.units = units
+        self.activations = ActivationScorer(units, taus=tuple(taus),
+                                            low_activity_rate=low_activity_rate, device=device)
+        self.moments = WindowMoments(units, window, device)
+        self.spectrum = SpectrumScorer()
+        self.enabled = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.moments.device
+
+    def update(self, h: Tensor, rows: Tensor) -> None:
+        """``h``: the raw activations; ``rows``: their (subsampled) per-sample unit rows."""
+        self.activations.update(h)
+        self.moments.update(rows)
+
+    def compute(self) -> dict[str, Tensor]:
+        out = dict(self.activations.compute())
+        spec = self.spectrum.compute(self.moments)
+        for key in ("effective_rank", "srank", "window_samples"):
+            out[key] = spec[key]
+        return out
+
+
+HISTOGRAM_PREFIX = "histogram:"
 COUNTER_SIGNALS: tuple[str, ...] = ("samples", "nonfinite_values")
 
 
@@ -54,77 +142,217 @@ class EngineResult:
     streams: dict[str, dict[str, float]] = field(default_factory=dict)
     counters: dict[str, dict[str, float]] = field(default_factory=dict)
     spectra: dict[str, list[float]] = field(default_factory=dict)
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    params: dict[str, dict[str, float]] = field(default_factory=dict)
+    run_signals: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, dict[str, Histogram]] = field(default_factory=dict)
 
 
 class Engine:
-    """Owns the streams; creates one lazily on its first batch (d from that batch)."""
+    """Owns the streams and layers; creates one lazily on its first batch (d from that batch).
+
+    :meth:`compute` gathers every device tensor of every stream, layer and parameter and moves
+    them to the host in one transfer per device: the one synchronisation of a publish.
+    """
 
     def __init__(self, window: int, errors: ErrorLog, spectrum: dict[str, Any] | None = None,
-                 spectrum_points: int = 1024, peak_warmup: int = 0) -> None:
+                 spectrum_points: int = 1024, peak_warmup: int = 0,
+                 qscore: dict[str, Any] | None = None, max_classes: int = 1000,
+                 taus: Sequence[float] = (0.0, 0.025, 0.1), low_activity_rate: float = 0.01
+                 ) -> None:
         self.window = window
         self.peak_warmup = peak_warmup
         self.errors = errors
         self.spectrum_kwargs = spectrum or {}
+        self.qscore_kwargs = qscore
+        self.max_classes = max_classes
+        self.taus = tuple(taus)
+        self.low_activity_rate = low_activity_rate
         self.spectrum_points = spectrum_points
         self.streams: dict[str, Stream] = {}
+        self.layers: dict[str, Layer] = {}
         self.peaks: dict[str, float] = {}
+        self.lows: dict[str, float] = {}
+        self.classifiers: dict[str, Callable[[], tuple[Tensor, Tensor | None]]] = {}
+        self.pairs: dict[str, tuple[str, Any]] = {}
+        self.param_sources: list[Callable[[], dict[str, dict[str, Tensor]]]] = []
+        self.run_sources: list[Callable[[], dict[str, Tensor | float]]] = []
 
-    def update(self, name: str, rows: Tensor) -> None:
-        """Feed rows ``(b, d)`` to stream ``name``; a new stream takes d and device from them."""
+    # ------------------------------------------------------------------ updates
+
+    def _stream(self, name: str, rows: Tensor) -> Stream:
         stream = self.streams.get(name)
         if stream is None:
-            stream = Stream(name, rows.shape[1], self.window, rows.device, self.spectrum_kwargs)
+            stream = Stream(name, rows.shape[1], self.window, rows.device, self.spectrum_kwargs,
+                            self.qscore_kwargs)
             self.streams[name] = stream
-        if not stream.enabled:
-            return
         if rows.shape[1] != stream.dim:
             raise ValueError(f"stream {name!r} has dimension {stream.dim}; got rows of "
                              f"dimension {rows.shape[1]} (use another stream name for another layer)")
-        stream.update(rows)
+        return stream
 
-    def compute(self, step: int | None = None) -> EngineResult:
-        """Compute every stream; one device→host transfer per device (the publish sync)."""
-        per_device: dict[torch.device, list[tuple[str, dict[str, Tensor]]]] = {}
-        for name, stream in self.streams.items():
-            if not stream.enabled:
+    def update(self, name: str, rows: Tensor, row_index: Tensor | None = None,
+               labels: Tensor | None = None, predictions: Tensor | None = None) -> None:
+        """Feed rows ``(b, d)`` to stream ``name``; a new stream takes d and device from them."""
+        stream = self._stream(name, rows)
+        if not stream.enabled:
+            return
+        stream.update(rows, row_index, labels, predictions, self.max_classes)
+        for fake, (real, scorer) in list(self.pairs.items()):
+            if name not in (fake, real) or scorer is None:
                 continue
             try:
-                per_device.setdefault(stream.device, []).append((name, stream.compute()))
-            except Exception as exc:
-                self.errors.record("scorer", exc, key=f"scorer[{name}]")
-                stream.enabled = False
-        result = EngineResult()
-        for device, outputs in per_device.items():
-            flat: list[Tensor] = []
-            layout: list[tuple[str, str, int]] = []
-            for name, out in outputs:
-                for key, value in out.items():
-                    if key == "spectrum":
-                        value = value[: self.spectrum_points]
-                    v = value.reshape(-1).to(torch.float64)
-                    flat.append(v)
-                    layout.append((name, key, v.numel()))
-            host = torch.cat(flat).cpu().tolist()  # sync: the one host transfer of a publish
-            i = 0
-            for name, key, size in layout:
-                chunk = host[i:i + size]
-                i += size
-                if key == "spectrum":
-                    result.spectra[name] = chunk
-                elif key in COUNTER_SIGNALS:
-                    result.counters.setdefault(name, {})[key] = chunk[0]
+                if isinstance(scorer, dict):             # first batch of the pair: build it
+                    from monitor.scorers.generative import PairScorer
+                    scorer = PairScorer(rows.shape[1], device=rows.device, **scorer)
+                    self.pairs[fake] = (real, scorer)
+                if name == fake:
+                    scorer.update_fake(rows)
                 else:
-                    result.streams.setdefault(name, {})[key] = chunk[0]
+                    scorer.update_real(rows)
+            except Exception as exc:                     # the pair fails alone; streams go on
+                self.errors.record("pair", exc, key=f"pair[{fake}]")
+                self.pairs[fake] = (real, None)
+
+    def update_labels(self, name: str, rows: Tensor, labels: Tensor) -> None:
+        """Labels that arrive after the rows (``Monitor.step(labels=)``)."""
+        stream = self._stream(name, rows)
+        if stream.enabled:
+            stream.update_labels(rows, labels, self.max_classes)
+
+    def update_layer(self, name: str, h: Tensor, rows: Tensor) -> None:
+        """Feed a layer's raw activations ``h`` and their per-sample unit rows."""
+        layer = self.layers.get(name)
+        if layer is None:
+            layer = Layer(name, rows.shape[1], self.window, rows.device, self.taus,
+                          self.low_activity_rate)
+            self.layers[name] = layer
+        if rows.shape[1] != layer.units:
+            raise ValueError(f"layer {name!r} has {layer.units} units; got {rows.shape[1]}")
+        if layer.enabled:
+            layer.update(h, rows)
+
+    def pair(self, fake: str, real: str, **kwargs: Any) -> None:
+        """Compare generated stream ``fake`` with reference stream ``real``."""
+        self.pairs[fake] = (real, kwargs)  # scorer built on the first fake batch (needs d)
+
+    # ------------------------------------------------------------------ compute
+
+    def compute(self, step: int | None = None) -> EngineResult:
+        """Compute everything; one device→host transfer per device (the publish sync)."""
+        entries: list[tuple[str, str, str, Tensor]] = []   # (group, key, signal, tensor)
+        warm = step is None or step >= self.peak_warmup
+        for name, stream in self.streams.items():
+            if stream.enabled:
+                self._guard("scorer", name, stream, lambda s=stream, n=name: [
+                    ("stream", n, k, v)
+                    for k, v in s.compute(self._classifier(n), calibrate=warm).items()],
+                    entries)
+        for fake, (real, scorer) in self.pairs.items():
+            if scorer is not None and not isinstance(scorer, dict):
+                self._guard("pair", fake, None, lambda sc=scorer, f=fake: [
+                    ("stream", f, k, v) for k, v in sc.compute().items()], entries)
+        for name, layer in self.layers.items():
+            if layer.enabled:
+                self._guard("activations", name, layer, lambda ly=layer, n=name: [
+                    ("layer", n, k, v) for k, v in ly.compute().items()], entries)
+        for source in self.param_sources:
+            self._guard("params", "params", None, lambda src=source: [
+                ("param", p, k, v) for p, vals in src().items() for k, v in vals.items()],
+                entries)
+        result = EngineResult()
+        host_run: list[tuple[str, float]] = []
+        for source in self.run_sources:
+            def run_entries(src: Callable[[], dict[str, Tensor | float]] = source
+                            ) -> list[tuple[str, str, str, Tensor]]:
+                out = []
+                for k, v in src().items():
+                    if isinstance(v, Tensor):
+                        out.append(("run", "", k, v))
+                    else:
+                        host_run.append((k, float(v)))
+                return out
+            self._guard("run_signals", "run", None, run_entries, entries)
+        self._transfer(entries, result)
+        result.run_signals.update(host_run)
         for name, values in result.streams.items():
             self._track_peak(name, values, step)
+        for name, values in result.layers.items():
+            self._track_peak("layer:" + name, values, step)
+            self._track_rise("layer:" + name, values, step)
+        for fake, (real, _) in self.pairs.items():
+            f, r = result.streams.get(fake, {}), result.streams.get(real, {})
+            if fake in result.streams and "effective_rank" in f and "effective_rank" in r:
+                fr, rr = f["effective_rank"], r["effective_rank"]
+                f["generator_effective_rank_ratio"] = fr / rr if rr > 0 else math.nan
         return result
+
+    def _guard(self, component: str, key: str, owner: Any,
+               make: Callable[[], list[tuple[str, str, str, Tensor]]],
+               entries: list[tuple[str, str, str, Tensor]]) -> None:
+        try:
+            entries.extend(make())
+        except Exception as exc:
+            self.errors.record(component, exc, key=f"{component}[{key}]")
+            if owner is not None:
+                owner.enabled = False
+
+    def _transfer(self, entries: list[tuple[str, str, str, Tensor]], result: EngineResult) -> None:
+        per_device: dict[torch.device, list[tuple[str, str, str, Tensor]]] = {}
+        for entry in entries:
+            per_device.setdefault(entry[3].device, []).append(entry)
+        hist_parts: dict[tuple[str, str], dict[str, list[float]]] = {}
+        for device, items in per_device.items():
+            flat: list[Tensor] = []
+            for group, key, signal, value in items:
+                if signal == "spectrum":
+                    value = value[: self.spectrum_points]
+                flat.append(value.detach().reshape(-1).to(torch.float64))
+            host = torch.cat(flat).cpu().tolist()  # sync: the one host transfer of a publish
+            i = 0
+            for (group, key, signal, _), v in zip(items, flat, strict=True):
+                chunk = host[i:i + v.numel()]
+                i += v.numel()
+                if signal.startswith(HISTOGRAM_PREFIX):
+                    name, _, part = signal[len(HISTOGRAM_PREFIX):].partition(":")
+                    hist_parts.setdefault((name, key), {})[part] = chunk
+                elif group == "stream" and signal == "spectrum":
+                    result.spectra[key] = chunk
+                elif group == "stream" and signal in COUNTER_SIGNALS:
+                    result.counters.setdefault(key, {})[signal] = chunk[0]
+                elif group == "stream":
+                    result.streams.setdefault(key, {})[signal] = chunk[0]
+                elif group == "layer":
+                    result.layers.setdefault(key, {})[signal] = chunk[0]
+                elif group == "param":
+                    result.params.setdefault(key, {})[signal] = chunk[0]
+                elif group == "run":
+                    result.run_signals[signal] = chunk[0]
+        for (name, key), parts in hist_parts.items():
+            bounds = parts.get("bounds", [])
+            result.histograms.setdefault(name, {})[key] = Histogram(
+                bounds=[*bounds, math.inf][: len(parts.get("cumulative", []))],
+                cumulative=parts.get("cumulative", []),
+                sum=parts.get("sum", [math.nan])[0], count=parts.get("count", [math.nan])[0])
+
+    def _classifier(self, name: str) -> tuple[Tensor, Tensor | None] | None:
+        """The classifier for stream ``name``: its own, or one matching its dimension."""
+        get = self.classifiers.get(name)
+        if get is None:
+            get = self.classifiers.get(f"*{self.streams[name].dim}")
+        return get() if get is not None else None
+
+    def after_publish(self) -> None:
+        """Start a new publish interval for interval-based scorers (dormancy)."""
+        for layer in self.layers.values():
+            layer.activations.reset_interval()
 
     def _track_peak(self, name: str, values: dict[str, float], step: int | None) -> None:
         """Peak effective rank once the window holds ≥ min(window, 2d) rows (METRICS.md §1) and
         training is past ``peak_warmup`` steps (the random-init rank is not a peak to keep)."""
         rank = values.get("effective_rank", math.nan)
         n = values.get("window_samples", 0.0)
-        d = values.get("embedding_dim", 1.0)
+        d = values.get("embedding_dim", values.get("activation_units", 1.0))
         warm = step is None or step >= self.peak_warmup
         if warm and math.isfinite(rank) and n >= min(self.window, 2 * d):
             self.peaks[name] = max(self.peaks.get(name, rank), rank)
@@ -132,13 +360,37 @@ class Engine:
         values["effective_rank_peak"] = peak
         values["effective_rank_peak_ratio"] = rank / peak if peak > 0 else math.nan
 
+    def _track_rise(self, name: str, values: dict[str, float], step: int | None) -> None:
+        """``dormant_units_ratio_rise{tau}``: the dormant fraction minus its lowest value in
+        this run after ``peak_warmup`` ("high and rising", Sokar et al. 2023 Fig. 1)."""
+        warm = step is None or step >= self.peak_warmup
+        for key in [k for k in values if k.startswith("dormant_units_ratio{")]:
+            value = values[key]
+            slot = f"{name}|{key}"
+            if warm and math.isfinite(value):
+                self.lows[slot] = min(self.lows.get(slot, value), value)
+            low = self.lows.get(slot, math.nan)
+            values[key.replace("dormant_units_ratio{", "dormant_units_ratio_rise{")] = value - low
+
+    # ------------------------------------------------------------------ state
+
     def state_dict(self) -> dict[str, Any]:
-        """Checkpointable state of every stream."""
-        return {"window": self.window, "peaks": dict(self.peaks),
-                "streams": {name: {"dim": s.dim, "enabled": s.enabled,
-                                   "moments": s.moments.state_dict(),
-                                   "device": str(s.device)}
-                            for name, s in self.streams.items()}}
+        """Checkpointable state of every stream (windows), and the run's peaks and lows."""
+        streams: dict[str, Any] = {}
+        for name, st in self.streams.items():
+            entry: dict[str, Any] = {"dim": st.dim, "enabled": st.enabled, "device": str(st.device),
+                                     "moments": st.moments.state_dict()}
+            if st.qscore is not None:
+                entry["qscore"] = st.qscore.state_dict()
+            if st.nc is not None:
+                entry["nc"] = st.nc.state_dict()
+            streams[name] = entry
+        layers = {name: {"units": ly.units, "enabled": ly.enabled, "device": str(ly.device),
+                         "moments": ly.moments.state_dict(),
+                         "activations": ly.activations.state_dict()}
+                  for name, ly in self.layers.items()}
+        return {"window": self.window, "peaks": dict(self.peaks), "lows": dict(self.lows),
+                "streams": streams, "layers": layers}
 
     def load_state_dict(self, state: dict[str, Any],
                         device_map: Callable[[str], torch.device] | None = None) -> None:
@@ -147,9 +399,26 @@ class Engine:
             raise ValueError(f"checkpoint window is {state['window']} rows, this monitor's is {self.window}")
         self.streams.clear()
         self.peaks = {str(k): float(v) for k, v in state.get("peaks", {}).items()}
+        self.lows = {str(k): float(v) for k, v in state.get("lows", {}).items()}
         for name, st in state["streams"].items():
             device = device_map(st["device"]) if device_map else torch.device(st["device"])
-            stream = Stream(name, int(st["dim"]), self.window, device, self.spectrum_kwargs)
+            stream = Stream(name, int(st["dim"]), self.window, device, self.spectrum_kwargs,
+                            self.qscore_kwargs)
             stream.moments.load_state_dict(st["moments"])
+            if "qscore" in st and stream.qscore is not None:
+                stream.qscore.load_state_dict(st["qscore"])
+            if "nc" in st:
+                from monitor.scorers.neural_collapse import NeuralCollapseScorer
+                stream.nc = NeuralCollapseScorer(stream.dim, self.max_classes, self.window, device)
+                stream.nc.load_state_dict(st["nc"])
             stream.enabled = bool(st["enabled"])
             self.streams[name] = stream
+        self.layers.clear()
+        for name, st in state.get("layers", {}).items():
+            device = device_map(st["device"]) if device_map else torch.device(st["device"])
+            layer = Layer(name, int(st["units"]), self.window, device, self.taus,
+                          self.low_activity_rate)
+            layer.moments.load_state_dict(st["moments"])
+            layer.activations.load_state_dict(st["activations"])
+            layer.enabled = bool(st["enabled"])
+            self.layers[name] = layer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -17,7 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from monitor.alerts import DEFAULT_RULES, AlertEngine, AlertRule
-from monitor.capture import TOKEN_MODES, Capture, Tokens, subsample, to_rows
+from monitor.capture import (
+    ACTIVATION_TYPES,
+    TOKEN_MODES,
+    ActivationCapture,
+    Capture,
+    Tokens,
+    subsample,
+    to_rows,
+)
 from monitor.engine import Engine
 from monitor.errors import ErrorLog
 from monitor.snapshot import Alert, Snapshot
@@ -38,6 +47,22 @@ def _check_int(kind: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{kind} must be an int >= {low}, got {value!r}")
     return value
+
+
+def _aligned(kind: str, values: Tensor | None, b: int) -> Tensor | None:
+    """``values`` as a 1-D integer tensor of one entry per sample, or a clear error."""
+    if values is None:
+        return None
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{kind} must be a torch.Tensor of class ids, got {type(values).__name__}")
+    if values.dim() == 2 and values.is_floating_point():
+        values = values.argmax(dim=1)                      # logits/probabilities → ids
+    if values.dim() != 1 or values.shape[0] != b:
+        raise ValueError(f"{kind} must hold one class id per sample: expected shape ({b},), "
+                         f"got {tuple(values.shape)}")
+    if values.is_floating_point():
+        raise TypeError(f"{kind} must be integer class ids, got dtype {values.dtype}")
+    return values.detach()
 
 
 class Monitor:
@@ -67,6 +92,13 @@ class Monitor:
             initialised network's effective rank is high and falls as training starts; that
             fall is learning, not collapse, so it must not set the peak that
             ``RepwatchDimensionalCollapse`` compares against.
+        qscore: score every stream's rows with Q-Score (Kalibhat et al.; cheap, per-sample), or a
+            dict of :class:`monitor.scorers.qscore.QScoreScorer` options, or False.
+        dormant_taus: τ levels of the dormant-unit fractions of watched activation layers.
+        max_classes: label capacity of the neural-collapse statistics (labels ≥ it are
+            counted as out of range and skipped).
+        nc1_depth_threshold: NC1 level that defines the "effective depth" (first watched stream,
+            in watch order, whose NC1 is below it).
     """
 
     def __init__(self, run: str = "default", every: int = 10, max_rows: int = 256,
@@ -74,7 +106,10 @@ class Monitor:
                  tokens: Tokens = "mean", seed: int = 0,
                  rules: Sequence[AlertRule] = DEFAULT_RULES, history: int = 512,
                  log_path: str | os.PathLike[str] | None = None, alpha_centered: bool = False,
-                 strict: bool = False, peak_warmup: int = 100) -> None:
+                 strict: bool = False, peak_warmup: int = 100,
+                 qscore: bool | dict[str, Any] = True,
+                 dormant_taus: Sequence[float] = (0.0, 0.025, 0.1), max_classes: int = 1000,
+                 nc1_depth_threshold: float = 0.1) -> None:
         self.run = _check_name("run", run)
         self.every = _check_int("every", every, 1)
         self.max_rows = _check_int("max_rows", max_rows, 1)
@@ -97,8 +132,19 @@ class Monitor:
         self.rules = tuple(rules)
         self._errors = ErrorLog()
         self.peak_warmup = _check_int("peak_warmup", peak_warmup, 0)
+        if not isinstance(qscore, (bool, dict)):
+            raise TypeError(f"qscore must be True, False or a dict of options, got {qscore!r}")
+        taus = tuple(float(t) for t in dormant_taus)
+        if not taus or any(not 0.0 <= t < 1.0 for t in taus):
+            raise ValueError(f"dormant_taus must be levels in [0, 1), got {dormant_taus!r}")
+        self.nc1_depth_threshold = float(nc1_depth_threshold)
         self._engine = Engine(self.window, self._errors, {"alpha_centered": alpha_centered},
-                              peak_warmup=self.peak_warmup)
+                              peak_warmup=self.peak_warmup,
+                              qscore=(qscore if isinstance(qscore, dict) else {}) if qscore else None,
+                              max_classes=_check_int("max_classes", max_classes, 2), taus=taus)
+        self._pending: list[tuple[str, Tensor, Tensor | None, int]] = []
+        self._stream_order: list[str] = []
+        self._weights: Any = None
         self._alerts = AlertEngine(self.rules, run=self.run)
         self._captures: list[Capture] = []
         self._callbacks: list[Callable[[Alert], Any]] = []
@@ -143,17 +189,143 @@ class Monitor:
         self._captures.append(capture)
         return capture
 
-    def observe(self, name: str, tensor: Tensor, *, tokens: Tokens | None = None) -> None:
-        """Score ``tensor`` (rows, tokens or conv maps) as a batch of stream ``name``."""
+    def observe(self, name: str, tensor: Tensor, *, tokens: Tokens | None = None,
+                labels: Tensor | None = None, predictions: Tensor | None = None) -> None:
+        """Score ``tensor`` (rows, tokens or conv maps) as a batch of stream ``name``.
+
+        ``labels`` (class ids, one per sample) feed neural collapse; with ``predictions`` (a
+        classifier's predicted ids) too, the stream also reports the AUPRC of "low Q-Score →
+        misclassified" (an evaluation stream).
+        """
         try:
             _check_name("stream name", name)
             mode = tokens or self.tokens
             if mode not in TOKEN_MODES:
                 raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {mode!r}")
             with torch.no_grad():
-                self._ingest(name, tensor.detach() if isinstance(tensor, Tensor) else tensor, mode)
+                self._ingest(name, tensor.detach() if isinstance(tensor, Tensor) else tensor, mode,
+                             labels=labels, predictions=predictions)
         except Exception as exc:
             self._errors.record("observe", exc, key=f"observe[{name}]")
+            if self.strict:
+                raise
+
+    def watch_activations(self, model: nn.Module, names: Sequence[str] | None = None, *,
+                          types: tuple[type[nn.Module], ...] = ACTIVATION_TYPES
+                          ) -> list[ActivationCapture]:
+        """Track plasticity of ``model``'s activation layers (Lyle; Sokar; Dohare).
+
+        Finds every module of ``types`` (ReLU, GELU, SiLU, ...) or takes ``names`` (module
+        paths as in ``model.named_modules()``). Per layer: τ-dormant fractions, low-activity
+        and never-active fractions, and the effective rank / srank of the activations. A module
+        object used at several places of the forward pass is one layer; give each place its
+        own module (or use names) for per-place statistics.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"watch_activations() needs a torch.nn.Module, got {type(model).__name__}")
+        if names is not None:
+            found = []
+            for n in names:
+                try:
+                    found.append((n, model.get_submodule(n)))
+                except AttributeError:
+                    raise ValueError(f"no submodule {n!r} in {type(model).__name__}; modules: "
+                                     f"{[k for k, _ in model.named_modules() if k][:20]}") from None
+        else:
+            found = [(n, m) for n, m in model.named_modules() if n and isinstance(m, types)]
+            if not found:
+                raise ValueError(f"no activation modules of types {[t.__name__ for t in types]} "
+                                 f"in {type(model).__name__}; pass names=")
+        captures = []
+        for n, module in found:
+            _check_name("layer name", n)
+            cap = ActivationCapture(self, n, module)
+            self._captures.append(cap)
+            captures.append(cap)
+        return captures
+
+    def watch_classifier(self, linear: nn.Linear, stream: str | None = None) -> None:
+        """Use ``linear`` (class weights W, bias b) for NC3 and NC4 on ``stream`` (default:
+        every labelled stream whose dimension equals ``linear.in_features``)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"watch_classifier() needs a torch.nn.Linear, got {type(linear).__name__}")
+
+        def get() -> tuple[Tensor, Tensor | None]:
+            bias = linear.bias.detach() if linear.bias is not None else None
+            return linear.weight.detach(), bias
+
+        self._engine.classifiers[stream or f"*{linear.in_features}"] = get
+
+    def pair(self, fake: str, real: str, *, reservoir: int = 512,
+             dup_quantile: float = 0.01) -> None:
+        """Compare generated stream ``fake`` with real stream ``real`` (GAN mode collapse):
+        diversity ratio, birthday-paradox duplicate rate and effective-rank ratio."""
+        _check_name("stream name", fake)
+        _check_name("stream name", real)
+        if fake == real:
+            raise ValueError("pair() needs two different streams")
+        _check_int("reservoir", reservoir, 4)
+        if not 0.0 < dup_quantile < 1.0:
+            raise ValueError(f"dup_quantile must be in (0, 1), got {dup_quantile}")
+        with self._lock:
+            self._engine.pair(fake, real, reservoir=reservoir, dup_quantile=dup_quantile,
+                              seed=self.seed)
+
+    def sample_scores(self, stream: str) -> tuple[Tensor, Tensor]:
+        """Q-Scores of the last batch of ``stream`` and the rows' indices in that batch (for
+        data triage: low scores are the samples the representation serves worst). Host sync."""
+        with self._lock:
+            st = self._engine.streams.get(stream)
+            if st is None:
+                raise KeyError(f"no stream {stream!r}; streams: {sorted(self._engine.streams)}")
+            if st.qscore is None:
+                raise RuntimeError("Q-Score is off for this monitor (Monitor(qscore=False))")
+            scores, index = st.qscore.sample_scores()
+            return scores.cpu(), index.cpu()  # sync: a user call, off the hot path
+
+    def watch_weights(self, model: nn.Module, *, rank_every: int = 10, update_ratio: bool = True,
+                      earlybird: Sequence[float] | None = (0.5, 0.8, 0.9)) -> None:
+        """Per parameter at publish: weight norm, mean |w|, gradient norm and the
+        update-to-weight ratio since the last publish (``update_ratio`` keeps one copy of the
+        weights); every ``rank_every`` publishes the rank and stable rank of each matrix
+        (Galanti et al.) and, with ``earlybird``, the early-bird mask distance at those
+        sparsities (You et al. 2020)."""
+        from monitor.weights_watch import WeightWatch
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"watch_weights() needs a torch.nn.Module, got {type(model).__name__}")
+        self._weights = WeightWatch(model, rank_every=_check_int("rank_every", rank_every, 1),
+                                    update_ratio=update_ratio, earlybird=earlybird)
+        self._engine.param_sources.append(self._weights.param_signals)
+        self._engine.run_sources.append(self._weights.run_signals)
+
+    def watch_curvature(self, params: Any, *, every: int = 100, power_iters: int = 20,
+                        refresh_every: int | None = None) -> None:
+        """Turn on the curvature probe (off by default; METRICS.md §7a, §10): every ``every``
+        steps, :meth:`probe_curvature` spends one Hessian-vector product on the current
+        minibatch loss (plus ``power_iters`` HVPs when the top eigenvector is refreshed) and
+        publishes ``hessian_top_eigenvalue`` and the sampled ``sgd_lyapunov_exponent``
+        (Ziyin et al. 2023; the scalar sampled form is a design of METRICS.md, unverified
+        against the paper). The probe synchronises the device at its cadence."""
+        from monitor.curvature import CurvatureProbe
+
+        self._curvature = CurvatureProbe(params, every=_check_int("every", every, 1),
+                                         power_iters=_check_int("power_iters", power_iters, 1),
+                                         refresh_every=refresh_every, seed=self.seed)
+        self._engine.run_sources.append(self._curvature.compute)
+
+    def probe_curvature(self, loss_fn: Callable[[], Tensor], lr: float,
+                        weight_decay: float = 0.0) -> None:
+        """Call once per step, before ``step()``, with a closure that recomputes this
+        minibatch's loss (evaluate it in eval mode to leave BatchNorm statistics and the global
+        RNG untouched). Does nothing between sampled steps or without :meth:`watch_curvature`."""
+        probe = getattr(self, "_curvature", None)
+        if probe is None:
+            return
+        try:
+            probe.maybe_probe(self._step + 1, loss_fn, lr, weight_decay)
+        except Exception as exc:
+            self._errors.record("curvature", exc)
             if self.strict:
                 raise
 
@@ -165,13 +337,36 @@ class Monitor:
             self._generators[device] = gen
         return gen
 
-    def _ingest(self, name: str, tensor: Any, tokens: Tokens) -> None:
+    def _ingest(self, name: str, tensor: Any, tokens: Tokens, labels: Tensor | None = None,
+                predictions: Tensor | None = None, from_hook: bool = False) -> None:
         rows = to_rows(tensor, tokens)                                   # (b, d)
+        b = rows.shape[0]
+        if b == 0 or rows.shape[1] == 0:
+            return
+        labels = _aligned("labels", labels, b)
+        predictions = _aligned("predictions", predictions, b)
+        if predictions is not None and labels is None:
+            raise ValueError("predictions need labels too (to know which are misclassified)")
+        rows, idx = subsample(rows, self.max_rows, self._generator(rows.device))
+        if idx is not None:
+            labels = labels.index_select(0, idx) if labels is not None else None
+            predictions = predictions.index_select(0, idx) if predictions is not None else None
+        with self._lock:
+            if name not in self._stream_order:
+                self._stream_order.append(name)
+            self._engine.update(name, rows, idx, labels, predictions)
+            if from_hook and not (tensor.dim() == 3 and tokens == "all"):
+                self._pending.append((name, rows, idx, b))   # step(labels=) may label them
+
+    def _ingest_activations(self, name: str, h: Tensor) -> None:
+        from monitor.functional.plasticity import pooled_unit_rows
+
+        rows = pooled_unit_rows(h)                                       # (n, units)
         if rows.shape[0] == 0 or rows.shape[1] == 0:
             return
-        rows = subsample(rows, self.max_rows, self._generator(rows.device))
+        rows, _ = subsample(rows, self.max_rows, self._generator(rows.device))
         with self._lock:
-            self._engine.update(name, rows)
+            self._engine.update_layer(name, h, rows)
 
     # ------------------------------------------------------------------ publish
 
@@ -180,13 +375,38 @@ class Monitor:
         """Optimizer steps counted by :meth:`step`."""
         return self._step
 
-    def step(self, steps: int = 1) -> Snapshot | None:
-        """Count optimizer steps; publishes (and returns the Snapshot) on the cadence."""
+    def step(self, steps: int = 1, *, labels: Tensor | None = None) -> Snapshot | None:
+        """Count optimizer steps; publishes (and returns the Snapshot) on the cadence.
+
+        ``labels``: the class ids of this step's batch; they join the rows that the watched
+        modules (``watch``) captured since the last ``step()`` (neural collapse per stream;
+        rows given to ``observe`` take their own ``labels=``).
+        """
+        pending, self._pending = self._pending, []
+        if labels is not None:
+            try:
+                self._label_pending(pending, labels)
+            except Exception as exc:
+                self._errors.record("labels", exc)
+                if self.strict:
+                    raise
         before = self._step
         self._step += steps
         if self._step // self.every > before // self.every:
             return self.publish()
         return None
+
+    def _label_pending(self, pending: list[tuple[str, Tensor, Tensor | None, int]],
+                       labels: Tensor) -> None:
+        with torch.no_grad():
+            for name, rows, idx, b in pending:
+                lab = _aligned("labels", labels, b)
+                assert lab is not None
+                lab = lab.to(rows.device)
+                if idx is not None:
+                    lab = lab.index_select(0, idx)
+                with self._lock:
+                    self._engine.update_labels(name, rows, lab)
 
     def publish(self) -> Snapshot:
         """Compute every stream now (one host sync), evaluate alerts, notify, export."""
@@ -200,8 +420,12 @@ class Monitor:
                     raise
                 from monitor.engine import EngineResult
                 result = EngineResult()
+            self._engine.after_publish()
+            self._effective_depth(result)
+            groups = {"stream": result.streams, "layer": result.layers, "param": result.params,
+                      "run": {"model": result.run_signals}}
             try:
-                firing, fired, resolved = self._alerts.evaluate(result.streams, self._step)
+                firing, fired, resolved = self._alerts.evaluate(groups, self._step)
             except Exception as exc:
                 self._errors.record("alerts", exc)
                 if self.strict:
@@ -209,7 +433,9 @@ class Monitor:
                 firing, fired, resolved = self._alerts.firing(), [], []
             snap = Snapshot(run=self.run, step=self._step, time=time.time(),
                             streams=result.streams, counters=result.counters,
-                            spectra=result.spectra, alerts=firing,
+                            spectra=result.spectra, layers=result.layers,
+                            params=result.params, run_signals=result.run_signals,
+                            histograms=result.histograms, alerts=firing,
                             errors=self._errors.counts(),
                             publish_duration_seconds=time.perf_counter() - t0)
             self._latest = snap
@@ -234,6 +460,16 @@ class Monitor:
             except Exception as exc:
                 self._errors.record("log", exc)
         return snap
+
+    def _effective_depth(self, result: Any) -> None:
+        """NC1 "effective depth": first stream in watch order with NC1 below the threshold."""
+        nc1 = [(n, result.streams[n].get("neural_collapse_nc1", math.nan))
+               for n in self._stream_order if n in result.streams]
+        nc1 = [(n, v) for n, v in nc1 if math.isfinite(v)]
+        if len(nc1) >= 1:
+            depth = next((i for i, (_, v) in enumerate(nc1, 1) if v < self.nc1_depth_threshold),
+                         math.nan)
+            result.run_signals["neural_collapse_effective_depth"] = float(depth)
 
     @property
     def latest(self) -> Snapshot | None:

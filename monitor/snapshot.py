@@ -6,10 +6,54 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+SCOPES: tuple[str, ...] = ("stream", "layer", "param", "run")
+"""What a keyed signal belongs to: a stream of rows, an activation layer, a parameter tensor,
+or the whole model (``run``: one key, ``"model"``, holding ``run_signals``)."""
+
+
+def variant_key(signal: str, **labels: object) -> str:
+    """Key of a signal that carries extra labels: ``dormant_units_ratio{tau=0.025}``.
+
+    Floats print in their shortest form (``0``, ``0.025``, ``0.1``); labels are sorted by name.
+    """
+    if not labels:
+        return signal
+    parts = ",".join(f"{k}={_label_value(v)}" for k, v in sorted(labels.items()))
+    return f"{signal}{{{parts}}}"
+
+
+def split_key(key: str) -> tuple[str, dict[str, str]]:
+    """Inverse of :func:`variant_key`: ``("dormant_units_ratio", {"tau": "0.025"})``."""
+    if not key.endswith("}") or "{" not in key:
+        return key, {}
+    signal, _, rest = key.partition("{")
+    labels = dict(item.split("=", 1) for item in rest[:-1].split(",") if item)
+    return signal, labels
+
+
+def _label_value(v: object) -> str:
+    if isinstance(v, float):
+        return format(v, "g")
+    return str(v)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A cumulative histogram since start: upper bounds, cumulative counts (last is +Inf)."""
+
+    bounds: list[float]
+    cumulative: list[float]
+    sum: float
+    count: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
 
 @dataclass(frozen=True)
 class Alert:
-    """A firing alert for one stream of one run."""
+    """A firing alert for one stream (or layer, or parameter; see ``scope``) of one run."""
 
     name: str
     stream: str
@@ -21,6 +65,7 @@ class Alert:
     runbook_url: str
     run: str = ""
     since_step: int = 0
+    scope: str = "stream"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -32,8 +77,12 @@ class Snapshot:
     """The result of one publish.
 
     ``streams`` maps stream → signal → value (plain floats; NaN where a value is not defined,
-    e.g. before the window holds two rows); ``counters`` holds per-stream monotonic counts
-    (``samples``, ``nonfinite_values``); ``errors`` counts exceptions caught inside repwatch by
+    e.g. before the window holds two rows); ``layers`` does the same for watched activation
+    layers (plasticity) and ``params`` for parameter tensors (weights, gradients); signals with
+    extra labels are keyed by :func:`variant_key` (``dormant_units_ratio{tau=0.1}``).
+    ``run_signals`` holds model-level values (early-bird distance, curvature). ``counters``
+    holds per-stream monotonic counts (``samples``, ``nonfinite_values``); ``histograms`` maps
+    signal → stream → :class:`Histogram`; ``errors`` counts exceptions caught inside repwatch by
     component; ``spectra`` maps stream → eigenvalues of the window's second moment ``S/n``.
     """
 
@@ -43,25 +92,55 @@ class Snapshot:
     streams: dict[str, dict[str, float]] = field(default_factory=dict)
     counters: dict[str, dict[str, float]] = field(default_factory=dict)
     spectra: dict[str, list[float]] = field(default_factory=dict)
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    params: dict[str, dict[str, float]] = field(default_factory=dict)
+    run_signals: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, dict[str, Histogram]] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     publish_duration_seconds: float = 0.0
 
-    def get(self, name: str, stream: str | None = None) -> float:
-        """Value of signal ``name`` for ``stream`` (optional when exactly one stream has it)."""
+    def get(self, name: str, stream: str | None = None, *, layer: str | None = None,
+            param: str | None = None, **labels: object) -> float:
+        """Value of signal ``name``.
+
+        Pass ``stream=`` (optional when exactly one stream has the signal), or ``layer=`` for
+        activation-layer signals, or ``param=`` for parameter signals; extra labels select a
+        variant, e.g. ``snap.get("dormant_units_ratio", layer="fc1", tau=0.1)``. Model-level
+        signals (``run_signals``) need none of them.
+        """
+        key = variant_key(name, **labels)
+        if layer is not None or param is not None:
+            scope, group, which = (("layer", self.layers, layer) if layer is not None
+                                   else ("param", self.params, param))
+            if which not in group:
+                raise KeyError(f"no {scope} {which!r} in this snapshot; {scope}s: {sorted(group)}")
+            if key not in group[which]:
+                raise KeyError(f"no signal {key!r} for {scope} {which!r}; signals: {sorted(group[which])}")
+            return group[which][key]
+        if stream is None and key in self.run_signals:
+            return self.run_signals[key]
         if stream is not None:
             if stream not in self.streams:
                 raise KeyError(f"no stream {stream!r} in this snapshot; streams: {sorted(self.streams)}")
             values = {**self.streams[stream], **self.counters.get(stream, {})}
-            if name not in values:
-                raise KeyError(f"no signal {name!r} for stream {stream!r}; signals: {sorted(values)}")
-            return values[name]
-        having = [s for s, v in self.streams.items() if name in v or name in self.counters.get(s, {})]
+            if key not in values:
+                raise KeyError(f"no signal {key!r} for stream {stream!r}; signals: {sorted(values)}")
+            return values[key]
+        having = [s for s, v in self.streams.items() if key in v or key in self.counters.get(s, {})]
         if len(having) == 1:
-            return self.get(name, having[0])
+            return self.get(name, having[0], **labels)
         if not having:
-            raise KeyError(f"no signal {name!r} in this snapshot")
-        raise KeyError(f"signal {name!r} exists for several streams {sorted(having)}: pass stream=")
+            raise KeyError(f"no signal {key!r} in this snapshot")
+        raise KeyError(f"signal {key!r} exists for several streams {sorted(having)}: pass stream=")
+
+    def group(self, scope: str) -> dict[str, dict[str, float]]:
+        """The keyed values of ``scope`` (``"stream"``, ``"layer"``, ``"param"``, ``"run"``)."""
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if scope == "run":
+            return {"model": self.run_signals} if self.run_signals else {}
+        return {"stream": self.streams, "layer": self.layers, "param": self.params}[scope]
 
     @property
     def stream_names(self) -> list[str]:
@@ -77,6 +156,11 @@ class Snapshot:
         out: dict[str, Any] = {
             "run": self.run, "step": self.step, "time": self.time,
             "streams": {s: {k: clean(v) for k, v in vals.items()} for s, vals in self.streams.items()},
+            "layers": {s: {k: clean(v) for k, v in vals.items()} for s, vals in self.layers.items()},
+            "params": {s: {k: clean(v) for k, v in vals.items()} for s, vals in self.params.items()},
+            "run_signals": {k: clean(v) for k, v in self.run_signals.items()},
+            "histograms": {sig: {s: h.to_dict() for s, h in per.items()}
+                           for sig, per in self.histograms.items()},
             "counters": self.counters,
             "alerts": [a.to_dict() for a in self.alerts],
             "errors": self.errors,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from exporters.catalogue import STREAM_SIGNALS
+from exporters.catalogue import SIGNALS_BY_SCOPE
 from monitor.alerts import DEFAULT_RULES, AlertEngine, AlertRule, Condition, validate_rules
 
 RULE = AlertRule(name="RepwatchTest", severity="warning", summary="s",
@@ -65,7 +65,7 @@ def test_bad_rules_are_rejected() -> None:
 
 
 def test_default_rules_use_exported_signals() -> None:
-    validate_rules(DEFAULT_RULES, set(STREAM_SIGNALS))
+    validate_rules(DEFAULT_RULES, SIGNALS_BY_SCOPE)
     names = {r.name for r in DEFAULT_RULES}
     assert {"RepwatchRepresentationCollapse", "RepwatchDimensionalCollapse"} <= names
 
@@ -77,3 +77,27 @@ def test_state_roundtrip() -> None:
     b.load_state_dict(a.state_dict())
     assert [x.name for x in b.firing()] == ["RepwatchTest"]
     assert _run(b, [0.3, 0.3]) == [True, False]
+
+
+def test_compound_condition_and_layer_scope() -> None:
+    """``also``: fires only while both parts hold; clears when either part clears; a
+    layer-scoped rule reads the layer group only."""
+    rule = AlertRule("RepwatchHighAndRising", "warning", "s", "{layer}: {expr}",
+                     (Condition("d", ">", 0.3, clear=0.2,
+                                also=(Condition("rise", ">", 0.1, clear=0.05),)),),
+                     hold=1, min_window_samples=0, scope="layer")
+    engine = AlertEngine([rule], run="r")
+
+    def feed(d: float, rise: float) -> list[str]:
+        groups = {"stream": {"fc1": {"d": 0.9, "rise": 0.9}},      # ignored: wrong scope
+                  "layer": {"fc1": {"d": d, "rise": rise}}}
+        firing, _, _ = engine.evaluate(groups, 0)
+        return [f"{a.scope}:{a.stream}" for a in firing]
+
+    assert feed(0.5, 0.0) == []            # high but not rising
+    assert feed(0.1, 0.5) == []            # rising from a low level
+    assert feed(0.5, 0.2) == ["layer:fc1"]
+    assert feed(0.5, 0.08) == ["layer:fc1"]  # rise between clear and threshold: still firing
+    assert feed(0.5, 0.01) == []           # rise cleared → resolves
+    with pytest.raises(ValueError, match="scope"):
+        AlertRule("RepwatchX", "warning", "s", "d", (Condition("x", "<", 1, 2),), scope="nope")  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.catalogue import CATALOGUE
 from exporters.prometheus import make_registry, render
-from monitor.snapshot import Alert, Snapshot
+from monitor.snapshot import Alert, Histogram, Snapshot, variant_key
 
 
 def _snapshot() -> Snapshot:
@@ -25,6 +25,13 @@ def _snapshot() -> Snapshot:
                              "enc": {"effective_rank": 40.0, "embedding_std_ratio": 0.9,
                                      "effective_rank_ratio": 0.6, "window_samples": 512.0}},
                     counters={"proj": {"samples": 1024.0, "nonfinite_values": 3.0}},
+                    layers={"fc1": {variant_key("dormant_units_ratio", tau=0.0): 0.25,
+                                    variant_key("dormant_units_ratio", tau=0.1): 0.5,
+                                    "effective_rank": 7.5, "window_samples": 512.0}},
+                    params={"fc1.weight": {"weight_norm": 3.0, "grad_norm": math.nan}},
+                    run_signals={variant_key("earlybird_mask_distance", sparsity=0.5): 0.05},
+                    histograms={"qscore": {"proj": Histogram([0.1, 1.0, math.inf],
+                                                             [2.0, 5.0, 6.0], 4.5, 6.0)}},
                     alerts=[alert], errors={"capture": 2}, publish_duration_seconds=0.004)
 
 
@@ -35,7 +42,8 @@ def test_catalogue_conventions() -> None:
         assert re.fullmatch(r"repwatch_[a-z0-9_]+", m.name)
         assert m.help and m.signal
         assert (m.kind == "counter") == m.name.endswith("_total")
-        assert set(m.labels) <= {"run", "stream", "component", "alertname", "severity"}
+        assert set(m.labels) <= {"run", "stream", "layer", "param", "tau", "sparsity",
+                                 "component", "alertname", "severity"}
 
 
 def test_collector_values_and_nan_skipped() -> None:
@@ -54,6 +62,26 @@ def test_collector_values_and_nan_skipped() -> None:
     assert errors[0].labels == {"run": "r", "component": "capture"} and errors[0].value == 2
     step = fams["repwatch_training_step"].samples[0]
     assert step.value == 120 and step.labels == {"run": "r"}
+
+
+def test_layer_param_run_signals_and_histogram() -> None:
+    text = render(make_registry(_snapshot)).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    dormant = {s.labels["tau"]: s.value for s in fams["repwatch_dormant_units_ratio"].samples}
+    assert dormant == {"0": 0.25, "0.1": 0.5}
+    assert fams["repwatch_dormant_units_ratio"].samples[0].labels["layer"] == "fc1"
+    act = fams["repwatch_activation_effective_rank"].samples
+    assert [(s.labels, s.value) for s in act] == [({"run": "r", "layer": "fc1"}, 7.5)]
+    assert {s.labels["stream"] for s in fams["repwatch_effective_rank"].samples} == {"proj", "enc"}
+    assert fams["repwatch_weight_norm"].samples[0].labels == {"run": "r", "param": "fc1.weight"}
+    assert fams["repwatch_grad_norm"].samples == []
+    eb = fams["repwatch_earlybird_mask_distance"].samples[0]
+    assert eb.labels == {"run": "r", "sparsity": "0.5"} and eb.value == 0.05
+    q = fams["repwatch_qscore"]
+    assert q.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in q.samples if s.name == "repwatch_qscore_bucket"}
+    assert buckets == {"0.1": 2.0, "1.0": 5.0, "+Inf": 6.0}
+    assert [s.value for s in q.samples if s.name == "repwatch_qscore_count"] == [6.0]
 
 
 def test_no_snapshot_exports_nothing() -> None:

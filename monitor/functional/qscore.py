@@ -1,0 +1,264 @@
+"""Q-Score (per-sample representation quality), its regulariser, AUPRC and histogram helpers.
+
+Q-Score: Kalibhat, Narang, Firooz, Sanjabi & Feizi, "Measuring Self-Supervised Representation
+Quality for Downstream Classification using Discriminative Features" (arXiv 2203.01881, AAAI
+2024; v1 "Understanding Failure Modes of Self-Supervised Learning"). The paper reports that low
+Q predicts which samples a linear probe misclassifies (AUPRC up to 0.91 on ImageNet-100).
+
+**The exact form is UNVERIFIED** (METRICS.md §4): the full text could not be retrieved, so this
+module implements the *monitor definition* of METRICS.md §4 — the most likely form consistent
+with the abstract — and keeps the form and its constants configurable. Verify against §"Q-Score"
+of arXiv 2203.01881v6 before treating the numbers as the paper's.
+
+Everything here is device-only (no host synchronisation): masks are multiplied in, counts stay
+tensors, and sizes come from shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+QScoreForm = Literal["linf_over_l1", "scale_free", "max_z", "l1"]
+QSCORE_FORMS: tuple[str, ...] = ("linf_over_l1", "scale_free", "max_z", "l1")
+"""Implemented forms: the paper's most likely form, the scale-robust companion, two ablations."""
+
+
+def _as_rows(z: Tensor, what: str = "z") -> Tensor:
+    if not isinstance(z, Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 2:
+        raise ValueError(f"{what}: expected a 2-D (n, d) tensor of representations, "
+                         f"got shape {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise TypeError(f"{what}: expected a floating-point tensor, got {z.dtype}")
+    if z.shape[1] < 2:
+        raise ValueError(f"{what}: expected at least 2 features per row (within-sample z-scores), "
+                         f"got d = {z.shape[1]}")
+    return z
+
+
+def _check_form(form: str) -> None:
+    if form not in QSCORE_FORMS:
+        raise ValueError(f"form must be one of {list(QSCORE_FORMS)}, got {form!r}")
+
+
+def feature_zscores(z: Tensor, eps2: float = 1e-8) -> Tensor:
+    """Within-sample z-scores ``ζ_ij = (z_ij − mean_j z_ij) / (std_j z_ij + eps2)`` (ddof 0).
+
+    ``z`` is ``(n, d)``; the mean and std run over the d features of each row (not over the
+    batch). Returns ``(n, d)`` in ``z``'s dtype. A constant row gives ζ = 0.
+    """
+    z = _as_rows(z)
+    mean = z.mean(dim=1, keepdim=True)                                   # (n, 1)
+    centred = z - mean                                                   # (n, d)
+    std = (centred * centred).mean(dim=1, keepdim=True).sqrt()           # (n, 1), ddof 0
+    return centred / (std + eps2)                                        # (n, d)
+
+
+def _qscore_parts(z: Tensor, eps2: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x, finite rows, max_j ζ, ‖x‖₁) in float64 with non-finite rows zeroed."""
+    x = _as_rows(z).to(torch.float64)                                    # (n, d)
+    finite = torch.isfinite(x).all(dim=1)                                # (n,)
+    x = torch.where(finite[:, None], x, torch.zeros_like(x))
+    zmax = feature_zscores(x, eps2).amax(dim=1)                          # (n,)
+    l1 = x.abs().sum(dim=1)                                              # (n,)
+    return x, finite, zmax, l1
+
+
+def qscore(z: Tensor, form: QScoreForm = "linf_over_l1", eps1: float = 1e-8,
+           eps2: float = 1e-8) -> Tensor:
+    """Per-sample Q-Score of representations ``z`` (n, d) → ``(n,)`` float64. UNVERIFIED form.
+
+    With ``ζ_ij`` the within-sample z-scores (:func:`feature_zscores`, ddof 0, ``+eps2`` on the
+    std), METRICS.md §4 "monitor definition":
+
+    * ``"linf_over_l1"`` (default; the paper's most likely form, Kalibhat et al. 2022/2024):
+      ``q_i = max_j ζ_ij / (‖z_i‖₁ + eps1)``. High q = a few strongly deviating features on a
+      sparse, low-L1 representation; low q predicts misclassification. NOT scale-invariant:
+      ``‖z‖₁`` follows the feature norm (METRICS.md §4 pitfall 1).
+    * ``"scale_free"`` (METRICS.md §4 scale-robust companion, a design of that note, not the
+      paper): ``q'_i = max_j ζ_ij · sqrt(d) / (‖z_i‖₁/‖z_i‖₂)``, computed as
+      ``max ζ · sqrt(d) · ‖z_i‖₂ / (‖z_i‖₁ + eps1)`` so a zero row scores 0.
+    * ``"max_z"`` (ablation): ``max_j ζ_ij`` alone.
+    * ``"l1"`` (ablation): ``1 / (‖z_i‖₁ + eps1)`` — L1 alone, oriented like Q (low = large L1).
+
+    ``max_j ζ_ij`` is the signed maximum; the paper's ``‖ζ‖_∞`` (max |ζ|) differs only when the
+    most deviating feature lies below the row mean, which is rare for the non-negative, post-ReLU
+    features Q is meant for (pitfall 2). Rows containing NaN/Inf get a NaN score. Computed in
+    float64.
+    """
+    _check_form(form)
+    x, finite, zmax, l1 = _qscore_parts(z, eps2)
+    if form == "linf_over_l1":
+        q = zmax / (l1 + eps1)
+    elif form == "scale_free":
+        d = x.shape[1]
+        q = zmax * math.sqrt(d) * x.norm(dim=1) / (l1 + eps1)
+    elif form == "max_z":
+        q = zmax
+    else:  # "l1"
+        q = 1.0 / (l1 + eps1)
+    return torch.where(finite, q, torch.full_like(q, math.nan))
+
+
+def qscore_regularizer(z: Tensor, lambda1: float = 1e-3, lambda2: float = 1e-2,
+                       form: Literal["linf_over_l1", "scale_free"] = "linf_over_l1",
+                       threshold: Tensor | float | None = None, eps1: float = 1e-8,
+                       eps2: float = 1e-8) -> Tensor:
+    """Differentiable Q-Score regulariser (a term to ADD to the loss), mean over the batch.
+
+    UNVERIFIED (METRICS.md §4): the paper fine-tunes a pre-trained encoder with a term that
+    pushes Q up; its most likely form is ``λ₁‖z_i‖₁ − λ₂ max_j ζ_ij`` per sample. The λ values
+    are not known — the defaults here are placeholders of the right sign, to be tuned per model
+    (‖z‖₁ grows like d, max ζ like sqrt(2 ln d)).
+
+    * ``form="linf_over_l1"``: ``R = mean_i [λ₁ ‖z_i‖₁ − λ₂ max_j ζ_ij]``.
+    * ``form="scale_free"``: ``R = mean_i [λ₁ ‖z_i‖₁/‖z_i‖₂ − λ₂ max_j ζ_ij]`` (sparsity
+      without a pull on the norm).
+    * ``threshold``: when given, only samples whose current (detached) q of that form is below
+      it contribute (the paper possibly regularises only low-Q samples); the mean still divides
+      by the batch size. No host sync (the mask is multiplied in).
+
+    ``z`` is ``(n, d)`` with ``requires_grad`` as needed; returns a 0-d tensor in ``z``'s dtype.
+    Rows with non-finite values contribute 0.
+    """
+    if form not in ("linf_over_l1", "scale_free"):
+        raise ValueError(f"form must be 'linf_over_l1' or 'scale_free', got {form!r}")
+    if lambda1 < 0 or lambda2 < 0:
+        raise ValueError(f"lambda1 and lambda2 must be >= 0, got {lambda1!r}, {lambda2!r}")
+    z = _as_rows(z)
+    finite = torch.isfinite(z).all(dim=1)                                # (n,)
+    x = torch.where(finite[:, None], z, torch.zeros_like(z))             # (n, d)
+    zmax = feature_zscores(x, eps2).amax(dim=1)                          # (n,)
+    l1 = x.abs().sum(dim=1)                                              # (n,)
+    if form == "linf_over_l1":
+        sparsity = l1
+    else:
+        sparsity = l1 / (x.norm(dim=1) + eps1)
+    term = lambda1 * sparsity - lambda2 * zmax                           # (n,)
+    weight = finite.to(z.dtype)
+    if threshold is not None:
+        with torch.no_grad():
+            q = qscore(x.detach(), form, eps1, eps2)
+            thr = threshold.to(q) if isinstance(threshold, Tensor) else float(threshold)
+            weight = weight * (q < thr).to(z.dtype)
+    return (term * weight).sum() / max(z.shape[0], 1)
+
+
+def auprc(scores: Tensor, positives: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Average precision of ranking by ``scores`` (higher = more likely positive), 0-d float64.
+
+    Step-wise, as scikit-learn's ``average_precision_score``:
+    ``AP = Σ_k (R_k − R_{k−1}) P_k`` over the distinct score thresholds in decreasing order;
+    tied scores form one threshold. ``weights`` (0/1 or non-negative) weigh samples like
+    sklearn's ``sample_weight``; non-finite scores get weight 0 (excluded). NaN when no
+    (weighted) positive exists. No host sync.
+
+    The monitor reports ``auprc(-q, wrong)``: how well *low* Q finds misclassified samples.
+    """
+    if scores.dim() != 1 or positives.shape != scores.shape:
+        raise ValueError(f"expected 1-D scores and positives of the same length, got shapes "
+                         f"{tuple(scores.shape)} and {tuple(positives.shape)}")
+    s = scores.to(torch.float64)
+    pos = positives.to(device=s.device, dtype=torch.float64)
+    w = torch.ones_like(s) if weights is None else weights.to(device=s.device,
+                                                                dtype=torch.float64)
+    if w.shape != s.shape:
+        raise ValueError(f"weights: expected shape {tuple(s.shape)}, got {tuple(w.shape)}")
+    finite = torch.isfinite(s)
+    w = torch.where(finite, w, torch.zeros_like(w))
+    s = torch.where(finite, s, torch.full_like(s, -math.inf))
+    n = s.shape[0]
+    if n == 0:
+        return torch.full((), math.nan, dtype=torch.float64, device=s.device)
+    s_sorted, order = torch.sort(s, descending=True, stable=True)        # (n,)
+    w_sorted = w[order]
+    tp = torch.cumsum(pos[order] * w_sorted, 0)                          # (n,) weighted TPs
+    seen = torch.cumsum(w_sorted, 0)                                     # (n,) weighted count
+    # Last element of each group of tied scores: a threshold of the precision-recall curve.
+    is_end = torch.ones(n, dtype=torch.bool, device=s.device)
+    is_end[:-1] = s_sorted[1:] != s_sorted[:-1]
+    tp_end = torch.where(is_end, tp, torch.zeros_like(tp))
+    prev = torch.cat([tp.new_zeros(1), torch.cummax(tp_end, 0).values[:-1]])  # TPs at last end
+    precision = tp / torch.where(seen > 0, seen, torch.ones_like(seen))
+    total = tp[-1]
+    ap = (torch.where(is_end, (tp - prev) * precision, torch.zeros_like(tp))).sum() / total
+    return torch.where(total > 0, ap, torch.full_like(ap, math.nan))
+
+
+def histogram_counts(values: Tensor, edges: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Per-bucket counts with Prometheus ``le`` buckets → ``(len(edges) + 1,)`` float64.
+
+    Bucket 0 counts ``v ≤ e_0``, bucket k counts ``e_{k−1} < v ≤ e_k``, the last (+Inf) counts
+    ``v > e_{-1}``. ``edges`` must be strictly increasing and finite. Non-finite values are not
+    counted. ``torch.bucketize`` + ``index_add_`` (no ``bincount``: no host sync).
+    """
+    if edges.dim() != 1 or edges.shape[0] < 1:
+        raise ValueError(f"edges: expected a non-empty 1-D tensor, got shape {tuple(edges.shape)}")
+    v = values.reshape(-1).to(torch.float64)
+    e = edges.to(device=v.device, dtype=torch.float64)
+    w = torch.ones_like(v) if weights is None else weights.reshape(-1).to(v.device, torch.float64)
+    finite = torch.isfinite(v)
+    w = torch.where(finite, w, torch.zeros_like(w))
+    v = torch.where(finite, v, torch.zeros_like(v))
+    idx = torch.bucketize(v, e, right=False)           # e[i-1] < v <= e[i]  →  i; (m,)
+    counts = torch.zeros(e.shape[0] + 1, dtype=torch.float64, device=v.device)
+    return counts.index_add_(0, idx, w)
+
+
+def nan_quantile(values: Tensor, q: float) -> Tensor:
+    """``q``-quantile of the finite entries of a 1-D tensor, NaN/Inf ignored → 0-d float64.
+
+    numpy's default ("linear") method: sort, rank ``h = q·(m − 1)`` over the ``m`` finite values,
+    interpolate between ``⌊h⌋`` and ``⌊h⌋ + 1``. Written with a sort and gathers (the count ``m``
+    stays a tensor) so it is sure not to synchronise the device. NaN when nothing is finite.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q!r}")
+    if values.dim() != 1:
+        raise ValueError(f"expected a 1-D tensor, got shape {tuple(values.shape)}")
+    v = values.to(torch.float64)
+    if v.shape[0] == 0:
+        return torch.full((), math.nan, dtype=torch.float64, device=v.device)
+    finite = torch.isfinite(v)
+    srt = torch.sort(torch.where(finite, v, torch.full_like(v, math.inf))).values  # (k,)
+    m = finite.sum().to(torch.float64)
+    h = q * (m - 1.0).clamp_min(0.0)
+    lo = h.floor()
+    lo_i = lo.to(torch.long).reshape(1)
+    hi_i = (lo_i + 1).clamp_max(m.to(torch.long).clamp_min(1) - 1)
+    a, b = srt[lo_i].reshape(()), srt[hi_i].reshape(())
+    val = a + (b - a) * (h - lo)
+    return torch.where(m > 0, val, torch.full_like(val, math.nan))
+
+
+def quantile_from_histogram(counts: Tensor, edges: Tensor, q: float) -> Tensor:
+    """Approximate quantile from ``le``-bucket counts (as PromQL ``histogram_quantile``).
+
+    Linear interpolation inside the bucket holding rank ``q·N``; the first bucket's lower bound
+    is 0 (Q ≥ 0), a rank in the +Inf bucket returns the last edge. NaN when empty. 0-d float64.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q!r}")
+    c = counts.to(torch.float64)
+    e = edges.to(device=c.device, dtype=torch.float64)
+    if c.shape[0] != e.shape[0] + 1:
+        raise ValueError(f"counts: expected {e.shape[0] + 1} buckets for {e.shape[0]} edges, "
+                         f"got {c.shape[0]}")
+    cum = torch.cumsum(c, 0)                                             # (k+1,)
+    total = cum[-1]
+    rank = q * total
+    b = torch.searchsorted(cum, rank.reshape(1), right=False).clamp_max(c.shape[0] - 1)  # (1,)
+    upper_all = torch.cat([e, e[-1:]])                                   # +Inf → last edge
+    lower_all = torch.cat([e.new_zeros(1), e])
+    below = torch.cat([cum.new_zeros(1), cum[:-1]])
+    lo, hi = lower_all[b], upper_all[b]
+    inside = c[b]
+    frac = (rank - below[b]) / torch.where(inside > 0, inside, torch.ones_like(inside))
+    val = (lo + (hi - lo) * frac.clamp(0.0, 1.0)).reshape(())
+    val = torch.where(b.reshape(()) == c.shape[0] - 1, e[-1], val)
+    return torch.where(total > 0, val, torch.full_like(val, math.nan))

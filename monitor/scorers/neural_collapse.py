@@ -1,0 +1,166 @@
+"""Neural collapse NC1–NC4 of a labelled stream of penultimate features, over a sliding window.
+
+Papyan, Han & Donoho (PNAS 2020), "Prevalence of neural collapse during the terminal phase of
+deep learning training": once training error reaches zero, (NC1) within-class variability
+vanishes relative to between-class variability, (NC2) the centred class means become equinorm
+and equiangular (a simplex ETF), (NC3) the classifier rows align with them and (NC4) the
+classifier acts as a nearest-class-centre rule. Formulas (METRICS.md §8), with ``μ_c`` the class
+means, ``μ_G`` the global mean of the samples and ``M̃ = [μ_c − μ_G]``:
+
+* ``neural_collapse_nc1`` — ``tr(Σ_W Σ_B^†)/C`` with ``Σ_W = (S − Σ_c n_c μ_c μ_cᵀ)/N`` and
+  ``Σ_B = Ave_c (μ_c − μ_G)(μ_c − μ_G)ᵀ``, by the thin SVD of ``M̃`` (the ``C − 1`` non-zero
+  singular values; no d×d pseudo-inverse). Unstructured features give ≈ ``(C−1)·n_c/d``.
+* ``neural_collapse_nc2_equinorm`` — ``Std_c ‖μ_c − μ_G‖ / Avg_c ‖μ_c − μ_G‖``.
+* ``neural_collapse_nc2_equiangularity`` — ``Std_{c<c'} cos∠(μ_c − μ_G, μ_c' − μ_G)``.
+* ``neural_collapse_nc2_max_angle`` — ``Avg_{c≠c'} |cos∠ + 1/(C−1)|``.
+* ``neural_collapse_nc3`` — ``‖W/‖W‖_F − M̃/‖M̃‖_F‖_F²`` (needs the classifier at compute).
+* ``neural_collapse_nc4`` — fraction of window rows where the classifier's argmax differs from
+  the nearest class mean (current window means; needs the classifier at compute).
+* ``neural_collapse_classes`` — classes present in the window (C above),
+  ``neural_collapse_window_samples`` — valid rows in the window (N),
+  ``labels_out_of_range`` — rows ever seen with a label outside ``[0, max_classes)``
+  (counted on the device and excluded, never checked on the host), ``nonfinite_rows`` — rows
+  ever seen with a NaN/Inf (excluded likewise).
+
+State: a ring of the last ``window`` rows (float32), their labels and a validity weight. At
+``compute`` the float64 sufficient statistics ``S = Σ h hᵀ``, class sums and counts are rebuilt
+exactly from the ring (O(window·d²)); float64 matters because the one-pass ``Σ_W`` cancels in
+float32 in exactly the collapsed regime (METRICS.md §8 pitfall 4). ``update`` does no host sync;
+``compute`` makes no explicit transfer (one thin SVD of the d×C centred means; on CUDA, as for
+``eigvalsh`` in the spectrum scorer, the LAPACK-style error check may wait on the device).
+The ring is rank-local (``reduce="none"``): across ranks, NC is per rank unless the caller
+all-reduces the statistics (:func:`statistics` gives them).
+
+Pitfall (METRICS.md §8.3): Papyan et al. measure on the training set with one fixed model; a
+window filled during training mixes parameter versions. For the paper's numbers, feed the
+training set through the current model (eval mode) at a checkpoint and read the window then.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from monitor.functional.neural_collapse import (
+    _class_statistics,
+    class_means,
+    centered_class_means,
+    nc1_from_stats,
+    nc2_equiangularity,
+    nc2_equinorm,
+    nc2_max_angle,
+    nc3_self_duality,
+    nc4_ncc_mismatch,
+)
+from monitor.scorer import Scorer
+
+
+class NeuralCollapseScorer(Scorer):
+    """Sliding-window NC1–NC4 of ``(b, dim)`` features with integer labels in ``[0, max_classes)``."""
+
+    signals: tuple[str, ...] = (
+        "neural_collapse_nc1", "neural_collapse_nc2_equinorm",
+        "neural_collapse_nc2_equiangularity", "neural_collapse_nc2_max_angle",
+        "neural_collapse_nc3", "neural_collapse_nc4", "neural_collapse_classes",
+        "neural_collapse_window_samples", "labels_out_of_range", "nonfinite_rows",
+    )
+
+    def __init__(self, dim: int, max_classes: int, window: int,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if max_classes < 2:
+            raise ValueError(f"max_classes must be >= 2, got {max_classes}")
+        if window < 2:
+            raise ValueError(f"window must be >= 2 rows, got {window}")
+        self.dim = dim
+        self.max_classes = max_classes
+        self.window = window
+        f64 = {"dtype": torch.float64, "device": self.device}
+        self.add_state("ring", torch.zeros(window, dim, dtype=torch.float32, device=self.device),
+                       reduce="none")
+        self.add_state("ring_labels", torch.zeros(window, dtype=torch.long, device=self.device),
+                       reduce="none")
+        self.add_state("ring_valid", torch.zeros(window, **f64), reduce="none")
+        self.add_state("out_of_range", torch.zeros((), **f64), reduce="sum")
+        self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum")
+        self._pos = 0                       # next ring slot (host int, from shapes only)
+
+    def reset(self) -> None:
+        super().reset()
+        self._pos = 0
+
+    def update(self, rows: Tensor, labels: Tensor) -> None:
+        """Add a batch of rows (b, dim) with labels (b,), both on this scorer's device."""
+        if rows.dim() != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"expected rows of shape (b, {self.dim}), got {tuple(rows.shape)}")
+        if labels.dim() != 1 or labels.shape[0] != rows.shape[0]:
+            raise ValueError(f"expected labels of shape ({rows.shape[0]},), got "
+                             f"{tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"expected integer labels, got {labels.dtype}")
+        if rows.shape[0] > self.window:
+            rows, labels = rows[-self.window:], labels[-self.window:]
+        b = rows.shape[0]
+        if b == 0:
+            return
+        x = rows.detach().to(device=self.device, dtype=torch.float32)       # (b, d)
+        y = labels.detach().to(device=self.device, dtype=torch.long)        # (b,)
+        in_range = (y >= 0) & (y < self.max_classes)                        # (b,)
+        finite = torch.isfinite(x).all(dim=1)                               # (b,)
+        self.out_of_range += (~in_range).sum().to(torch.float64)
+        self.nonfinite += (in_range & ~finite).sum().to(torch.float64)
+        valid = in_range & finite                                           # (b,)
+        x = torch.where(valid[:, None], x, torch.zeros_like(x))
+        y = torch.where(valid, y, torch.zeros_like(y))
+        idx = (torch.arange(b, device=self.device) + self._pos) % self.window
+        self.ring.index_copy_(0, idx, x)
+        self.ring_labels.index_copy_(0, idx, y)
+        self.ring_valid.index_copy_(0, idx, valid.to(torch.float64))
+        self._pos = (self._pos + b) % self.window
+
+    def statistics(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(S (d,d), class_sums (C,d), counts (C,))`` of the window, float64, rebuilt from the ring."""
+        x = self.ring.to(torch.float64)                                     # (window, d)
+        return _class_statistics(x, self.ring_labels, self.max_classes, self.ring_valid)
+
+    def compute(self, weight: Tensor | None = None,
+                bias: Tensor | None = None) -> dict[str, Tensor]:
+        """NC signals of the window as 0-d device tensors (no host sync).
+
+        ``weight`` (max_classes, dim) and ``bias`` (max_classes,) of the linear classifier on
+        these features add ``neural_collapse_nc3`` and ``neural_collapse_nc4``.
+        """
+        s, sums, counts = self.statistics()
+        m_tilde, present = centered_class_means(sums, counts)               # (C, d), (C,)
+        out = {
+            "neural_collapse_nc1": nc1_from_stats(s, sums, counts),
+            "neural_collapse_nc2_equinorm": nc2_equinorm(m_tilde, present),
+            "neural_collapse_nc2_equiangularity": nc2_equiangularity(m_tilde, present),
+            "neural_collapse_nc2_max_angle": nc2_max_angle(m_tilde, present),
+        }
+        if weight is not None:
+            if weight.shape != (self.max_classes, self.dim):
+                raise ValueError(f"expected classifier weight of shape ({self.max_classes}, "
+                                 f"{self.dim}), got {tuple(weight.shape)}")
+            w = weight.detach().to(self.device)
+            b = None if bias is None else bias.detach().to(self.device)
+            mu, _, _ = class_means(sums, counts)
+            out["neural_collapse_nc3"] = nc3_self_duality(w, m_tilde, present)
+            out["neural_collapse_nc4"] = nc4_ncc_mismatch(self.ring, w, b, mu, present,
+                                                          row_weights=self.ring_valid)
+        out["neural_collapse_classes"] = present.sum().to(torch.float64)
+        out["neural_collapse_window_samples"] = counts.sum()
+        out["labels_out_of_range"] = self.out_of_range.clone()
+        out["nonfinite_rows"] = self.nonfinite.clone()
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = super().state_dict()
+        state["_pos"] = torch.tensor(self._pos)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        self._pos = int(state.get("_pos", torch.tensor(0)))
