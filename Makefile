@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?= --collapse-at 300 --steps 700 --linger 120
 
-.PHONY: demo test install promtool clean
+.PHONY: demo demo-plasticity test install promtool clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ promtool:
 
 demo: $(STAMP)
 	$(VENV)/bin/repwatch demo $(DEMO_ARGS)
+
+# Loss of plasticity on random-label tasks; ReDo wired to RepwatchPlasticityLoss.
+demo-plasticity: $(STAMP)
+	$(VENV)/bin/repwatch demo --scenario plasticity --redo --linger 60
 
 test: $(STAMP) promtool
 	$(PY) -m pytest

@@ -42,6 +42,40 @@ def test_update_path_has_no_host_sync() -> None:
     mon.close()
 
 
+def test_full_signal_set_update_path_has_no_host_sync() -> None:
+    """Activations (plasticity), step labels (neural collapse), an evaluation stream with
+    predictions (Q-Score AUPRC) and a generator/real pair: still no sync between publishes."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(),
+                        nn.Linear(64, 10)).to(dev)
+    mon = Monitor(run="cuda-full", port=None, every=1000, max_rows=128, window=512)
+    mon.watch(net[2], name="hidden")
+    mon.watch_activations(net)
+    mon.pair("fake", "real", reservoir=256)
+    x = torch.randn(256, 32, device=dev)
+    y = torch.randint(0, 10, (256,), device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):
+            logits = net(x)
+            mon.observe("eval", torch.relu(logits), labels=y, predictions=logits.argmax(1))
+            mon.observe("fake", torch.randn(128, 2, device=dev))
+            mon.observe("real", torch.randn(128, 2, device=dev))
+            mon.step(labels=y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    snap = mon.publish()
+    assert snap.errors == {}, snap.errors
+    assert set(snap.layers) == {"1", "3"}
+    for key in ("neural_collapse_nc1", "low_quality_samples_ratio"):
+        assert key in snap.streams["hidden"], key
+    assert "qscore_auprc" in snap.streams["eval"]
+    assert "generator_diversity_ratio" in snap.streams["fake"]
+    mon.close()
+
+
 def test_gpu_values_match_cpu() -> None:
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(2000, 96, generator=gen) @ torch.randn(96, 96, generator=gen)
