@@ -40,6 +40,16 @@ class DemoResult:
         return None
 
 
+def linger_serving(mon: Monitor, seconds: float) -> None:
+    """Keep the monitor's server up for ``seconds`` after training (Ctrl-C ends it early)."""
+    if mon.url is None or seconds <= 0:
+        return
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        pass
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """``auto``: CUDA when present, else CPU."""
     if device == "auto":
@@ -90,11 +100,8 @@ def run_demo(steps: int = 600, collapse_at: int | None = None, seed: int = 0,
         result.seconds = time.perf_counter() - t0
         if on_done is not None:
             on_done(result)
-        if mon is not None and mon.url is not None and linger > 0:
-            try:
-                time.sleep(linger)
-            except KeyboardInterrupt:
-                pass
+        if mon is not None:
+            linger_serving(mon, linger)
     finally:
         result.seconds = result.seconds or time.perf_counter() - t0
         if mon is not None:

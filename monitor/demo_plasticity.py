@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from monitor.demo import pick_device
+from monitor.demo import linger_serving, pick_device
 from monitor.monitor import Monitor
 from monitor.snapshot import Alert, Snapshot
 
@@ -84,11 +84,7 @@ def run_plasticity_demo(tasks: int = 30, steps_per_task: int = 100, redo: bool =
 
         run_tasks(setup, tasks, steps_per_task, on_step=on_step, on_task_end=task_end)
         result.seconds = time.perf_counter() - t0
-        if mon.url is not None and linger > 0:
-            try:
-                time.sleep(linger)
-            except KeyboardInterrupt:
-                pass
+        linger_serving(mon, linger)
     finally:
         result.seconds = result.seconds or time.perf_counter() - t0
         mon.close()

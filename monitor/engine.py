@@ -248,7 +248,7 @@ class Engine:
                     ("stream", n, k, v)
                     for k, v in s.compute(self._classifier(n), calibrate=warm).items()],
                     entries)
-        for fake, (real, scorer) in self.pairs.items():
+        for fake, (_, scorer) in self.pairs.items():
             if scorer is not None and not isinstance(scorer, dict):
                 self._guard("pair", fake, None, lambda sc=scorer, f=fake: [
                     ("stream", f, k, v) for k, v in sc.compute().items()], entries)
@@ -302,9 +302,9 @@ class Engine:
         for entry in entries:
             per_device.setdefault(entry[3].device, []).append(entry)
         hist_parts: dict[tuple[str, str], dict[str, list[float]]] = {}
-        for device, items in per_device.items():
+        for items in per_device.values():
             flat: list[Tensor] = []
-            for group, key, signal, value in items:
+            for _, _, signal, value in items:
                 if signal == "spectrum":
                     value = value[: self.spectrum_points]
                 flat.append(value.detach().reshape(-1).to(torch.float64))

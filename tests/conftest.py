@@ -20,3 +20,24 @@ def promtool() -> str:
             pytest.fail("promtool is missing: `make test` installs Debian's prometheus package")
         pytest.skip("promtool not installed (Debian package prometheus); `make test` installs it")
     return path
+
+
+@pytest.fixture(scope="module")
+def single_thread():  # type: ignore[no-untyped-def]
+    """One BLAS/LAPACK thread (torch and numpy's OpenBLAS) for a module, then restored.
+
+    The matrices in the tests are small; on a 2-core box that other processes also load,
+    2-thread spin-waiting made e.g. a 300 × 300 ``eigvalsh`` take 3.5 s instead of 7 ms.
+    Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # numpy's BLAS then keeps its default thread count
+            yield
+        else:
+            with threadpool_limits(limits=1):
+                yield
+    finally:
+        torch.set_num_threads(before)

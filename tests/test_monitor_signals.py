@@ -18,7 +18,6 @@ from torch import nn
 
 from exporters.prometheus import make_registry, render
 from monitor import Monitor
-from monitor import functional as F
 from monitor.functional.generative import diversity_ratio
 from monitor.functional.neural_collapse import nc1
 from monitor.functional.qscore import qscore
@@ -194,7 +193,7 @@ def test_weight_signals() -> None:
     assert snap.get("weight_rank", param="0.weight") == np.linalg.matrix_rank(
         w.numpy() / np.linalg.norm(w.numpy()), tol=1e-3)
     assert "0.bias" not in snap.params
-    assert math.isfinite(snap.get(f"earlybird_mask_distance", sparsity=0.5))
+    assert math.isfinite(snap.get("earlybird_mask_distance", sparsity=0.5))
 
 
 def test_everything_exports_and_passes_promtool(promtool: str) -> None:

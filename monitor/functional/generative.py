@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 
-def _as_rows(x: Tensor, what: str = "x") -> Tensor:
+def as_rows(x: Tensor, what: str = "x") -> Tensor:
+    """``x`` as float64 rows ``(n, d)``, or a clear TypeError/ValueError naming ``what``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -54,7 +55,7 @@ def pairwise_distances(x: Tensor, valid: Tensor | None = None) -> Tensor:
 
     Gram route on column-centred rows (centred over the ``valid`` rows): ``O(n²d)``.
     """
-    z = _as_rows(x)
+    z = as_rows(x)
     v = _valid(z, valid)                                             # (n,)
     mean = (z * v[:, None]).sum(0) / v.sum().clamp_min(1.0)          # (d,)
     z = (z - mean) * v[:, None]                                      # masked rows → 0
@@ -82,7 +83,7 @@ def diversity_ratio(fake: Tensor, real: Tensor, fake_valid: Tensor | None = None
     ≈ 1 when the generator spreads like the data, → 0 on complete mode collapse. Partial
     collapse onto modes far apart can keep it high: read it with the duplicate rate.
     """
-    f, r = _as_rows(fake, "fake"), _as_rows(real, "real")
+    f, r = as_rows(fake, "fake"), as_rows(real, "real")
     if f.shape[1] != r.shape[1]:
         raise ValueError(f"fake and real rows must have the same dimension, got {f.shape[1]} and {r.shape[1]}")
     return mean_pairwise_distance(f, fake_valid) / mean_pairwise_distance(r, real_valid)
@@ -106,7 +107,7 @@ def duplicate_threshold(real: Tensor, quantile: float = 0.01, valid: Tensor | No
     """
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
-    r = _as_rows(real, "real")
+    r = as_rows(real, "real")
     nn = nearest_neighbour_distances(r, valid)
     v = _valid(r, valid)
     nn = torch.where((v > 0) & torch.isfinite(nn), nn, torch.full_like(nn, math.nan))
@@ -118,7 +119,7 @@ def duplicate_rate(fake: Tensor, eps: Tensor | float, valid: Tensor | None = Non
 
     Birthday-paradox duplicate test (Arora & Zhang 2017) with a fixed threshold; NaN for < 2 rows.
     """
-    f = _as_rows(fake, "fake")
+    f = as_rows(fake, "fake")
     v = _valid(f, valid)
     nn = nearest_neighbour_distances(f, valid)
     eps_t = torch.as_tensor(eps, dtype=torch.float64, device=f.device)
@@ -137,7 +138,7 @@ def mode_coverage(samples: Tensor, modes: Tensor, sigma: float, min_count: int =
     ``min_count`` high-quality samples are assigned to it. Returns
     ``(modes covered (int64, 0-d), high-quality fraction (float64, 0-d))``.
     """
-    x, m = _as_rows(samples, "samples"), _as_rows(modes, "modes")
+    x, m = as_rows(samples, "samples"), as_rows(modes, "modes")
     if x.shape[1] != m.shape[1]:
         raise ValueError(f"samples and modes must have the same dimension, got {x.shape[1]} and {m.shape[1]}")
     if m.shape[0] < 1 or x.shape[0] < 1:

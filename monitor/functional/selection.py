@@ -23,17 +23,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from monitor.functional.generative import as_rows as _as_rows
 from monitor.functional.spectral import rankme
-
-
-def _as_rows(x: Tensor, what: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{what}: expected a 2-D (n, d) tensor of rows, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{what}: expected a floating-point tensor, got {x.dtype}")
-    return x.to(torch.float64)
 
 
 def linear_cka(x: Tensor, y: Tensor) -> Tensor:

@@ -16,21 +16,7 @@ import torch
 
 from monitor.functional import neural_collapse as nc
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """One BLAS/LAPACK thread for this module (2-core box shared with other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-    else:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ----------------------------------------------------------------------------- references

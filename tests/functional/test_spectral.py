@@ -22,28 +22,9 @@ import torch
 from monitor import functional as F
 from monitor.functional import spectral
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 EPS = 1e-7  # RankMe ε (METRICS.md §1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Run this module's LAPACK calls on one thread (torch and numpy's OpenBLAS), then restore.
-
-    The matrices here are small (≤ 2048 × 2048). On a 2-core box that other processes also load,
-    2-thread OpenMP/BLAS spin-waiting made e.g. a 300 × 300 ``eigvalsh`` take 3.5 s instead of
-    7 ms. Results do not depend on the thread count beyond round-off (≪ the 1e-9 tolerances)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # numpy's BLAS then keeps its default thread count
-            yield
-        else:
-            with threadpool_limits(limits=1):
-                yield
-    finally:
-        torch.set_num_threads(before)
 
 
 REL = 1e-9  # torch vs numpy reference, float64

@@ -25,17 +25,9 @@ from monitor import Monitor
 from monitor.functional.generative import mode_coverage
 from monitor.scenarios.gan import build_gan, train_gan
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 HEALTHY_STEPS, COLLAPSED_STEPS, WATCH, READ_EVERY = 1200, 600, 300, 50
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(collapse: bool, steps: int) -> dict:  # type: ignore[type-arg]

@@ -21,18 +21,10 @@ from torch import nn
 from monitor.demo_model import load_digits_tensor
 from monitor.scorers.neural_collapse import NeuralCollapseScorer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 STEPS = 3000
 BATCH = 128
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _measure(body: nn.Module, head: nn.Linear, x: torch.Tensor, y: torch.Tensor

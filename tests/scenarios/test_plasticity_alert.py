@@ -11,11 +11,10 @@ task ends while the alert fires, the last tasks' accuracy must be higher than wi
 from __future__ import annotations
 
 import pytest
-import torch
 
 from monitor.demo_plasticity import PLASTICITY_ALERT, PlasticityResult, run_plasticity_demo
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 TASKS, STEPS, K = 30, 100, 5
 
@@ -25,15 +24,10 @@ def _mean(xs: list[float]) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict[bool, PlasticityResult]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return {redo: run_plasticity_demo(tasks=TASKS, steps_per_task=STEPS, redo=redo, seed=0,
-                                          device="cpu", every=STEPS // 2)
-                for redo in (False, True)}
-    finally:
-        torch.set_num_threads(before)
+def runs(single_thread: None) -> dict[bool, PlasticityResult]:
+    return {redo: run_plasticity_demo(tasks=TASKS, steps_per_task=STEPS, redo=redo, seed=0,
+                                      device="cpu", every=STEPS // 2)
+            for redo in (False, True)}
 
 
 def test_dormant_fraction_rises_and_alert_fires_before_accuracy_collapses(runs) -> None:  # type: ignore[no-untyped-def]

@@ -10,19 +10,17 @@ the dormant units at every task end keeps the last tasks' accuracy high.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from monitor.functional.plasticity import dormant_fraction
 from monitor.remedies import recycle_dormant
 from monitor.scenarios.plasticity import build_plasticity, hidden_activations, run_tasks
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 TASKS, STEPS, K = 30, 100, 5
 
 
 def _run(redo: bool) -> tuple[list[float], list[float]]:
-    torch.set_num_threads(1)
     setup = build_plasticity(seed=0)
     dormant: list[float] = []
 
@@ -40,12 +38,8 @@ def _run(redo: bool) -> tuple[list[float], list[float]]:
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict[bool, tuple[list[float], list[float]]]:
-    before = torch.get_num_threads()
-    try:
-        return {False: _run(False), True: _run(True)}
-    finally:
-        torch.set_num_threads(before)
+def runs(single_thread: None) -> dict[bool, tuple[list[float], list[float]]]:
+    return {False: _run(False), True: _run(True)}
 
 
 def _mean(xs: list[float]) -> float:

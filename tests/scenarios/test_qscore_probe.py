@@ -33,22 +33,11 @@ from monitor.demo_model import build, train_step
 from monitor.functional.qscore import auprc, qscore
 from monitor.scorers.qscore import QScoreScorer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 STEPS = int(os.environ.get("REPWATCH_QSCORE_STEPS", "300"))
 FORMS = ("linf_over_l1", "scale_free", "max_z", "l1")
 SEEDS = [int(s) for s in os.environ.get("REPWATCH_QSCORE_SEEDS", "0,1").split(",")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """One torch thread (small matrices; the box is shared), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _probe(x: torch.Tensor, y: torch.Tensor, classes: int = 10, l2: float = 1e-3):  # type: ignore[no-untyped-def]

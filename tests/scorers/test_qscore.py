@@ -15,18 +15,9 @@ from sklearn.metrics import average_precision_score
 
 from monitor.scorers.qscore import QScoreScorer, default_bucket_edges
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 EPS = 1e-8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """One torch thread for this module (LBFGS probe); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def np_q(z: np.ndarray, form: str = "linf_over_l1") -> np.ndarray:

@@ -14,14 +14,7 @@ from torch import nn
 from monitor.demo_model import load_digits_tensor
 from monitor.scorers.weights import EarlyBirdTracker, prunable_weights, weight_signals
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """One intra-op thread: tiny matmuls on a shared 2-core box are slower with two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_weight_signals_per_layer_match_numpy() -> None:
