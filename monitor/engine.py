@@ -234,7 +234,10 @@ class Engine:
 
     def pair(self, fake: str, real: str, **kwargs: Any) -> None:
         """Compare generated stream ``fake`` with reference stream ``real``."""
-        self.pairs[fake] = (real, kwargs)  # scorer built on the first fake batch (needs d)
+        current = self.pairs.get(fake)
+        if current is not None and current[0] == real and not isinstance(current[1], dict):
+            return                              # already running (e.g. restored from a checkpoint)
+        self.pairs[fake] = (real, kwargs)  # scorer built on the first batch of the pair (needs d)
 
     # ------------------------------------------------------------------ compute
 
@@ -389,8 +392,13 @@ class Engine:
                          "moments": ly.moments.state_dict(),
                          "activations": ly.activations.state_dict()}
                   for name, ly in self.layers.items()}
+        pairs = {fake: {"real": real, "dim": sc.dim, "device": str(sc.device),
+                        "options": {"reservoir": sc.reservoir, "dup_quantile": sc.dup_quantile},
+                        "state": sc.state_dict()}
+                 for fake, (real, sc) in self.pairs.items()
+                 if sc is not None and not isinstance(sc, dict)}
         return {"window": self.window, "peaks": dict(self.peaks), "lows": dict(self.lows),
-                "streams": streams, "layers": layers}
+                "streams": streams, "layers": layers, "pairs": pairs}
 
     def load_state_dict(self, state: dict[str, Any],
                         device_map: Callable[[str], torch.device] | None = None) -> None:
@@ -413,6 +421,12 @@ class Engine:
                 stream.nc.load_state_dict(st["nc"])
             stream.enabled = bool(st["enabled"])
             self.streams[name] = stream
+        for fake, st in state.get("pairs", {}).items():
+            from monitor.scorers.generative import PairScorer
+            device = device_map(st["device"]) if device_map else torch.device(st["device"])
+            scorer = PairScorer(int(st["dim"]), device=device, **st["options"])
+            scorer.load_state_dict(st["state"])
+            self.pairs[fake] = (str(st["real"]), scorer)
         self.layers.clear()
         for name, st in state.get("layers", {}).items():
             device = device_map(st["device"]) if device_map else torch.device(st["device"])

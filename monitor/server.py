@@ -66,6 +66,12 @@ def create_app(latest: Callable[[], Snapshot | None], history: Callable[[], Sequ
     return app
 
 
+_LAYER_SIGNALS: tuple[tuple[str, str], ...] = (
+    ("dormant_units_ratio{tau=0}", "dead"), ("dormant_units_ratio{tau=0.1}", "dormant τ=0.1"),
+    ("low_activity_units_ratio", "low activity"), ("effective_rank", "effective rank"),
+    ("effective_rank_peak_ratio", "÷ peak"), ("activation_units", "units"))
+
+
 def _fmt(v: float) -> str:
     if not math.isfinite(v):
         return "–"
@@ -95,12 +101,21 @@ def _page(snap: Snapshot | None) -> str:
         f"{e(a.description)} <a href='{e(a.runbook_url)}'>runbook</a></li>" for a in snap.alerts
     ) or "<li>none</li>"
     errors = ", ".join(f"{e(k)}: {v}" for k, v in sorted(snap.errors.items())) or "none"
+    layers = ""
+    if snap.layers:
+        lrows = "".join(
+            f"<tr><td>{e(name)}</td>"
+            + "".join(f"<td>{_fmt(v.get(k, math.nan))}</td>" for k, _ in _LAYER_SIGNALS) + "</tr>"
+            for name, v in sorted(snap.layers.items()))
+        lhead = "".join(f"<th>{e(label)}</th>" for _, label in _LAYER_SIGNALS)
+        layers = (f"<h2>Activation layers (plasticity)</h2><table><tr><th>layer</th>{lhead}</tr>"
+                  f"{lrows}</table>")
     return (head + f"<h1>repwatch — run <code>{e(snap.run)}</code></h1>"
             f"<p>step {snap.step} · published {time.strftime('%H:%M:%S', time.localtime(snap.time))}"
             f" · publish took {snap.publish_duration_seconds * 1e3:.1f} ms · errors: {errors}</p>"
             f"<h2>Firing alerts</h2><ul>{alerts}</ul>"
             f"<h2>Streams</h2><table><tr><th>stream</th>{header}</tr>{''.join(rows)}</table>"
-            "<p><a href='/metrics'>/metrics</a> · <a href='/v1/runs'>/v1/runs</a> · "
+            f"{layers}<p><a href='/metrics'>/metrics</a> · <a href='/v1/runs'>/v1/runs</a> · "
             "<a href='/docs'>API</a></p></body></html>")
 
 

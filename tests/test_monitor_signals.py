@@ -164,6 +164,11 @@ def test_pair_diversity_ratio() -> None:
         snap.get("effective_rank", stream="fake") / snap.get("effective_rank", stream="real"))
     with pytest.raises(ValueError, match="different"):
         mon.pair("a", "a")
+    resumed = Monitor(port=None, every=1000, window=1024, max_rows=256, qscore=False)
+    resumed.load_state_dict(mon.state_dict())
+    resumed.pair("fake", "real", reservoir=256)            # re-registering keeps the state
+    assert resumed.publish().get("generator_diversity_ratio", stream="fake") == pytest.approx(
+        snap.get("generator_diversity_ratio", stream="fake"), rel=1e-12)
 
 
 def test_weight_signals() -> None:
@@ -316,3 +321,24 @@ def test_neural_collapse_effective_depth() -> None:
     assert snap.get("neural_collapse_nc1", stream="layer1") > 0.1
     assert snap.get("neural_collapse_nc1", stream="layer2") < 0.01
     assert snap.get("neural_collapse_effective_depth") == 2
+
+
+def test_early_bird_notice_fires_once_the_mask_is_stable() -> None:
+    """Weights that stop changing give mask distance 0 at every check: after `patience` (5)
+    checks below 0.1 the info notice fires; weights redrawn at every check never settle."""
+    def run(redraw: bool) -> list[str]:
+        torch.manual_seed(13)
+        net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+        mon = Monitor(port=None, every=1, window=64, max_rows=32, qscore=False)
+        mon.watch_weights(net, rank_every=1, earlybird=(0.5, 0.8))
+        fired: list[str] = []
+        mon.on_alert(lambda a: fired.append(f"{a.name}/{a.scope}"))
+        for _ in range(9):
+            if redraw:
+                for layer in (net[0], net[2]):
+                    layer.reset_parameters()
+            mon.step()
+        return fired
+
+    assert run(redraw=False) == ["RepwatchEarlyBirdTicket/run"]
+    assert run(redraw=True) == []

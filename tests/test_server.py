@@ -66,3 +66,16 @@ def test_close_frees_the_port() -> None:
     m.close()
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_status_page_and_runs_show_activation_layers(mon: Monitor) -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
+    with torch.no_grad():
+        net[0].bias[:8] = -1e3                               # half the units dead
+    mon.watch_activations(net)
+    net(torch.randn(64, 8))
+    mon.step()
+    page = httpx.get(f"{mon.url}/", timeout=10).text
+    assert "Activation layers (plasticity)" in page and "<td>1</td><td>0.5</td>" in page
+    runs = httpx.get(f"{mon.url}/v1/runs", timeout=10).json()
+    assert runs[0]["layers"]["1"]["dormant_units_ratio{tau=0}"] == 0.5
