@@ -9,14 +9,14 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?= --collapse-at 300 --steps 700 --linger 120
 
-.PHONY: demo demo-plasticity test install promtool clean
+.PHONY: demo demo-plasticity test install promtool kernels clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[demo,test]'
+	$(PY) -m pip install --quiet -e '.[demo,test,sidecar]'
 	touch $(STAMP)
 
 # promtool (Debian's prometheus package) checks our /metrics output in the tests.
@@ -39,6 +39,10 @@ demo-plasticity: $(STAMP)
 
 test: $(STAMP) promtool
 	$(PY) -m pytest
+
+# Re-export the sidecar's ONNX kernel from the torch scorer code (a test fails when it drifts).
+kernels: $(STAMP)
+	$(PY) -m monitor.sidecar.export_kernels
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

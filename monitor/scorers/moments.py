@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from monitor.functional.moments import clean_rows, window_delta
 from monitor.functional.spectral import normalize_rows
 from monitor.scorer import Scorer
 
@@ -84,12 +85,8 @@ class WindowMoments(Scorer):
         b = rows.shape[0]
         if b == 0:
             return
-        x = rows.detach().to(device=self.device, dtype=torch.float32)       # (b, d)
-        finite_vals = torch.isfinite(x)                                     # (b, d)
-        finite = finite_vals.all(dim=1)                                     # (b,)
-        self.nonfinite += (~finite_vals).sum().to(torch.float64)
-        x = torch.where(finite[:, None], x, torch.zeros_like(x))
-        valid = finite.to(torch.float64)                                    # (b,)
+        x, valid, nonfinite = clean_rows(rows.detach().to(self.device))     # (b, d), (b,), ()
+        self.nonfinite += nonfinite
         self.seen += valid.sum()
 
         idx = (torch.arange(b, device=self.device) + self._pos) % self.window
@@ -105,15 +102,11 @@ class WindowMoments(Scorer):
         self.ring.index_copy_(0, idx, x)
         self.ring_valid.index_copy_(0, idx, valid)
 
-        both = torch.cat([x, old]).to(torch.float64)                        # (2b, d)
-        sign = torch.cat([torch.ones(b, dtype=torch.float64, device=self.device),
-                          -torch.ones(b, dtype=torch.float64, device=self.device)])
-        signed = both * sign[:, None]
-        self.s += signed.T @ both                                           # (d, d)
-        self.zsum += signed.sum(0)
-        normed = normalize_rows(both)
-        self.nsum += (normed * sign[:, None]).sum(0)
-        self.nsq += (normed * normed * sign[:, None]).sum(0)
+        ds, dz, dn, dnsq = window_delta(x, old)
+        self.s += ds                                                        # (d, d)
+        self.zsum += dz
+        self.nsum += dn
+        self.nsq += dnsq
         self.n += valid.sum() - old_valid.sum()
         self._advance(b, rebuild=True)
 
