@@ -13,6 +13,7 @@ from torch import Tensor
 from monitor.errors import ErrorLog
 from monitor.scorers import CollapseScorer, SpectrumScorer, WindowMoments
 from monitor.snapshot import Histogram
+from monitor.tracking import RunTracker
 
 
 class Stream:
@@ -171,8 +172,7 @@ class Engine:
         self.spectrum_points = spectrum_points
         self.streams: dict[str, Stream] = {}
         self.layers: dict[str, Layer] = {}
-        self.peaks: dict[str, float] = {}
-        self.lows: dict[str, float] = {}
+        self.tracker = RunTracker(window, peak_warmup)
         self.classifiers: dict[str, Callable[[], tuple[Tensor, Tensor | None]]] = {}
         self.pairs: dict[str, tuple[str, Any]] = {}
         self.param_sources: list[Callable[[], dict[str, dict[str, Tensor]]]] = []
@@ -279,10 +279,10 @@ class Engine:
         self._transfer(entries, result)
         result.run_signals.update(host_run)
         for name, values in result.streams.items():
-            self._track_peak(name, values, step)
+            self.tracker.track_peak(name, values, step)
         for name, values in result.layers.items():
-            self._track_peak("layer:" + name, values, step)
-            self._track_rise("layer:" + name, values, step)
+            self.tracker.track_peak("layer:" + name, values, step)
+            self.tracker.track_rise("layer:" + name, values, step)
         for fake, (real, _) in self.pairs.items():
             f, r = result.streams.get(fake, {}), result.streams.get(real, {})
             if fake in result.streams and "effective_rank" in f and "effective_rank" in r:
@@ -350,31 +350,6 @@ class Engine:
         for layer in self.layers.values():
             layer.activations.reset_interval()
 
-    def _track_peak(self, name: str, values: dict[str, float], step: int | None) -> None:
-        """Peak effective rank once the window holds ≥ min(window, 2d) rows (METRICS.md §1) and
-        training is past ``peak_warmup`` steps (the random-init rank is not a peak to keep)."""
-        rank = values.get("effective_rank", math.nan)
-        n = values.get("window_samples", 0.0)
-        d = values.get("embedding_dim", values.get("activation_units", 1.0))
-        warm = step is None or step >= self.peak_warmup
-        if warm and math.isfinite(rank) and n >= min(self.window, 2 * d):
-            self.peaks[name] = max(self.peaks.get(name, rank), rank)
-        peak = self.peaks.get(name, math.nan)
-        values["effective_rank_peak"] = peak
-        values["effective_rank_peak_ratio"] = rank / peak if peak > 0 else math.nan
-
-    def _track_rise(self, name: str, values: dict[str, float], step: int | None) -> None:
-        """``dormant_units_ratio_rise{tau}``: the dormant fraction minus its lowest value in
-        this run after ``peak_warmup`` ("high and rising", Sokar et al. 2023 Fig. 1)."""
-        warm = step is None or step >= self.peak_warmup
-        for key in [k for k in values if k.startswith("dormant_units_ratio{")]:
-            value = values[key]
-            slot = f"{name}|{key}"
-            if warm and math.isfinite(value):
-                self.lows[slot] = min(self.lows.get(slot, value), value)
-            low = self.lows.get(slot, math.nan)
-            values[key.replace("dormant_units_ratio{", "dormant_units_ratio_rise{")] = value - low
-
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
@@ -397,7 +372,7 @@ class Engine:
                         "state": sc.state_dict()}
                  for fake, (real, sc) in self.pairs.items()
                  if sc is not None and not isinstance(sc, dict)}
-        return {"window": self.window, "peaks": dict(self.peaks), "lows": dict(self.lows),
+        return {"window": self.window, **self.tracker.state_dict(),
                 "streams": streams, "layers": layers, "pairs": pairs}
 
     def load_state_dict(self, state: dict[str, Any],
@@ -406,8 +381,7 @@ class Engine:
         if int(state["window"]) != self.window:
             raise ValueError(f"checkpoint window is {state['window']} rows, this monitor's is {self.window}")
         self.streams.clear()
-        self.peaks = {str(k): float(v) for k, v in state.get("peaks", {}).items()}
-        self.lows = {str(k): float(v) for k, v in state.get("lows", {}).items()}
+        self.tracker.load_state_dict(state)
         for name, st in state["streams"].items():
             device = device_map(st["device"]) if device_map else torch.device(st["device"])
             stream = Stream(name, int(st["dim"]), self.window, device, self.spectrum_kwargs,

@@ -1,0 +1,51 @@
+"""The numpy publish step of the ONNX backend equals the torch scorers' publish to 1e-10."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from monitor.scorers import CollapseScorer, SpectrumScorer, WindowMoments
+from monitor.sidecar.publish import spectral_signals
+
+
+def _windows() -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    power = rng.standard_normal((3000, 160)) * np.arange(1, 161) ** -0.6 + 0.3
+    low_rank = rng.standard_normal((500, 4)) @ rng.standard_normal((4, 40))
+    return [
+        ("isotropic n > d", rng.standard_normal((700, 48))),
+        ("power law, alpha fit", power),
+        ("n < d", rng.standard_normal((20, 64))),
+        ("low rank", low_rank),
+        ("collapsed", np.ones((300, 16)) + 1e-6 * rng.standard_normal((300, 16))),
+        ("one row", rng.standard_normal((1, 8))),
+        ("zeros", np.zeros((50, 6))),
+    ]
+
+
+@pytest.mark.parametrize("name,z", _windows(), ids=[w[0] for w in _windows()])
+def test_numpy_publish_matches_torch(name: str, z: np.ndarray) -> None:
+    z32 = z.astype(np.float32)
+    m = WindowMoments(z.shape[1], window=max(4096, z.shape[0]))
+    m.update(torch.from_numpy(z32))
+    m.settle()
+    ref = {k: float(v) for k, v in SpectrumScorer().compute(m).items() if k != "spectrum"}
+    ref.update({k: float(v) for k, v in CollapseScorer().compute(m).items()})
+    got, spectrum = spectral_signals(m.s.numpy(), m.zsum.numpy(), m.nsum.numpy(),
+                                     m.nsq.numpy(), float(m.n))
+    assert set(got) == set(ref)
+    for key, value in ref.items():
+        if math.isnan(value):
+            assert math.isnan(got[key]), (name, key, got[key])
+        else:
+            # Rank-deficient windows: LAPACK (numpy vs torch) differs in the round-off
+            # eigenvalues (~1e-16·λ₁), whose square roots enter RankMe at ~1e-7 relative.
+            rel = 1e-6 if name in ("low rank", "collapsed") else 1e-10
+            assert got[key] == pytest.approx(value, rel=rel, abs=1e-12), (name, key)
+    ref_spectrum = SpectrumScorer().compute(m)["spectrum"].numpy()
+    np.testing.assert_allclose(spectrum, ref_spectrum, rtol=1e-10,
+                               atol=1e-12 * max(ref_spectrum.max(), 1e-300))
