@@ -14,7 +14,7 @@ from typing import Literal
 PREFIX = "repwatch_"
 
 Source = Literal["stream", "layer", "param", "run_signal", "counter", "run", "errors", "alerts",
-                 "histogram"]
+                 "histogram", "dropped", "sidecar"]
 """Where in a Snapshot a metric's values live (``stream``/``layer``/``param``: keyed groups)."""
 
 KEYED_SOURCES: tuple[str, ...] = ("stream", "layer", "param")
@@ -108,6 +108,28 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec(PREFIX + "errors_total", "counter",
                "Exceptions caught inside repwatch (training never sees them), by component.",
                "errors", "errors", ("run", "component")),
+    MetricSpec(PREFIX + "dropped_samples_total", "counter",
+               "Rows not scored, by reason: on the trainer, rows the sidecar sink could not "
+               "deliver (queue_full, backoff, sidecar_down, ...); on the sidecar, rows received "
+               "but not scored (overload, dimension, nonfinite, ...).",
+               "dropped", "dropped", ("run", "reason")),
+    # ---- the sidecar service's own accounting (repwatch serve; source "sidecar")
+    MetricSpec(PREFIX + "received_samples_total", "counter",
+               "Rows the sidecar received for a stream, each counted once it is scored or "
+               "dropped: received = scored + dropped.", "received", "sidecar", ("run", "stream")),
+    MetricSpec(PREFIX + "scored_samples_total", "counter", "Rows the sidecar scored for a stream.",
+               "scored", "sidecar", ("run", "stream")),
+    MetricSpec(PREFIX + "sidecar_queued_samples", "gauge",
+               "Rows accepted (202) and waiting in the scoring queue; not yet received/scored.",
+               "queued", "sidecar", ("run",)),
+    MetricSpec(PREFIX + "sidecar_rejected_requests_total", "counter",
+               "Batch requests refused before their rows were parsed, by reason.", "rejected",
+               "sidecar", ("reason",)),
+    MetricSpec(PREFIX + "sidecar_errors_total", "counter",
+               "Exceptions caught in the sidecar's scoring worker, by component.", "errors",
+               "sidecar", ("component",)),
+    MetricSpec(PREFIX + "sidecar_ready", "gauge", "1 while the sidecar's scoring worker runs.",
+               "ready", "sidecar", ()),
     _g("training_step", "training_step", "Training step of the latest publish.", source="run"),
     _g("last_publish_timestamp_seconds", "time", "Unix time of the latest publish.",
        unit="seconds", source="run"),

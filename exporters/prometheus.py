@@ -40,9 +40,13 @@ class RepwatchCollector(Collector):
         if snap is None:
             return
         for spec in CATALOGUE:
+            if spec.source == "sidecar":
+                continue            # the sidecar service's own collector exports these
             if spec.kind == "histogram":
                 yield from self._histogram(spec, snap)
                 continue
+            if spec.source == "dropped" and not snap.dropped:
+                continue            # only a trainer with a sink has these
             family = self._family(spec)
             for labels, value in self._samples(spec, snap):
                 if math.isfinite(value):
@@ -90,6 +94,9 @@ class RepwatchCollector(Collector):
             run_values = {"training_step": float(snap.step), "time": snap.time,
                           "publish_duration_seconds": snap.publish_duration_seconds}
             yield [snap.run], run_values[spec.signal]
+        elif spec.source == "dropped":
+            for reason, count in sorted(snap.dropped.items()):
+                yield [snap.run, reason], float(count)
         elif spec.source == "errors":
             for component, count in sorted(snap.errors.items()):
                 yield [snap.run, component], float(count)

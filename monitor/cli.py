@@ -27,9 +27,59 @@ def _positive(text: str) -> int:
     return value
 
 
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_sidecar(args: argparse.Namespace, console: Console) -> tuple[object, str]:
+    """Start ``repwatch serve`` as a child process on a free port; return (process, URL)."""
+    import subprocess
+    import time
+
+    import httpx
+
+    port = args.port if args.port > 0 else _free_port(args.host)
+    cmd = [sys.executable, "-m", "monitor.cli", "serve", "--host", args.host, "--port", str(port),
+           "--every", str(args.every), "--window", "2048"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://{args.host}:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the sidecar exited with {proc.returncode}: "
+                               f"{(proc.stderr.read() if proc.stderr else '')[-2000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                console.print(f"Sidecar: [bold]{url}/[/] (status page), {url}/metrics "
+                              f"(pid {proc.pid}; the trainer only captures and ships rows)")
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the sidecar did not become ready within 60 s")
+
+
+def _sidecar_snapshot(url: str, run: str) -> dict:  # type: ignore[type-arg]
+    """The sidecar's latest status of ``run`` ({} when it has none yet)."""
+    import httpx
+
+    try:
+        runs = httpx.get(f"{url}/v1/runs", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return next((r for r in runs if r.get("run") == run), {})
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.scenario == "plasticity":
         return _demo_plasticity(args)
+    if args.sink:
+        return _demo_sidecar(args)
     from monitor.demo import DemoResult, run_demo
     from monitor.snapshot import Snapshot
 
@@ -69,6 +119,61 @@ def _demo(args: argparse.Namespace) -> int:
                       on_publish=on_publish, linger=args.linger, on_done=on_done,
                       on_start=announce)
     return 0 if result.snapshots else 1
+
+
+def _demo_sidecar(args: argparse.Namespace) -> int:
+    """The SimSiam demo in sidecar mode: a ``repwatch serve`` child scores what the trainer ships."""
+    import time
+
+    from monitor.demo import DemoResult, run_demo
+    from monitor.snapshot import Snapshot
+
+    console = Console(highlight=False, soft_wrap=True)
+    collapse_at = 0 if args.collapse else args.collapse_at
+    run = "demo-collapse" if collapse_at is not None else "demo"
+    console.print(f"[bold]repwatch demo --sink[/] — SimSiam on digits, {args.steps} steps, "
+                  f"scored by a sidecar")
+    proc, url = _start_sidecar(args, console)
+    seen: set[str] = set()
+
+    def on_publish(snap: Snapshot, loss: float) -> None:
+        status = _sidecar_snapshot(url, run)
+        p = status.get("streams", {}).get("projector", {})
+        alerts = [a["name"] for a in status.get("alerts", [])]
+        for name in alerts:
+            if name not in seen:
+                seen.add(name)
+                console.print(f"[bold red]ALERT {name}[/] (on the sidecar, step {status.get('step')})")
+        rank = p.get("effective_rank")
+        std = p.get("embedding_std_ratio")
+        console.print(f"step {snap.step:5d}  loss {loss:+.3f}  sidecar step {status.get('step', '–')}"
+                      f"  RankMe projector {_fmt(rank if rank is not None else math.nan):>5}"
+                      f"  std ratio {_fmt(std if std is not None else math.nan):>6}"
+                      f"  alerts: {', '.join(alerts) or 'ok'}"
+                      f"  dropped: {snap.dropped or 0}")
+
+    try:
+        result: DemoResult = run_demo(steps=args.steps, collapse_at=collapse_at, seed=args.seed,
+                                      device=args.device, every=args.every, port=None,
+                                      run=run, on_publish=on_publish, sink=url)
+        time.sleep(1.0)                                   # let the last batches be scored
+        status = _sidecar_snapshot(url, run)
+        console.print(f"trained {args.steps} steps in {result.seconds:.1f} s; the sidecar "
+                      f"published step {status.get('step')} with alerts "
+                      f"{[a['name'] for a in status.get('alerts', [])]}")
+        if args.linger > 0:
+            console.print(f"Sidecar keeps serving for {args.linger:g} s: {url}/ and {url}/metrics")
+            try:
+                time.sleep(args.linger)
+            except KeyboardInterrupt:
+                pass
+        return 0 if status else 1
+    finally:
+        proc.terminate()                                  # type: ignore[attr-defined]
+        try:
+            proc.wait(10)                                 # type: ignore[attr-defined]
+        except Exception:
+            proc.kill()                                   # type: ignore[attr-defined]
 
 
 def _demo_plasticity(args: argparse.Namespace) -> int:
@@ -154,12 +259,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9400, help="HTTP port (0: any free; -1: none)")
+    demo.add_argument("--sink", action="store_true",
+                      help="sidecar mode: start `repwatch serve` and ship the rows there")
     demo.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                       help="keep serving the final state this long after training")
     demo.set_defaults(func=_demo, every_given=False)
 
     from monitor.select import add_parser as add_select
+    from monitor.sidecar.cli import add_parser as add_serve
     add_select(sub)
+    add_serve(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

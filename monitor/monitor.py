@@ -99,6 +99,14 @@ class Monitor:
             counted as out of range and skipped).
         nc1_depth_threshold: NC1 level that defines the "effective depth" (first watched stream,
             in watch order, whose NC1 is below it).
+        sink: sidecar mode (:mod:`monitor.sink`): the URL of a ``repwatch serve`` sidecar
+            (``"http://127.0.0.1:9400"``) or a sink object. Captured rows (after subsampling,
+            with their labels) are shipped from a background thread instead of being scored
+            here; the metrics live on the sidecar, and :meth:`publish` returns only local state
+            (errors; the sink's dropped rows by reason are in ``mon.sink.counts()``).
+            Activation layers and weights (``watch_activations``, ``watch_weights``) and
+            ``predictions=`` are not shipped and stay local.
+        token: bearer token of the sidecar (with a URL ``sink``).
     """
 
     def __init__(self, run: str = "default", every: int = 10, max_rows: int = 256,
@@ -109,7 +117,8 @@ class Monitor:
                  strict: bool = False, peak_warmup: int = 100,
                  qscore: bool | dict[str, Any] = True,
                  dormant_taus: Sequence[float] = (0.0, 0.025, 0.1), max_classes: int = 1000,
-                 nc1_depth_threshold: float = 0.1) -> None:
+                 nc1_depth_threshold: float = 0.1, sink: Any = None,
+                 token: str | None = None) -> None:
         self.run = _check_name("run", run)
         self.every = _check_int("every", every, 1)
         self.max_rows = _check_int("max_rows", max_rows, 1)
@@ -156,6 +165,15 @@ class Monitor:
         self._log_path = Path(log_path) if log_path is not None else None
         self._server: Any = None
         self._closed = False
+        # --- sidecar mode (monitor/sink.py): rows go to the sink instead of the local engine
+        self.sink: Any = None
+        if sink is not None:
+            from monitor.sink import make_sink
+
+            self.sink = make_sink(sink, token=token, run=self.run)
+        elif token is not None:
+            raise ValueError("token= is only used together with sink=")
+        # --- end sidecar mode
         local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
         if port is not None and local_rank == 0:
             from monitor.server import BackgroundServer, create_app
@@ -351,6 +369,12 @@ class Monitor:
         if idx is not None:
             labels = labels.index_select(0, idx) if labels is not None else None
             predictions = predictions.index_select(0, idx) if predictions is not None else None
+        if self.sink is not None:  # sidecar mode: ship (hook rows wait for step()'s labels)
+            if from_hook and not (tensor.dim() == 3 and tokens == "all"):
+                self._pending.append((name, rows.clone(), idx, b))        # async on device
+            else:
+                self.sink.submit(name, rows, labels, self._step + 1)
+            return
         with self._lock:
             if name not in self._stream_order:
                 self._stream_order.append(name)
@@ -383,7 +407,9 @@ class Monitor:
         rows given to ``observe`` take their own ``labels=``).
         """
         pending, self._pending = self._pending, []
-        if labels is not None:
+        if self.sink is not None:
+            self._ship_pending(pending, labels)
+        elif labels is not None:
             try:
                 self._label_pending(pending, labels)
             except Exception as exc:
@@ -407,6 +433,30 @@ class Monitor:
                     lab = lab.index_select(0, idx)
                 with self._lock:
                     self._engine.update_labels(name, rows, lab)
+
+    def _ship_pending(self, pending: list[tuple[str, Tensor, Tensor | None, int]],
+                      labels: Tensor | None) -> None:
+        """Sidecar mode: send the hook rows of this step, labelled when ``labels`` is given."""
+        for name, rows, idx, b in pending:
+            try:
+                lab = None
+                if labels is not None:
+                    try:
+                        lab = _aligned("labels", labels, b)
+                        assert lab is not None
+                        lab = lab.to(rows.device)
+                        lab = lab.index_select(0, idx) if idx is not None else lab
+                    except Exception as exc:
+                        self._errors.record("labels", exc)
+                        if self.strict:
+                            raise
+                        lab = None
+                with torch.no_grad():
+                    self.sink.submit(name, rows, lab, self._step + 1)
+            except Exception as exc:
+                self._errors.record("sink", exc, key=f"sink[{name}]")
+                if self.strict:
+                    raise
 
     def publish(self) -> Snapshot:
         """Compute every stream now (one host sync), evaluate alerts, notify, export."""
@@ -436,6 +486,8 @@ class Monitor:
                             spectra=result.spectra, layers=result.layers,
                             params=result.params, run_signals=result.run_signals,
                             histograms=result.histograms, alerts=firing,
+                            dropped=({k: float(v) for k, v in self.sink.counts().items()}
+                                     if self.sink is not None else {}),
                             errors=self._errors.counts(),
                             publish_duration_seconds=time.perf_counter() - t0)
             self._latest = snap
@@ -541,6 +593,8 @@ class Monitor:
             capture.remove()
         if self._server is not None:
             self._server.stop()
+        if self.sink is not None:
+            self.sink.close()
 
     def __enter__(self) -> Monitor:
         return self

@@ -83,7 +83,8 @@ class Snapshot:
     ``run_signals`` holds model-level values (early-bird distance, curvature). ``counters``
     holds per-stream monotonic counts (``samples``, ``nonfinite_values``); ``histograms`` maps
     signal → stream → :class:`Histogram`; ``errors`` counts exceptions caught inside repwatch by
-    component; ``spectra`` maps stream → eigenvalues of the window's second moment ``S/n``.
+    component; ``spectra`` maps stream → eigenvalues of the window's second moment ``S/n``;
+    ``dropped`` (sidecar mode) counts rows the sink could not deliver, by reason.
     """
 
     run: str
@@ -96,6 +97,7 @@ class Snapshot:
     params: dict[str, dict[str, float]] = field(default_factory=dict)
     run_signals: dict[str, float] = field(default_factory=dict)
     histograms: dict[str, dict[str, Histogram]] = field(default_factory=dict)
+    dropped: dict[str, float] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     publish_duration_seconds: float = 0.0
@@ -162,6 +164,7 @@ class Snapshot:
             "histograms": {sig: {s: h.to_dict() for s, h in per.items()}
                            for sig, per in self.histograms.items()},
             "counters": self.counters,
+            "dropped": self.dropped,
             "alerts": [a.to_dict() for a in self.alerts],
             "errors": self.errors,
             "publish_duration_seconds": self.publish_duration_seconds,

@@ -3,7 +3,8 @@
 The spectral functions are re-exported here; the key functions of the other families too
 (``qscore``, ``qscore_regularizer``, ``dormant_fraction``, ``nc1``, ...); every function lives
 in its submodule (``plasticity``, ``qscore``, ``neural_collapse``, ``weights``, ``curvature``,
-``generative``, ``selection``).
+``generative``, ``selection``). The function ``qscore`` shadows its submodule's name on this
+package: import from the submodule with ``from monitor.functional.qscore import ...``.
 """
 
 from monitor.functional.spectral import (
@@ -30,7 +31,7 @@ from monitor.functional.spectral import (
 
 from monitor.functional.curvature import hvp, lyapunov_exponent, top_hessian_eigenvalue
 from monitor.functional.generative import diversity_ratio, duplicate_rate, mode_coverage
-from monitor.functional.neural_collapse import nc1, neural_collapse
+from monitor.functional.neural_collapse import nc1
 from monitor.functional.plasticity import dormant_fraction, dormant_scores, low_activity_fraction
 from monitor.functional.qscore import auprc, qscore, qscore_regularizer
 from monitor.functional.selection import centrality_ranking, linear_cka
@@ -50,7 +51,6 @@ __all__ = [
     "lyapunov_exponent",
     "mode_coverage",
     "nc1",
-    "neural_collapse",
     "qscore",
     "qscore_regularizer",
     "stable_rank",

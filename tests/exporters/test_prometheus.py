@@ -43,7 +43,7 @@ def test_catalogue_conventions() -> None:
         assert m.help and m.signal
         assert (m.kind == "counter") == m.name.endswith("_total")
         assert set(m.labels) <= {"run", "stream", "layer", "param", "tau", "sparsity",
-                                 "component", "alertname", "severity"}
+                                 "component", "alertname", "severity", "reason"}
 
 
 def test_collector_values_and_nan_skipped() -> None:

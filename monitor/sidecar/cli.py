@@ -1,0 +1,155 @@
+"""``repwatch serve``: run the sidecar service (wired into ``monitor.cli`` by ``add_parser``)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger("repwatch.sidecar")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0–65535, got {value}")
+    return value
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` command to ``subparsers`` (of ``argparse``)."""
+    p = subparsers.add_parser(
+        "serve", help="run the sidecar: ingest embedding batches over HTTP, serve /metrics",
+        description="Sidecar mode: trainers post sampled embedding batches "
+                    "(POST /v1/runs/{run}/streams/{stream}/batches); the service scores them "
+                    "and serves /metrics, /v1/runs and a status page.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback; any other needs --token-file)")
+    p.add_argument("--port", type=_port, default=9400, help="port (default 9400; 0: any free)")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="file holding the bearer token every write must carry")
+    p.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto",
+                   help="scoring backend: onnx (ONNX Runtime kernels, no torch; spectral, "
+                        "collapse, Q-Score), torch (every signal, labels included); auto "
+                        "(default): onnx when onnxruntime is installed, else torch")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--every", type=_positive, default=10,
+                   help="publish every N training steps per run (default 10)")
+    p.add_argument("--window", type=_positive, default=8192,
+                   help="rows in each stream's scoring window (default 8192)")
+    p.add_argument("--history", type=_positive, default=512,
+                   help="snapshots kept per run for /v1/runs/{run}/history (default 512)")
+    p.add_argument("--max-body-mb", type=float, default=64.0,
+                   help="largest request body in MiB (default 64; 413 beyond)")
+    p.add_argument("--max-rows-per-batch", type=_positive, default=65536,
+                   help="rows per batch (default 65536; 400 beyond)")
+    p.add_argument("--max-dim", type=_positive, default=16384,
+                   help="dimensions per row (default 16384; 400 beyond)")
+    p.add_argument("--max-streams-per-run", type=_positive, default=64,
+                   help="streams per run (default 64; 409 beyond)")
+    p.add_argument("--max-runs", type=_positive, default=64,
+                   help="runs per service (default 64; 409 beyond)")
+    p.add_argument("--queue-batches", type=_positive, default=64,
+                   help="batches waiting for the scorer (default 64; 429 beyond)")
+    p.set_defaults(func=run)
+    return p
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str) -> str:
+    """The token in ``path`` (whitespace stripped); ValueError when unreadable or empty."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read token file {path!r}: {exc}") from None
+    if not token:
+        raise ValueError(f"token file {path!r} is empty; put the bearer token in it")
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise ValueError(f"token in {path!r} must be one word of printable characters")
+    return token
+
+
+def _fail(message: str) -> int:
+    print(f"repwatch serve: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the service until interrupted; 2 on a configuration error, 1 when it cannot bind."""
+    from monitor.sidecar.service import SidecarConfig
+
+    token = None
+    if args.token_file is not None:
+        try:
+            token = read_token(args.token_file)
+        except ValueError as exc:
+            return _fail(str(exc))
+    if token is None and not is_loopback(args.host):
+        return _fail(f"refusing to serve on non-loopback address {args.host!r} without a token: "
+                     "pass --token-file FILE (every write then needs 'Authorization: Bearer "
+                     "<token>'), or bind 127.0.0.1")
+    if not 0 < args.max_body_mb <= 4096:
+        return _fail(f"--max-body-mb must be in (0, 4096], got {args.max_body_mb}")
+    try:
+        config = SidecarConfig(
+            host=args.host, port=args.port, token=token, backend=args.backend,
+            device=args.device, every=args.every, window=args.window, history=args.history,
+            max_body_bytes=int(args.max_body_mb * (1 << 20)),
+            max_rows_per_batch=args.max_rows_per_batch, max_dim=args.max_dim,
+            max_streams_per_run=args.max_streams_per_run, max_runs=args.max_runs,
+            queue_batches=args.queue_batches)
+    except ValueError as exc:
+        return _fail(str(exc))
+    return serve(config)
+
+
+def serve(config: Any) -> int:
+    """Serve ``config`` (a :class:`SidecarConfig`) with uvicorn in this thread until stopped."""
+    import uvicorn
+
+    from monitor.sidecar.service import Sidecar, create_sidecar_app
+
+    try:
+        sidecar = Sidecar(config)
+    except ValueError as exc:                       # e.g. --device cuda without CUDA
+        return _fail(str(exc))
+    app = create_sidecar_app(config, sidecar)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
+                                           log_level="info", access_log=False, lifespan="off"))
+    print(f"repwatch sidecar on http://{config.host}:{config.port}/ (backend {config.backend}, "
+          f"device {getattr(sidecar.backend, 'device', config.device)}, "
+          f"token {'required' if config.token else 'off'})", file=sys.stderr)
+    try:
+        server.run()
+    except SystemExit as exc:                       # uvicorn exits this way when it cannot bind
+        print(f"repwatch serve: cannot serve on {config.host}:{config.port} ({exc!r})",
+              file=sys.stderr)
+        return 1
+    finally:
+        sidecar.close()
+    return 0 if server.started else 1

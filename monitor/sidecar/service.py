@@ -1,0 +1,702 @@
+"""``repwatch serve``: the sidecar ingest service (FastAPI) and its scoring backend.
+
+A trainer (``Monitor(sink=...)``) posts sampled embedding batches; the handler authenticates,
+checks limits and parses the body (:mod:`monitor.sidecar.protocol`), then hands the batch to ONE
+scoring worker thread through a bounded queue. A full queue answers 429 with ``Retry-After``
+and drops the batch (counted), so memory stays bounded by ``queue_batches × max_body_bytes``.
+The worker feeds a backend; the torch backend runs one :class:`monitor.Monitor` per run, so
+metric names, alerts and the Snapshot are exactly those of in-process mode.
+
+Accounting (on ``/metrics``): a batch's rows enter ``repwatch_received_samples_total`` at the
+moment its fate is decided — scored by the worker, or dropped (``overload``: queue full,
+``dimension``: 409 dimension change, ``nonfinite``: rows with NaN/Inf, ``error``: the backend
+raised, ``shutdown``: still queued at close) — and always together with that outcome, under one
+lock, so ``received = scored + dropped`` holds at every scrape. Rows waiting in the queue are
+shown by ``repwatch_sidecar_queued_samples``. Requests refused before their rows are parsed
+(401, 409 cardinality limits, 413, 415, 400 on headers, 422) are not "received"; they count in
+``repwatch_sidecar_rejected_requests_total{reason}`` (no run label: refused names must not
+create series).
+
+Limits (all in :class:`SidecarConfig`): body bytes (413, from ``Content-Length`` before the body
+is read and again while it streams in), rows per batch and dimension (400), runs per service and
+streams per run (409 "too many runs/streams"), stream dimension fixed by its first batch (409).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from html import escape
+from typing import Annotated, Any, Protocol
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from exporters.catalogue import BY_NAME, PREFIX
+from exporters.prometheus import CONTENT_TYPE, RepwatchCollector, render
+from monitor.alerts import DEFAULT_RULES, AlertRule
+from monitor.errors import ErrorLog
+from monitor.sidecar import protocol
+from monitor.sidecar.protocol import ProtocolError
+from monitor.snapshot import Snapshot
+
+log = logging.getLogger("repwatch.sidecar")
+
+NAME_PATTERN = r"^[A-Za-z0-9_.:/-]{1,128}$"
+"""Run and stream names (the rule of ``monitor.monitor._check_name``); also the label charset."""
+
+DROP_REASONS: tuple[str, ...] = ("overload", "dimension", "nonfinite", "error", "shutdown")
+REJECT_REASONS: tuple[str, ...] = ("unauthorized", "invalid", "unsupported", "too_large",
+                                   "bad_request", "too_many_runs", "too_many_streams")
+
+
+@dataclass
+class SidecarConfig:
+    """Settings of the sidecar service (``repwatch serve`` flags).
+
+    ``every``/``window``/``history``/``rules`` go to each run's Monitor (``monitor_options``:
+    any further ``Monitor`` keyword, e.g. ``peak_warmup``). ``token``: required on every write
+    when set. ``queue_batches``: capacity of the scoring queue (429 beyond it).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 9400
+    token: str | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    every: int = 10
+    window: int = 8192
+    history: int = 512
+    max_body_bytes: int = 64 << 20
+    max_rows_per_batch: int = 65536
+    max_dim: int = 16384
+    max_streams_per_run: int = 64
+    max_runs: int = 64
+    queue_batches: int = 64
+    retry_after_seconds: int = 1
+    rules: Sequence[AlertRule] = DEFAULT_RULES
+    monitor_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("every", "window", "history", "max_body_bytes", "max_rows_per_batch",
+                     "max_dim", "max_streams_per_run", "max_runs", "queue_batches",
+                     "retry_after_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.window < 2:
+            raise ValueError(f"window must be >= 2, got {self.window}")
+        if self.token is not None and (not isinstance(self.token, str) or not self.token.strip()):
+            raise ValueError("token must be a non-empty string (or None for no token)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {self.backend!r}")
+        if not isinstance(self.device, str) or not (
+                self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+class Backend(Protocol):
+    """What the service needs from a scoring backend (torch now; ONNX Runtime later)."""
+
+    def ingest(self, run: str, stream: str, rows: np.ndarray, labels: np.ndarray | None,
+               step: int | None) -> None:
+        """Score ``rows`` (float32 ``(b, d)``) of ``stream`` of ``run``; called by one thread."""
+
+    def snapshots(self) -> list[Snapshot]:
+        """The latest Snapshot of every run that has published, sorted by run."""
+
+    def history(self, run: str) -> list[Snapshot] | None:
+        """Recent snapshots of ``run``, oldest first (None: no such run)."""
+
+    def close(self) -> None:
+        """Release everything."""
+
+
+class _Run:
+    """One run of the torch backend: its Monitor and how its step advances."""
+
+    def __init__(self, monitor: Any) -> None:
+        self.monitor = monitor
+        self.first_stream: str | None = None
+        self.batches = 0
+
+
+class TorchBackend:
+    """One :class:`monitor.Monitor` per run, on ``device``; the same scorers as in-process.
+
+    The run's step: a batch carrying ``step`` greater than the run's step first advances the
+    run to it (``Monitor.step(step - current)``, which publishes on the ``every`` cadence), then
+    is scored. ``step`` is the number of steps the trainer had completed when it captured the
+    batch (``Monitor.step_count``), so a publish at step s covers the batches captured before
+    step s, as in-process. Batches without a step advance the run by one at each batch of the
+    run's first stream (except its very first batch).
+    """
+
+    def __init__(self, config: SidecarConfig) -> None:
+        import torch
+
+        self._torch = torch
+        self.config = config
+        self.device = self._resolve(config.device)
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.Lock()
+        self._errors = ErrorLog()
+
+    def _resolve(self, device: str) -> Any:
+        torch = self._torch
+        if device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available "
+                             "(use --device cpu or auto)")
+        return dev
+
+    def _run(self, run: str) -> _Run:
+        r = self._runs.get(run)
+        if r is None:
+            from monitor.monitor import Monitor
+
+            opts = {"history": self.config.history, **self.config.monitor_options}
+            mon = Monitor(run=run, every=self.config.every, max_rows=self.config.window,
+                          window=self.config.window, port=None, rules=self.config.rules,
+                          strict=True, **opts)
+            r = _Run(mon)
+            with self._lock:
+                self._runs[run] = r
+        return r
+
+    def ingest(self, run: str, stream: str, rows: np.ndarray, labels: np.ndarray | None,
+               step: int | None) -> None:
+        r = self._run(run)
+        mon = r.monitor
+        try:                                   # a failing publish is not this batch's fault
+            if step is not None:
+                if step > mon.step_count:
+                    mon.step(step - mon.step_count)
+            elif stream == r.first_stream and r.batches > 0:
+                mon.step(1)
+        except Exception as exc:  # noqa: BLE001 - counted and logged once; scoring goes on
+            self._errors.record("publish", exc, key=f"publish[{run}]")
+        if r.first_stream is None:
+            r.first_stream = stream
+        torch = self._torch
+        x = torch.from_numpy(rows).to(self.device, non_blocking=True)        # (b, d) float32
+        y = torch.from_numpy(labels).to(self.device) if labels is not None else None  # (b,)
+        mon.observe(stream, x, labels=y)       # strict Monitor: raises, the service counts it
+        r.batches += 1
+
+    def snapshots(self) -> list[Snapshot]:
+        with self._lock:
+            runs = sorted(self._runs.items())
+        return [r.monitor.latest for _, r in runs if r.monitor.latest is not None]
+
+    def history(self, run: str) -> list[Snapshot] | None:
+        with self._lock:
+            r = self._runs.get(run)
+        return None if r is None else r.monitor.history
+
+    def close(self) -> None:
+        with self._lock:
+            runs, self._runs = list(self._runs.values()), {}
+        for r in runs:
+            r.monitor.close()
+
+
+def _onnx_backend(config: SidecarConfig) -> Backend:
+    from monitor.sidecar.onnx_backend import OnnxBackend
+
+    return OnnxBackend(config)
+
+
+def _auto_backend(config: SidecarConfig) -> Backend:
+    """ONNX Runtime when it is installed (the sidecar image), else torch."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return TorchBackend(config)
+    return _onnx_backend(config)
+
+
+BACKENDS: dict[str, Callable[[SidecarConfig], Backend]] = {
+    "auto": _auto_backend, "onnx": _onnx_backend, "torch": TorchBackend}
+"""``onnx``: the ONNX Runtime kernels + numpy publish, no torch (spectral, collapse and Q-Score
+signals); ``torch``: one in-process Monitor per run (every signal, labels included)."""
+
+
+class Rejected(Exception):
+    """A request refused with ``status`` (and counted under ``reason`` when not received)."""
+
+    def __init__(self, status: int, reason: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message, self.headers = status, reason, message, headers
+
+
+@dataclass
+class _Batch:
+    run: str
+    stream: str
+    rows: np.ndarray        # (b, d) float32
+    labels: np.ndarray | None
+    step: int | None
+
+    @property
+    def b(self) -> int:
+        return int(self.rows.shape[0])
+
+
+class Sidecar:
+    """Per-run state of the service: admission, accounting, the bounded queue and its worker."""
+
+    def __init__(self, config: SidecarConfig, backend: Backend | None = None) -> None:
+        self.config = config
+        self.backend: Backend = backend if backend is not None else BACKENDS[config.backend](config)
+        self._queue: queue.Queue[_Batch] = queue.Queue(maxsize=config.queue_batches)
+        self._lock = threading.Lock()
+        self._dims: dict[str, dict[str, int]] = {}                # run → stream → dimension
+        self._received: dict[tuple[str, str], int] = {}
+        self._scored: dict[tuple[str, str], int] = {}
+        self._dropped: dict[tuple[str, str], int] = {}            # (run, reason)
+        self._queued: dict[str, int] = {}                         # run → rows waiting
+        self._rejected: dict[str, int] = {}
+        self._errors = ErrorLog()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="repwatch-sidecar-scorer",
+                                        daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ admission
+
+    @property
+    def ready(self) -> bool:
+        """True while the scoring worker runs."""
+        return self._worker.is_alive() and not self._stop.is_set()
+
+    def reject(self, reason: str) -> None:
+        """Count a request refused before its rows were parsed."""
+        with self._lock:
+            self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
+    def _admit_locked(self, run: str, stream: str) -> None:
+        streams = self._dims.get(run)
+        if streams is None:
+            if len(self._dims) >= self.config.max_runs:
+                raise Rejected(409, "too_many_runs",
+                               f"too many runs: this service takes at most {self.config.max_runs} "
+                               f"runs (has {sorted(self._dims)[:10]}...); got new run {run!r}")
+        elif stream not in streams and len(streams) >= self.config.max_streams_per_run:
+            raise Rejected(409, "too_many_streams",
+                           f"too many streams for run {run!r}: at most "
+                           f"{self.config.max_streams_per_run} per run (metric cardinality); "
+                           f"got new stream {stream!r}")
+
+    def admit(self, run: str, stream: str) -> None:
+        """Raise :class:`Rejected` (409) when ``run``/``stream`` would pass a cardinality limit."""
+        with self._lock:
+            self._admit_locked(run, stream)
+
+    def submit(self, run: str, stream: str, rows: np.ndarray, labels: np.ndarray | None,
+               step: int | None) -> None:
+        """Queue a parsed batch for scoring, or raise :class:`Rejected` (409, 429)."""
+        batch = _Batch(run, stream, rows, labels, step)
+        b, d = batch.b, int(rows.shape[1])
+        with self._lock:
+            self._admit_locked(run, stream)
+            streams = self._dims.setdefault(run, {})
+            first = streams.setdefault(stream, d)
+            if first != d:
+                self._account_locked(run, stream, b, dropped={"dimension": b})
+                raise Rejected(409, "dimension",
+                               f"stream {run!r}/{stream!r} has dimension {first} (from its first "
+                               f"batch); got rows of dimension {d}. Use another stream name for "
+                               "another layer")
+            try:
+                self._queue.put_nowait(batch)
+            except queue.Full:
+                self._account_locked(run, stream, b, dropped={"overload": b})
+                raise Rejected(429, "overload",
+                               f"scoring queue full ({self.config.queue_batches} batches); "
+                               f"batch dropped, retry after {self.config.retry_after_seconds} s",
+                               {"Retry-After": str(self.config.retry_after_seconds)}) from None
+            self._queued[run] = self._queued.get(run, 0) + b
+
+    def _account_locked(self, run: str, stream: str, b: int, scored: int = 0,
+                        dropped: dict[str, int] | None = None) -> None:
+        key = (run, stream)
+        self._received[key] = self._received.get(key, 0) + b
+        self._scored[key] = self._scored.get(key, 0) + scored
+        for reason, n in (dropped or {}).items():
+            if n:
+                self._dropped[(run, reason)] = self._dropped.get((run, reason), 0) + n
+        assert scored + sum((dropped or {}).values()) == b
+
+    # ------------------------------------------------------------------ worker
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            try:
+                self._score(batch)
+            except BaseException as exc:  # noqa: BLE001 - never let the worker die
+                self._errors.record("sidecar", exc, key="worker")
+            finally:
+                self._queue.task_done()
+
+    def _score(self, batch: _Batch) -> None:
+        b = batch.b
+        try:
+            finite = int(np.isfinite(batch.rows).all(axis=1).sum())   # host rows: no GPU sync
+            self.backend.ingest(batch.run, batch.stream, batch.rows, batch.labels, batch.step)
+        except Exception as exc:  # noqa: BLE001 - counted as dropped{reason="error"}
+            self._errors.record("ingest", exc, key=f"ingest[{batch.run}/{batch.stream}]")
+            outcome: dict[str, Any] = {"dropped": {"error": b}}
+        else:
+            outcome = {"scored": finite, "dropped": {"nonfinite": b - finite}}
+        with self._lock:
+            self._queued[batch.run] -= b
+            self._account_locked(batch.run, batch.stream, b, **outcome)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued batch has been scored (True) or ``timeout`` passed (False)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    # ------------------------------------------------------------------ reading
+
+    def accounting(self) -> dict[str, Any]:
+        """A consistent copy of the counters (taken under the lock)."""
+        with self._lock:
+            return {"received": dict(self._received), "scored": dict(self._scored),
+                    "dropped": dict(self._dropped), "queued": dict(self._queued),
+                    "rejected": dict(self._rejected), "queue_batches": self._queue.qsize(),
+                    "errors": {**self._errors.counts()}}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker (after the batch in hand), count what is left as dropped, close the
+        backend. Idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._worker.join(timeout)
+        while True:
+            try:
+                batch = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            with self._lock:
+                self._queued[batch.run] -= batch.b
+                self._account_locked(batch.run, batch.stream, batch.b,
+                                     dropped={"shutdown": batch.b})
+            self._queue.task_done()
+        self.backend.close()
+
+
+# ---------------------------------------------------------------------- exposition
+
+class _RunsCollector(Collector):
+    """The catalogue metrics of every run, merged into one family per metric name."""
+
+    def __init__(self, snapshots: Callable[[], list[Snapshot]], rules: Sequence[AlertRule]) -> None:
+        self._snapshots = snapshots
+        self._rules = tuple(rules)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for snap in self._snapshots():
+            for family in RepwatchCollector(lambda s=snap: s, self._rules).collect():
+                have = families.get(family.name)
+                if have is None:
+                    families[family.name] = family
+                else:
+                    have.samples.extend(family.samples)
+        yield from families.values()
+
+
+def _family(name: str) -> CounterMetricFamily | GaugeMetricFamily:
+    """An empty family for catalogue metric ``repwatch_<name>`` (name, help, labels from there)."""
+    spec = BY_NAME[PREFIX + name]
+    cls = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
+    return cls(spec.name, spec.help, labels=list(spec.labels))
+
+
+class _AccountingCollector(Collector):
+    """received/scored/dropped samples, queue depth and refused requests of the service."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self._sidecar = sidecar
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        acc = self._sidecar.accounting()
+        received, scored = _family("received_samples_total"), _family("scored_samples_total")
+        for (run, stream), n in sorted(acc["received"].items()):
+            received.add_metric([run, stream], float(n))
+            scored.add_metric([run, stream], float(acc["scored"].get((run, stream), 0)))
+        dropped = _family("dropped_samples_total")
+        for (run, reason), n in sorted(acc["dropped"].items()):
+            dropped.add_metric([run, reason], float(n))
+        queued = _family("sidecar_queued_samples")
+        for run, n in sorted(acc["queued"].items()):
+            queued.add_metric([run], float(n))
+        rejected = _family("sidecar_rejected_requests_total")
+        for reason, n in sorted(acc["rejected"].items()):
+            rejected.add_metric([reason], float(n))
+        errors = _family("sidecar_errors_total")
+        for component, n in sorted(acc["errors"].items()):
+            errors.add_metric([component], float(n))
+        up = _family("sidecar_ready")
+        up.add_metric([], 1.0 if self._sidecar.ready else 0.0)
+        yield from (received, scored, dropped, queued, rejected, errors, up)
+
+
+def make_sidecar_registry(sidecar: Sidecar, rules: Sequence[AlertRule] = DEFAULT_RULES
+                          ) -> CollectorRegistry:
+    """A private registry: every run's catalogue metrics plus the service accounting."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_RunsCollector(sidecar.backend.snapshots, rules))
+    registry.register(_AccountingCollector(sidecar))
+    return registry
+
+
+# ---------------------------------------------------------------------- HTTP
+
+class BatchAccepted(BaseModel):
+    """202 answer: the batch is queued for scoring."""
+
+    run: str
+    stream: str
+    rows: int
+    step: int | None
+
+
+class ErrorBody(BaseModel):
+    """Error answer: what was expected and what was got."""
+
+    detail: str
+
+
+def _err(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": ErrorBody, "description": description}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+_BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _err("Malformed headers or body, or a shape over the limits"),
+    401: _err("Missing or wrong bearer token",
+              {"WWW-Authenticate": {"schema": {"type": "string"}}}),
+    409: _err("Stream dimension changed, or too many runs/streams"),
+    413: _err("Body over the size limit"),
+    415: _err("Unsupported Content-Type or dtype"),
+    429: _err("Scoring queue full; batch dropped",
+              {"Retry-After": {"schema": {"type": "integer"}}}),
+}
+
+def _header(name: str, description: str, **schema: Any) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, "description": description,
+            "schema": {"type": "string", **schema}}
+
+
+_BATCH_BODY: dict[str, Any] = {
+    # Declared here, read from request.headers: the handler answers bad values with 400/415
+    # and a message, not with FastAPI's 422.
+    "parameters": [
+        _header(protocol.H_DTYPE, "Row dtype (raw form; required there)",
+                enum=list(protocol.DTYPES)),
+        _header(protocol.H_SHAPE, "'<rows>,<dim>' (raw form; required there)",
+                pattern=r"^[0-9]{1,10},[0-9]{1,10}$"),
+        _header(protocol.H_LABELS, "'int64': one little-endian int64 label per row follows "
+                                   "the rows (raw form only)", enum=["int64"]),
+        _header(protocol.H_STEP, "Training step of the batch (steps the trainer had completed "
+                                 "when it captured it)", pattern=r"^[0-9]{1,18}$"),
+    ],
+    "requestBody": {
+        "required": True,
+        "description": (
+            "`application/octet-stream`: raw little-endian rows (C order), then with "
+            "`X-Repwatch-Labels: int64` one little-endian int64 label per row. "
+            "`application/x-npy`: a .npy file of a 2-D float16/float32 array (no labels)."),
+        "content": {
+            protocol.CONTENT_TYPE_RAW: {"schema": {"type": "string", "format": "binary"}},
+            protocol.CONTENT_TYPE_NPY: {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}
+
+_bearer = HTTPBearer(auto_error=False, description="Required when the service has a token")
+
+
+def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) -> FastAPI:
+    """The sidecar HTTP app; ``app.state.sidecar`` owns the state (close it when done)."""
+    sc = sidecar if sidecar is not None else Sidecar(config)
+    app = FastAPI(title="repwatch sidecar", version="1.0.0",
+                  description="Ingest of sampled embedding batches; live representation-health "
+                              "metrics of every run.")
+    app.state.sidecar = sc
+    registry = make_sidecar_registry(sc, config.rules)
+    token = config.token.strip().encode() if config.token else None
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        if request.method == "POST":
+            sc.reject("invalid")
+        return await request_validation_exception_handler(request, exc)
+
+    def fail(exc: Rejected) -> HTTPException:
+        if exc.reason in REJECT_REASONS:
+            sc.reject(exc.reason)
+        return HTTPException(exc.status, exc.message, headers=exc.headers)
+
+    async def authorize(
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    ) -> None:
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if token is None or not hmac.compare_digest(given, token):
+            raise fail(Rejected(401, "unauthorized", "missing or wrong bearer token (expected "
+                                "'Authorization: Bearer <token>')", {"WWW-Authenticate": "Bearer"}))
+
+    responses = dict(_BATCH_RESPONSES)
+    if token is None:
+        responses.pop(401)
+
+    # With a token, every write route depends on ``authorize`` (and the OpenAPI document
+    # declares bearer security); without one, it declares none.
+    @app.post("/v1/runs/{run}/streams/{stream}/batches", status_code=202,
+              dependencies=[Depends(authorize)] if token is not None else [],
+              response_model=BatchAccepted, responses=responses,
+              summary="Post one batch of embedding rows for scoring", openapi_extra=_BATCH_BODY)
+    async def post_batch(
+        request: Request,
+        run: str = Path(..., pattern=NAME_PATTERN, description="Run name"),
+        stream: str = Path(..., pattern=NAME_PATTERN, description="Stream name"),
+    ) -> BatchAccepted:
+        try:
+            headers = request.headers
+            kind = protocol.media_type(headers)
+            if kind not in protocol.CONTENT_TYPES:
+                raise Rejected(415, "unsupported",
+                               f"Content-Type must be {' or '.join(protocol.CONTENT_TYPES)}, "
+                               f"got {kind[:60]!r}")
+            length = headers.get("content-length")
+            if length is not None:
+                if not (length.strip().isascii() and length.strip().isdigit()):
+                    raise Rejected(400, "bad_request",
+                                   f"Content-Length must be an integer, got {length[:40]!r}")
+                if int(length) > config.max_body_bytes:
+                    raise Rejected(413, "too_large", f"body of {int(length)} bytes is over the "
+                                   f"limit of {config.max_body_bytes} bytes")
+            try:
+                step = protocol.parse_step(headers.get(protocol.H_STEP))
+                if kind == protocol.CONTENT_TYPE_RAW:
+                    dtype, b, d, has_labels = protocol.parse_raw_headers(
+                        headers, max_rows=config.max_rows_per_batch, max_dim=config.max_dim)
+                    size = protocol.raw_body_size(dtype, b, d, has_labels)
+                    if size > config.max_body_bytes:
+                        raise Rejected(413, "too_large",
+                                       f"shape ({b}, {d}) {dtype} needs {size} bytes, over the "
+                                       f"limit of {config.max_body_bytes} bytes")
+            except ProtocolError as exc:
+                raise Rejected(exc.status, "unsupported" if exc.status == 415 else "bad_request",
+                               exc.message) from None
+            sc.admit(run, stream)
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > config.max_body_bytes:
+                    raise Rejected(413, "too_large", f"body over the limit of "
+                                   f"{config.max_body_bytes} bytes")
+            try:
+                rows, labels, step = await run_in_threadpool(
+                    protocol.decode_batch, headers, body,
+                    max_rows=config.max_rows_per_batch, max_dim=config.max_dim)
+            except ProtocolError as exc:
+                raise Rejected(exc.status, "unsupported" if exc.status == 415 else "bad_request",
+                               exc.message) from None
+            del body
+            sc.submit(run, stream, rows, labels, step)
+        except Rejected as exc:
+            raise fail(exc) from None
+        return BatchAccepted(run=run, stream=stream, rows=int(rows.shape[0]), step=step)
+
+    @app.get("/v1/runs", summary="Status of every run: streams, last step, latest values, "
+                                 "firing alerts")
+    def runs() -> list[dict[str, Any]]:
+        return [s.to_dict() for s in sc.backend.snapshots()]
+
+    @app.get("/v1/runs/{run}/history", summary="Recent snapshots of a run, oldest first",
+             responses={404: _err("No such run")})
+    def run_history(run: str = Path(..., pattern=NAME_PATTERN),
+                    limit: int = Query(200, ge=1, le=10_000)) -> list[dict[str, Any]]:
+        snaps = sc.backend.history(run)
+        if snaps is None:
+            raise HTTPException(404, f"no run {run!r}")
+        return [s.to_dict() for s in snaps[-limit:]]
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics of every run")
+    def metrics() -> Response:
+        return Response(render(registry), media_type=CONTENT_TYPE)
+
+    @app.get("/healthz", summary="Liveness")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: 200 while the scoring worker runs, else 503",
+             responses={503: {"description": "Scoring worker not running"}})
+    def readyz() -> JSONResponse:
+        if sc.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    @app.get("/", response_class=HTMLResponse, summary="Status page")
+    def index(run: str | None = Query(None, pattern=NAME_PATTERN)) -> HTMLResponse:
+        return HTMLResponse(_status_page(sc, run))
+
+    return app
+
+
+def _status_page(sc: Sidecar, run: str | None) -> str:
+    from monitor.server import _page
+
+    snaps = {s.run: s for s in sc.backend.snapshots()}
+    snap = snaps.get(run) if run is not None else next(iter(snaps.values()), None)
+    page = _page(snap)
+    acc = sc.accounting()
+    received = sum(acc["received"].values())
+    scored = sum(acc["scored"].values())
+    dropped = sum(acc["dropped"].values())
+    links = " · ".join(
+        f"<a href='/?run={escape(name)}'>{'<b>' if snap is not None and name == snap.run else ''}"
+        f"{escape(name)}{'</b>' if snap is not None and name == snap.run else ''}</a>"
+        for name in snaps) or "none published yet"
+    nav = (f"<p>repwatch sidecar · runs: {links} · rows received {received}, scored {scored}, "
+           f"dropped {dropped}, queued {sum(acc['queued'].values())} · scoring worker "
+           f"{'ready' if sc.ready else '<b>not running</b>'}</p>")
+    return page.replace("<body>", "<body>" + nav, 1)
