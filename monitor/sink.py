@@ -23,6 +23,11 @@ After ``sidecar_down`` / ``sidecar_error`` the sink pauses with exponential back
 (``backoff=(first, max)`` seconds, doubling, each pause drawn uniformly in [d/2, d] from the
 sink's own ``random.Random``); the first batch after the pause is sent again, so delivery resumes
 by itself once the sidecar is back. A success resets the delay.
+
+:class:`ShmSink` (``sink="shm://NAME"``) shares all of this (one base class, ``_QueueSink``) but
+writes the encoded batch into the shared-memory ring of ``repwatch serve --shm NAME``
+(:mod:`monitor.shm`) instead of posting it: ``queue_full`` then also covers a full ring,
+``sidecar_down`` an absent, closed or stale ring, ``rejected`` a batch larger than a slot.
 """
 
 from __future__ import annotations
@@ -101,39 +106,20 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-class HttpSink:
-    """Ships batches to a sidecar over HTTP from a daemon thread through a bounded queue.
+class _QueueSink:
+    """What every remote sink shares: argument checks, the no-sync ``submit`` (pinned async
+    copy + CUDA event), the bounded queue and its daemon thread, drop accounting, backoff with
+    jitter, ``flush`` and ``close``. Subclasses implement ``_send(batch)`` (and may override
+    ``_shutdown`` and ``_drained``); ``_where`` names the target in log lines."""
 
-    Args:
-        url: base URL of the sidecar, e.g. ``http://127.0.0.1:9400``.
-        token: bearer token (``Authorization: Bearer <token>``), or None.
-        run: run name in the request path.
-        queue_batches: batches that may wait for the sender; more are dropped (``queue_full``).
-        timeout: seconds per request (connect, write, read).
-        backoff: (first, max) pause in seconds after a failed request (doubling, jittered).
-        dtype: row dtype on the wire: ``float32``, ``float16`` or ``bfloat16`` (cast on the
-            device before the copy, so narrower dtypes also halve the device → host traffic).
-        seed: seed of the jitter's ``random.Random``.
-    """
+    _where = "?"
 
-    def __init__(self, url: str, token: str | None = None, *, run: str,
-                 queue_batches: int = 256, timeout: float = 5.0,
-                 backoff: tuple[float, float] = (0.5, 30.0), dtype: str = "float32",
-                 seed: int = 0) -> None:
-        if not isinstance(url, str) or not re.match(r"^https?://[^/?#\s]+", url):
-            raise ValueError(f"url must be an http:// or https:// base URL like "
-                             f"'http://127.0.0.1:9400', got {url!r}")
-        if token is not None and (not isinstance(token, str) or not token
-                                  or any(c.isspace() for c in token)):
-            got = ("a string that is empty or holds whitespace" if isinstance(token, str)
-                   else type(token).__name__)
-            raise ValueError(f"token must be a non-empty string without whitespace, got {got}")
+    def __init__(self, *, run: str, queue_batches: int, backoff: tuple[float, float],
+                 dtype: str, seed: int) -> None:
         if not isinstance(run, str) or not _NAME.match(run):
             raise ValueError(f"run must be 1–128 characters of letters, digits and _.:/-, got {run!r}")
         if isinstance(queue_batches, bool) or not isinstance(queue_batches, int) or queue_batches < 1:
             raise ValueError(f"queue_batches must be an int >= 1, got {queue_batches!r}")
-        if not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if (not isinstance(backoff, tuple) or len(backoff) != 2
                 or not all(isinstance(b, (int, float)) and 0 < b < math.inf for b in backoff)
                 or backoff[0] > backoff[1]):
@@ -141,10 +127,8 @@ class HttpSink:
                              f"got {backoff!r}")
         if dtype not in WIRE_DTYPES:
             raise ValueError(f"dtype must be one of {tuple(WIRE_DTYPES)}, got {dtype!r}")
-        self.url = url.rstrip("/")
         self.run = run
         self.dtype = dtype
-        self.timeout = float(timeout)
         self.backoff = (float(backoff[0]), float(backoff[1]))
         self.dropped: dict[str, int] = {}          # rows by reason
         self.dropped_batches: dict[str, int] = {}  # batches by reason
@@ -162,13 +146,7 @@ class HttpSink:
         self._closed = False
         self._stopping = False
         self._deadline = math.inf
-        headers = {"User-Agent": "repwatch-sink"}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        # trust_env=False: a cluster's HTTP(S)_PROXY must not route a pod-local sidecar's traffic
-        self._client = httpx.Client(headers=headers, timeout=self.timeout, trust_env=False)
         self._thread = threading.Thread(target=self._loop, name="repwatch-sink", daemon=True)
-        self._thread.start()
 
     # ------------------------------------------------------------------ training thread
 
@@ -239,6 +217,16 @@ class HttpSink:
             self.dropped[reason] = self.dropped.get(reason, 0) + rows
             self.dropped_batches[reason] = self.dropped_batches.get(reason, 0) + 1
 
+    def _sent(self, rows: int) -> None:
+        with self._lock:
+            self.sent_rows += rows
+            self.sent_batches += 1
+        self._delay = self.backoff[0]
+        if self._down:
+            self._down = False
+            log.warning("repwatch sink: sidecar %s reachable again; delivery resumed",
+                        self._where)
+
     # ------------------------------------------------------------------ sender thread
 
     def _loop(self) -> None:
@@ -259,61 +247,33 @@ class HttpSink:
                 finally:
                     self._queue.task_done()
         finally:
-            self._client.close()
+            self._shutdown()
 
     def _send(self, batch: _Batch) -> None:
+        raise NotImplementedError
+
+    def _shutdown(self) -> None:
+        """Release the transport (on the sender thread, when it ends)."""
+
+    def _ready(self, batch: _Batch) -> bool:
+        """Wait for the batch's device copy; False (counted) when closing or pausing."""
         b = batch.rows.shape[0]
         if batch.event is not None and not batch.event.query():
             batch.event.synchronize()               # blocks this thread only
         now = time.monotonic()
         if self._stopping and now >= self._deadline:
             self._drop("closed", b)
-            return
+            return False
         if now < self._paused_until:
             self._drop("backoff", b)
-            return
+            return False
+        return True
+
+    def _encode(self, batch: _Batch) -> tuple[dict[str, str], bytes]:
+        """The batch in the wire format of ``monitor.sidecar.protocol``."""
         rows = batch.rows.float() if batch.rows.dtype == torch.bfloat16 else batch.rows
         labels = batch.labels.numpy() if batch.labels is not None else None
-        headers, body = encode_batch(rows.numpy(), labels=labels, step=batch.step,
-                                     dtype=self.dtype)
-        url = (f"{self.url}/v1/runs/{quote(self.run, safe='')}/streams/"
-               f"{quote(batch.stream, safe='')}/batches")
-        timeout = self.timeout
-        if self._stopping:                          # close(): stay within its deadline
-            timeout = max(0.05, min(timeout, self._deadline - now))
-        try:
-            response = self._client.post(url, content=body, headers=headers, timeout=timeout)
-        except httpx.TransportError as exc:         # connect / read / write errors, timeouts
-            self._drop("sidecar_down", b)
-            self._fail(f"{type(exc).__name__}: {exc}")
-            return
-        status = response.status_code
-        if 200 <= status < 300:
-            with self._lock:
-                self.sent_rows += b
-                self.sent_batches += 1
-            self._delay = self.backoff[0]
-            if self._down:
-                self._down = False
-                log.warning("repwatch sink: sidecar %s reachable again; delivery resumed",
-                            self.url)
-        elif status == 429:
-            self._drop("overload", b)
-            pause = _retry_after(response.headers.get("Retry-After"))
-            if pause is None:
-                pause = self._delay
-            self._paused_until = time.monotonic() + min(pause, self.backoff[1])
-            self._log_once(429, f"repwatch sink: sidecar {self.url} is overloaded (429); "
-                                f"dropping batches for its Retry-After "
-                                f"({response.headers.get('Retry-After')!r} s)")
-        elif status >= 500:
-            self._drop("sidecar_error", b)
-            self._fail(f"HTTP {status}: {response.text[:300]}")
-        else:
-            self._drop("rejected", b)
-            self._log_once(status, f"repwatch sink: sidecar {self.url} rejected a batch of "
-                                   f"stream {batch.stream!r} with HTTP {status}: "
-                                   f"{response.text[:300]} (further ones are only counted)")
+        return encode_batch(rows.numpy(), labels=labels, step=batch.step, dtype=self.dtype)
 
     def next_pause(self) -> float:
         """Draw the pause after a failure (jittered in [d/2, d]) and double the delay."""
@@ -327,7 +287,7 @@ class HttpSink:
         if not self._down:
             self._down = True
             log.warning("repwatch sink: sidecar %s unavailable (%s); dropping batches and "
-                        "retrying with backoff (training continues)", self.url, why)
+                        "retrying with backoff (training continues)", self._where, why)
 
     def _log_once(self, key: int, message: str) -> None:
         if key not in self._logged_status:
@@ -336,10 +296,14 @@ class HttpSink:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _drained(self) -> bool:
+        """True when what was handed over has also left the transport (HTTP: at once)."""
+        return True
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait (at most ``timeout`` s) until every queued batch was sent or dropped."""
         deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
+        while self._queue.unfinished_tasks or not self._drained():
             if time.monotonic() >= deadline or not self._thread.is_alive():
                 return False
             time.sleep(0.005)
@@ -362,21 +326,218 @@ class HttpSink:
             self._drop("closed", batch.rows.shape[0])
             self._queue.task_done()
 
+
+class HttpSink(_QueueSink):
+    """Ships batches to a sidecar over HTTP from a daemon thread through a bounded queue.
+
+    Args:
+        url: base URL of the sidecar, e.g. ``http://127.0.0.1:9400``.
+        token: bearer token (``Authorization: Bearer <token>``), or None.
+        run: run name in the request path.
+        queue_batches: batches that may wait for the sender; more are dropped (``queue_full``).
+        timeout: seconds per request (connect, write, read).
+        backoff: (first, max) pause in seconds after a failed request (doubling, jittered).
+        dtype: row dtype on the wire: ``float32``, ``float16`` or ``bfloat16`` (cast on the
+            device before the copy, so narrower dtypes also halve the device → host traffic).
+        seed: seed of the jitter's ``random.Random``.
+    """
+
+    def __init__(self, url: str, token: str | None = None, *, run: str,
+                 queue_batches: int = 256, timeout: float = 5.0,
+                 backoff: tuple[float, float] = (0.5, 30.0), dtype: str = "float32",
+                 seed: int = 0) -> None:
+        if not isinstance(url, str) or not re.match(r"^https?://[^/?#\s]+", url):
+            raise ValueError(f"url must be an http:// or https:// base URL like "
+                             f"'http://127.0.0.1:9400', got {url!r}")
+        if token is not None and (not isinstance(token, str) or not token
+                                  or any(c.isspace() for c in token)):
+            got = ("a string that is empty or holds whitespace" if isinstance(token, str)
+                   else type(token).__name__)
+            raise ValueError(f"token must be a non-empty string without whitespace, got {got}")
+        if not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        super().__init__(run=run, queue_batches=queue_batches, backoff=backoff, dtype=dtype,
+                         seed=seed)
+        self.url = url.rstrip("/")
+        self._where = self.url
+        self.timeout = float(timeout)
+        headers = {"User-Agent": "repwatch-sink"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        # trust_env=False: a cluster's HTTP(S)_PROXY must not route a pod-local sidecar's traffic
+        self._client = httpx.Client(headers=headers, timeout=self.timeout, trust_env=False)
+        self._thread.start()
+
+    def _shutdown(self) -> None:
+        self._client.close()
+
+    def _send(self, batch: _Batch) -> None:
+        b = batch.rows.shape[0]
+        if not self._ready(batch):
+            return
+        headers, body = self._encode(batch)
+        url = (f"{self.url}/v1/runs/{quote(self.run, safe='')}/streams/"
+               f"{quote(batch.stream, safe='')}/batches")
+        timeout = self.timeout
+        if self._stopping:                          # close(): stay within its deadline
+            timeout = max(0.05, min(timeout, self._deadline - time.monotonic()))
+        try:
+            response = self._client.post(url, content=body, headers=headers, timeout=timeout)
+        except httpx.TransportError as exc:         # connect / read / write errors, timeouts
+            self._drop("sidecar_down", b)
+            self._fail(f"{type(exc).__name__}: {exc}")
+            return
+        status = response.status_code
+        if 200 <= status < 300:
+            self._sent(b)
+        elif status == 429:
+            self._drop("overload", b)
+            pause = _retry_after(response.headers.get("Retry-After"))
+            if pause is None:
+                pause = self._delay
+            self._paused_until = time.monotonic() + min(pause, self.backoff[1])
+            self._log_once(429, f"repwatch sink: sidecar {self.url} is overloaded (429); "
+                                f"dropping batches for its Retry-After "
+                                f"({response.headers.get('Retry-After')!r} s)")
+        elif status >= 500:
+            self._drop("sidecar_error", b)
+            self._fail(f"HTTP {status}: {response.text[:300]}")
+        else:
+            self._drop("rejected", b)
+            self._log_once(status, f"repwatch sink: sidecar {self.url} rejected a batch of "
+                                   f"stream {batch.stream!r} with HTTP {status}: "
+                                   f"{response.text[:300]} (further ones are only counted)")
+
     def __repr__(self) -> str:
         return (f"HttpSink(url={self.url!r}, run={self.run!r}, dtype={self.dtype!r}, "
                 f"sent_batches={self.sent_batches}, dropped={self.counts()})")
 
 
+class ShmSink(_QueueSink):
+    """Ships batches to a sidecar on the same host through a shared-memory ring
+    (:mod:`monitor.shm`), from a daemon thread through a bounded queue.
+
+    ``repwatch serve --shm NAME`` creates the ring; this sink attaches to it lazily. Drops
+    (rows, by reason): ``queue_full`` when the local queue or the ring is full (the sidecar is
+    slower than training), ``sidecar_down`` when the ring is absent, closed, not a repwatch
+    ring, or its heartbeat is older than ``stale_after`` seconds (then the sink pauses with
+    jittered backoff, detaches, and re-attaches when the sidecar is back), ``backoff`` during
+    that pause, ``rejected`` for a batch larger than a slot (logged once), ``closed``, ``error``.
+    ``flush()`` also waits until the sidecar has read everything out of the ring.
+
+    Args:
+        spec: ``shm://NAME`` (optionally ``?slots=N&slot_mb=M``: the geometry expected; the
+            sidecar decides it, a mismatch is logged once).
+        run: run name of the batches.
+        queue_batches, backoff, dtype, seed: as in :class:`HttpSink`.
+        stale_after: heartbeat age (seconds) after which the sidecar counts as gone.
+    """
+
+    def __init__(self, spec: str, *, run: str, queue_batches: int = 256,
+                 backoff: tuple[float, float] = (0.5, 30.0), dtype: str = "float32",
+                 seed: int = 0, stale_after: float = 5.0) -> None:
+        from monitor.shm import parse_spec
+
+        self.spec = parse_spec(spec)
+        if not isinstance(stale_after, (int, float)) or not 0 < stale_after < math.inf:
+            raise ValueError(f"stale_after must be a positive number of seconds, "
+                             f"got {stale_after!r}")
+        super().__init__(run=run, queue_batches=queue_batches, backoff=backoff, dtype=dtype,
+                         seed=seed)
+        self.stale_after = float(stale_after)
+        self._where = f"shm://{self.spec.name}"
+        self._ring: Any = None
+        self._thread.start()
+
+    def _attach(self) -> Any:
+        from monitor.shm import ShmRing
+
+        ring = ShmRing.attach(self.spec.name, stale_after=self.stale_after)
+        want = (self.spec.slots, None if self.spec.slot_mb is None else self.spec.slot_size)
+        if (want[0] not in (None, ring.slots)) or (want[1] not in (None, ring.slot_size)):
+            self._log_once(-2, f"repwatch sink: ring {self._where} has {ring.slots} slots of "
+                               f"{ring.slot_size} bytes, not the slots={self.spec.slots} "
+                               f"slot_mb={self.spec.slot_mb} asked for; the sidecar's "
+                               "geometry is used")
+        return ring
+
+    def _detach(self) -> None:
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close()
+
+    def _send(self, batch: _Batch) -> None:
+        from monitor.shm import RingError
+
+        b = batch.rows.shape[0]
+        if not self._ready(batch):
+            return
+        ring = self._ring
+        why = ""
+        if ring is not None:
+            why = ring.down(self.stale_after)
+            if why:
+                self._detach()
+                ring = None
+                why = f"ring {why}"
+        else:
+            try:
+                ring = self._ring = self._attach()
+            except FileNotFoundError:
+                why = "no shared-memory ring of that name (is `repwatch serve --shm` running?)"
+            except PermissionError as exc:
+                why = f"{exc} (trainer and sidecar must run as the same user)"
+            except (RingError, OSError, ValueError) as exc:
+                why = str(exc)
+        if ring is None:
+            self._drop("sidecar_down", b)
+            self._fail(why)
+            return
+        if ring.full():                             # before encoding a batch that cannot go
+            self._drop("queue_full", b)
+            return
+        headers, body = self._encode(batch)
+        if len(body) > ring.max_payload:
+            self._drop("rejected", b)
+            self._log_once(413, f"repwatch sink: a batch of stream {batch.stream!r} needs "
+                                f"{len(body)} bytes, more than a slot of ring {self._where} "
+                                f"holds ({ring.max_payload}); such batches are dropped "
+                                "(subsample more, or serve with a larger slot_mb)")
+            return
+        if ring.write(self.run, batch.stream, headers, body):
+            self._sent(b)
+        else:
+            self._drop("queue_full", b)
+
+    def _drained(self) -> bool:
+        ring = self._ring
+        try:
+            return ring is None or ring.closed or ring.pending() == 0 or bool(
+                ring.down(self.stale_after))
+        except Exception:  # noqa: BLE001 - detached meanwhile
+            return True
+
+    def _shutdown(self) -> None:
+        self._detach()
+
+    def __repr__(self) -> str:
+        return (f"ShmSink({self._where!r}, run={self.run!r}, dtype={self.dtype!r}, "
+                f"sent_batches={self.sent_batches}, dropped={self.counts()})")
+
+
 def make_sink(sink: str | Sink, *, token: str | None, run: str) -> Sink:
-    """A sink from ``Monitor(sink=...)``: an ``http(s)://`` URL or an object with
-    ``submit`` / ``counts`` / ``close``."""
+    """A sink from ``Monitor(sink=...)``: an ``http(s)://`` URL, a ``shm://NAME`` ring, or an
+    object with ``submit`` / ``counts`` / ``close``."""
     if isinstance(sink, str):
         if sink.startswith(("http://", "https://")):
             return HttpSink(sink, token, run=run)
         if sink.startswith("shm://"):
-            raise ValueError("sink='shm://...' (the shared-memory transport) is not available "
-                             "yet; use an http:// URL")
-        raise ValueError(f"sink must be an http:// or https:// URL of a repwatch sidecar, got {sink!r}")
+            if token is not None:
+                raise ValueError("token= applies to http(s):// sinks; a shm:// ring is guarded "
+                                 "by the permissions of its shared-memory segment")
+            return ShmSink(sink, run=run)
+        raise ValueError(f"sink must be an http:// or https:// URL of a repwatch sidecar, or "
+                         f"shm://NAME for one on this host, got {sink!r}")
     if token is not None:
         raise ValueError("token= applies to URL sinks; configure a sink object directly")
     if not all(callable(getattr(sink, m, None)) for m in ("submit", "counts", "close")):
@@ -385,4 +546,4 @@ def make_sink(sink: str | Sink, *, token: str | None, run: str) -> Sink:
     return sink
 
 
-__all__ = ["DROP_REASONS", "WIRE_DTYPES", "HttpSink", "Sink", "make_sink"]
+__all__ = ["DROP_REASONS", "WIRE_DTYPES", "HttpSink", "ShmSink", "Sink", "make_sink"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import signal
 import sys
+import threading
 from typing import Any
 
 log = logging.getLogger("repwatch.sidecar")
@@ -66,6 +68,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="runs per service (default 64; 409 beyond)")
     p.add_argument("--queue-batches", type=_positive, default=64,
                    help="batches waiting for the scorer (default 64; 429 beyond)")
+    p.add_argument("--threads", type=_positive, default=1,
+                   help="CPU threads of the ONNX Runtime scorer (default 1: a sidecar shares "
+                        "the pod's cores with training)")
+    p.add_argument("--shm", default=None, metavar="NAME",
+                   help="also read batches from the shared-memory ring NAME (created here, "
+                        "unlinked on exit) for trainers on this host with sink='shm://NAME'; "
+                        "NAME?slots=64&slot_mb=4 sets its geometry (defaults shown)")
     p.set_defaults(func=run)
     return p
 
@@ -113,6 +122,14 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"refusing to serve on non-loopback address {args.host!r} without a token: "
                      "pass --token-file FILE (every write then needs 'Authorization: Bearer "
                      "<token>'), or bind 127.0.0.1")
+    shm = getattr(args, "shm", None)
+    if shm is not None:
+        from monitor.shm import parse_spec
+
+        try:
+            parse_spec(shm)
+        except ValueError as exc:
+            return _fail(f"--shm: {exc}")
     if not 0 < args.max_body_mb <= 4096:
         return _fail(f"--max-body-mb must be in (0, 4096], got {args.max_body_mb}")
     try:
@@ -122,14 +139,23 @@ def run(args: argparse.Namespace) -> int:
             max_body_bytes=int(args.max_body_mb * (1 << 20)),
             max_rows_per_batch=args.max_rows_per_batch, max_dim=args.max_dim,
             max_streams_per_run=args.max_streams_per_run, max_runs=args.max_runs,
-            queue_batches=args.queue_batches)
+            queue_batches=args.queue_batches, threads=args.threads)
     except ValueError as exc:
         return _fail(str(exc))
-    return serve(config)
+    return serve(config) if shm is None else serve(config, shm=shm)
 
 
-def serve(config: Any) -> int:
-    """Serve ``config`` (a :class:`SidecarConfig`) with uvicorn in this thread until stopped."""
+class _Terminated(Exception):
+    """SIGTERM arrived (raised by :func:`_terminated` so that cleanup runs)."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def serve(config: Any, shm: str | None = None) -> int:
+    """Serve ``config`` (a :class:`SidecarConfig`) with uvicorn in this thread until stopped;
+    with ``shm`` (``NAME[?slots=N&slot_mb=M]``) also read the shared-memory ring ``NAME``."""
     import uvicorn
 
     from monitor.sidecar.service import Sidecar, create_sidecar_app
@@ -138,18 +164,41 @@ def serve(config: Any) -> int:
         sidecar = Sidecar(config)
     except ValueError as exc:                       # e.g. --device cuda without CUDA
         return _fail(str(exc))
+    reader = None
+    if shm is not None:                             # --- shared-memory ring (monitor/shm.py)
+        from monitor.shm import ShmReader
+
+        try:
+            reader = ShmReader(shm, sidecar).start()
+        except (OSError, ValueError) as exc:       # a live sidecar has it, /dev/shm full, ...
+            sidecar.close()
+            return _fail(f"--shm: {exc}")
+        print(f"repwatch sidecar reading shared-memory ring {reader.spec.name!r} "
+              f"({reader.ring.slots} slots of {reader.ring.slot_size} bytes); trainers use "
+              f"sink='shm://{reader.spec.name}'", file=sys.stderr)
     app = create_sidecar_app(config, sidecar)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
                                            log_level="info", access_log=False, lifespan="off"))
     print(f"repwatch sidecar on http://{config.host}:{config.port}/ (backend {config.backend}, "
           f"device {getattr(sidecar.backend, 'device', config.device)}, "
           f"token {'required' if config.token else 'off'})", file=sys.stderr)
+    # uvicorn re-raises a captured SIGTERM after its graceful shutdown; with the default handler
+    # that kills the process before the `finally` below (the shm ring would stay in /dev/shm)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         server.run()
+    except _Terminated:
+        pass
     except SystemExit as exc:                       # uvicorn exits this way when it cannot bind
         print(f"repwatch serve: cannot serve on {config.host}:{config.port} ({exc!r})",
               file=sys.stderr)
         return 1
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if reader is not None:
+            reader.stop()                           # closes the ring, drains it, unlinks it
         sidecar.close()
     return 0 if server.started else 1

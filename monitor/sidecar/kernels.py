@@ -69,7 +69,9 @@ def providers_for(device: str = "auto") -> list[str]:
 class OnnxBatchKernel:
     """Runs ``batch_kernel.onnx`` with ONNX Runtime."""
 
-    def __init__(self, path: str | Path = MODEL_PATH, device: str = "auto") -> None:
+    def __init__(self, path: str | Path = MODEL_PATH, device: str = "auto",
+                 threads: int = 0) -> None:
+        """``threads``: ONNX Runtime intra-op threads (0: its default, one per core)."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -78,6 +80,7 @@ class OnnxBatchKernel:
                                     "`python -m monitor.sidecar.export_kernels` (needs torch)")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
         names = tuple(o.name for o in self.session.get_outputs())
         if names != OUTPUTS:

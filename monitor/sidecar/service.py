@@ -70,7 +70,8 @@ class SidecarConfig:
 
     ``every``/``window``/``history``/``rules`` go to each run's Monitor (``monitor_options``:
     any further ``Monitor`` keyword, e.g. ``peak_warmup``). ``token``: required on every write
-    when set. ``queue_batches``: capacity of the scoring queue (429 beyond it).
+    when set. ``queue_batches``: capacity of the scoring queue (429 beyond it). ``threads``:
+    intra-op threads of the ONNX Runtime backend (a sidecar shares the pod's cores).
     """
 
     host: str = "127.0.0.1"
@@ -88,13 +89,14 @@ class SidecarConfig:
     max_runs: int = 64
     queue_batches: int = 64
     retry_after_seconds: int = 1
+    threads: int = 1
     rules: Sequence[AlertRule] = DEFAULT_RULES
     monitor_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("every", "window", "history", "max_body_bytes", "max_rows_per_batch",
                      "max_dim", "max_streams_per_run", "max_runs", "queue_batches",
-                     "retry_after_seconds"):
+                     "retry_after_seconds", "threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -286,6 +288,12 @@ class Sidecar:
     def ready(self) -> bool:
         """True while the scoring worker runs."""
         return self._worker.is_alive() and not self._stop.is_set()
+
+    @property
+    def saturated(self) -> bool:
+        """True while the scoring queue is full (the shm ring reader then waits, see
+        :class:`monitor.shm.ShmReader`, instead of having batches dropped as overload)."""
+        return self._queue.full()
 
     def reject(self, reason: str) -> None:
         """Count a request refused before its rows were parsed."""
