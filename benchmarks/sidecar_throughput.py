@@ -1,9 +1,9 @@
 """Sidecar ingest+score throughput against score-only throughput, as a ratio (one machine, one run).
 
 Score-only: the backend's ``ingest`` called directly on pre-built batches. Ingest+score: the same
-batches POSTed by ``--clients`` concurrent HTTP clients to a real uvicorn serving the sidecar
-app on 127.0.0.1, until the service has scored them all (429s are retried after Retry-After, so
-every batch is scored once). Reports rows/s of both and the ratio (target ≥ 0.8).
+batches POSTed by ``--clients`` concurrent HTTP client *processes* (as trainers are) to a real
+uvicorn serving the sidecar app on 127.0.0.1, until the service has scored them all (429s are
+retried, so every batch is scored once). Reports rows/s of both and the ratio (target ≥ 0.8).
 
     .venv/bin/python benchmarks/sidecar_throughput.py --backend onnx --batches 400 --rows 256 --dim 128
 """
@@ -11,8 +11,8 @@ every batch is scored once). Reports rows/s of both and the ratio (target ≥ 0.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import platform
-import threading
 import time
 
 import httpx
@@ -38,31 +38,36 @@ def score_only(config: SidecarConfig, batches: list[np.ndarray]) -> float:
     return sum(b.shape[0] for b in batches) / seconds
 
 
+def _ping(url: str) -> None:
+    httpx.get(f"{url}/healthz", timeout=30)
+
+
+def _client(part: tuple[str, list[tuple[dict[str, str], bytes]]]) -> int:
+    url, bodies = part
+    retries = 0
+    with httpx.Client(timeout=30) as http:
+        for headers, body in bodies:
+            while True:
+                r = http.post(url, content=body, headers=headers)
+                if r.status_code != 429:
+                    r.raise_for_status()
+                    break
+                retries += 1
+                time.sleep(0.01)
+    return retries
+
+
 def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: int) -> float:
     sidecar = Sidecar(config)
     server = BackgroundServer(create_sidecar_app(config, sidecar), "127.0.0.1", 0)
     server.start()
     url = f"{server.url}/v1/runs/bench/streams/enc/batches"
     bodies = [encode_batch(rows, step=i) for i, rows in enumerate(batches, 1)]
-    retries = [0]
-
-    def client(part: list[tuple[dict[str, str], bytes]]) -> None:
-        with httpx.Client(timeout=30) as http:
-            for headers, body in part:
-                while True:
-                    r = http.post(url, content=body, headers=headers)
-                    if r.status_code != 429:
-                        r.raise_for_status()
-                        break
-                    retries[0] += 1
-                    time.sleep(0.01)
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(bodies[k::clients],)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    parts = [(url, bodies[k::clients]) for k in range(clients)]
+    with mp.get_context("spawn").Pool(clients) as pool:
+        pool.map(_ping, [server.url] * clients)                         # start-up off the clock
+        t0 = time.perf_counter()
+        retries = sum(pool.map(_client, parts))
     sidecar.wait_idle(600)
     seconds = time.perf_counter() - t0
     acc = sidecar.accounting()
@@ -71,7 +76,7 @@ def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: 
     scored = sum(acc["scored"].values())
     dropped = sum(acc["dropped"].values())
     print(f"  accounting: received {sum(acc['received'].values())} = scored {scored} + dropped "
-          f"{dropped} (overload answers retried: {retries[0]})")
+          f"{dropped} (overload answers retried: {retries})")
     return scored / seconds
 
 
