@@ -11,20 +11,14 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from monitor import __version__
+from monitor.argtypes import positive_int
 
 
 def _fmt(v: float, digits: int = 3) -> str:
     return "–" if not math.isfinite(v) else f"{v:.{digits}g}"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+_positive = positive_int
 
 
 def _free_port(host: str) -> int:

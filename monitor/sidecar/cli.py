@@ -10,17 +10,12 @@ import sys
 import threading
 from typing import Any
 
+from monitor.argtypes import positive_int
+
 log = logging.getLogger("repwatch.sidecar")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+_positive = positive_int
 
 
 def _port(text: str) -> int:
