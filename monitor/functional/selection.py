@@ -78,6 +78,7 @@ def cka_matrix(reps: Mapping[str, Tensor]) -> tuple[list[str], Tensor]:
     out = torch.eye(m, dtype=torch.float64)
     for i in range(m):
         for j in range(i + 1, m):
+            # sync: offline model selection, not a training hot path
             out[i, j] = out[j, i] = linear_cka(rows[names[i]], rows[names[j]]).cpu()
     return names, out
 

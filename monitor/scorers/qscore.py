@@ -96,7 +96,7 @@ class QScoreScorer(Scorer):
             if edges.dim() != 1 or edges.numel() < 1 or not bool(torch.isfinite(edges).all()) \
                     or not bool((edges[1:] > edges[:-1]).all()):
                 raise ValueError("bucket_edges must be a non-empty, finite, strictly increasing "
-                                 f"1-D sequence, got {edges.tolist()}")
+                                 f"1-D sequence, got {edges.tolist()}")  # sync: constructor error
         self.form: QScoreForm = form
         self.window = window
         self.eval_window = eval_window
