@@ -78,8 +78,8 @@ def cka_matrix(reps: Mapping[str, Tensor]) -> tuple[list[str], Tensor]:
     out = torch.eye(m, dtype=torch.float64)
     for i in range(m):
         for j in range(i + 1, m):
-            # sync: offline model selection, not a training hot path
-            out[i, j] = out[j, i] = linear_cka(rows[names[i]], rows[names[j]]).cpu()
+            cka = linear_cka(rows[names[i]], rows[names[j]])
+            out[i, j] = out[j, i] = cka.cpu()  # sync: offline model selection, not training
     return names, out
 
 
