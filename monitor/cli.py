@@ -213,6 +213,37 @@ def _demo_plasticity(args: argparse.Namespace) -> int:
     return 0 if result.snapshots else 1
 
 
+def _rules(args: argparse.Namespace) -> int:
+    """Write the Prometheus alert rules rendered from the alert spec (stdout by default)."""
+    from exporters.rules import render_yaml
+
+    text = render_yaml(runbook_base=args.runbook_base)
+    if args.out in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    return 0
+
+
+def _add_select(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``repwatch select`` needs torch; without it (the sidecar image) the command says so."""
+    try:
+        from monitor.select import add_parser
+    except ImportError as exc:
+        reason = str(exc)
+        p = sub.add_parser("select", help="rank runs without labels (needs torch)")
+        p.add_argument("paths", nargs="*")
+
+        def missing(_: argparse.Namespace) -> int:
+            print(f"repwatch select needs torch: {reason}", file=sys.stderr)
+            return 2
+
+        p.set_defaults(func=missing)
+        return
+    add_parser(sub)
+
+
 class _Given(argparse.Action):
     """Store the value and remember that the user gave it."""
 
@@ -259,9 +290,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="keep serving the final state this long after training")
     demo.set_defaults(func=_demo, every_given=False)
 
-    from monitor.select import add_parser as add_select
+    rules = sub.add_parser("rules", help="render the Prometheus alert rules from the alert spec")
+    rules.add_argument("--out", default=None, metavar="PATH",
+                       help="write here (default: stdout), e.g. deploy/prometheus/rules.yml")
+    rules.add_argument("--runbook-base", default=None, metavar="URL",
+                       help="base of the runbook links (default: $REPWATCH_RUNBOOK_BASE or "
+                            "docs/runbooks.md)")
+    rules.set_defaults(func=_rules)
+
     from monitor.sidecar.cli import add_parser as add_serve
-    add_select(sub)
+    _add_select(sub)
     add_serve(sub)
 
     args = parser.parse_args(argv)

@@ -132,3 +132,48 @@ def test_demo_sink_cli() -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Sidecar: " in out.stdout
     assert "ALERT RepwatchRepresentationCollapse (on the sidecar" in out.stdout
+
+
+def test_serve_runs_without_torch() -> None:
+    """The sidecar image has no torch: `repwatch serve` (ONNX backend) must start, score and
+    export with torch unimportable."""
+    import numpy as np
+
+    from monitor.sidecar.protocol import encode_batch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from monitor.cli import main\n"
+            f"sys.exit(main(['serve', '--port', '{port}', '--every', '1']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        rng = np.random.default_rng(0)
+        for step in (1, 2, 3):
+            headers, body = encode_batch(rng.random((64, 8), dtype=np.float32), step=step)
+            r = httpx.post(f"{url}/v1/runs/notorch/streams/enc/batches", content=body,
+                           headers=headers, timeout=10)
+            assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 30
+        text = ""
+        while time.monotonic() < deadline and 'repwatch_effective_rank{' not in text:
+            time.sleep(0.2)
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'repwatch_effective_rank{run="notorch",stream="enc"}' in text, text[:1500]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

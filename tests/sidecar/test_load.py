@@ -74,7 +74,7 @@ def test_load_accounting_exact_and_memory_bounded() -> None:
         assert dropped == ROWS * codes.get(429, 0)
         assert scored == ROWS * codes[202]
         text = httpx.get(f"{server.url}/metrics", timeout=10).text
-        assert f'repwatch_received_samples_total{{run="load",stream="c0"}}' in text
+        assert 'repwatch_received_samples_total{run="load",stream="c0"}' in text
         # Memory: the queue holds ≤ 16 small batches; the windows are 4 × 1024 × 32 floats.
         assert rss_after - rss_before < 150, (rss_before, rss_after)
         print(f"load: {CLIENTS} client processes × {BATCHES} batches of {ROWS}×{DIM} in "
