@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?= --collapse-at 300 --steps 700 --linger 120
 
-.PHONY: demo demo-plasticity test install promtool kernels clean
+.PHONY: demo demo-plasticity test install ops-tools promtool kernels clean
 
 install: $(STAMP)
 
@@ -19,16 +19,23 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[demo,test,sidecar]'
 	touch $(STAMP)
 
-# promtool (Debian's prometheus package) checks our /metrics output in the tests.
-promtool:
-	@if ! command -v promtool >/dev/null 2>&1; then \
+# Debian's prometheus (promtool, prometheus) and prometheus-alertmanager (alertmanager, amtool)
+# for the rule checks and the end-to-end alerting test; installed only when missing and root.
+ops-tools:
+	@missing=""; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 \
+	  || missing="$$missing prometheus-alertmanager"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian package prometheus (for promtool)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else \
-	    echo "warning: promtool missing and cannot apt-get install prometheus; its tests will skip (or fail under CI=true)"; \
+	    echo "warning: missing$$missing and cannot apt-get install; their tests will skip (or fail under CI=true)"; \
 	  fi; \
 	fi
+
+promtool: ops-tools
 
 demo: $(STAMP)
 	$(VENV)/bin/repwatch demo $(DEMO_ARGS)
@@ -37,7 +44,7 @@ demo: $(STAMP)
 demo-plasticity: $(STAMP)
 	$(VENV)/bin/repwatch demo --scenario plasticity --redo --linger 60
 
-test: $(STAMP) promtool
+test: $(STAMP) ops-tools
 	$(PY) -m pytest
 
 # Re-export the sidecar's ONNX kernel from the torch scorer code (a test fails when it drifts).

@@ -22,6 +22,30 @@ def promtool() -> str:
     return path
 
 
+def _binary(names: tuple[str, ...], package: str) -> str:
+    """First of ``names`` on PATH; skip when none (fail under CI=true: `make test` installs it)."""
+    for name in names:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{' / '.join(names)} missing: `make test` installs Debian's {package} package")
+    pytest.skip(f"{' / '.join(names)} not installed (Debian package {package}); `make test` "
+                "installs it")
+
+
+@pytest.fixture
+def prometheus() -> str:
+    """Path of the Prometheus server binary (Debian package prometheus)."""
+    return _binary(("prometheus",), "prometheus")
+
+
+@pytest.fixture
+def alertmanager() -> str:
+    """Path of Alertmanager (Debian names it ``prometheus-alertmanager``)."""
+    return _binary(("prometheus-alertmanager", "alertmanager"), "prometheus-alertmanager")
+
+
 @pytest.fixture(scope="module")
 def single_thread():  # type: ignore[no-untyped-def]
     """One BLAS/LAPACK thread (torch and numpy's OpenBLAS) for a module, then restored.
