@@ -1,0 +1,95 @@
+"""The sidecar Dockerfile, checked without a Docker engine (none runs here): what it copies
+exists, it runs as a non-root user with an exec-form command and a health check, it installs
+no torch, and the exact command it runs starts and becomes ready with torch unimportable."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (ROOT / "Dockerfile").read_text()
+
+
+def _instructions() -> list[tuple[str, str]]:
+    joined = re.sub(r"\\\n\s*", " ", TEXT)                    # line continuations
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _exec_form(rest: str) -> list[str]:
+    value = json.loads(rest)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), rest
+    return value
+
+
+def test_structure() -> None:
+    ins = _instructions()
+    assert ins[0][0] == "FROM" and "slim" in ins[0][1]
+    for word, rest in ins:
+        if word == "COPY":
+            for src in shlex.split(rest)[:-1]:
+                assert (ROOT / src).exists(), f"COPY source {src} is missing"
+    users = [rest for word, rest in ins if word == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    entry = _exec_form(next(rest for word, rest in ins if word == "ENTRYPOINT"))
+    cmd = _exec_form(next(rest for word, rest in ins if word == "CMD"))
+    assert entry == ["repwatch", "serve"] and "--token-file" in cmd
+    health = next(rest for word, rest in ins if word == "HEALTHCHECK")
+    assert "/readyz" in health and "CMD [" in health
+    installs = " ".join(rest for word, rest in ins if word == "RUN")
+    assert "torch" not in installs and "onnxruntime" in installs and "--no-deps ." in installs
+
+
+def test_the_image_command_starts_without_torch(tmp_path: Path) -> None:
+    """Run the image's ENTRYPOINT + CMD (with the port and token path swapped for free ones)."""
+    ins = _instructions()
+    args = (_exec_form(next(r for w, r in ins if w == "ENTRYPOINT"))[1:]
+            + _exec_form(next(r for w, r in ins if w == "CMD")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--token-file") + 1] = str(token)
+    args[args.index("--host") + 1] = "127.0.0.1"          # no 0.0.0.0 in tests
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from monitor.cli import main\n"
+            f"sys.exit(main({args!r}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        ready = False
+        while time.monotonic() < deadline and not ready:
+            if proc.poll() is not None:
+                pytest.fail(proc.stdout.read() if proc.stdout else "exited")
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert ready
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/runs/r/streams/s/batches", content=b"",
+                       headers={"Content-Type": "application/octet-stream"}, timeout=5)
+        assert r.status_code == 401                          # the token is enforced
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
