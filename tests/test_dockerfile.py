@@ -7,14 +7,11 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
-import pytest
+
+from tests.torchless_serve import free_port, serve_without_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT / "Dockerfile").read_text()
@@ -58,38 +55,15 @@ def test_structure() -> None:
 def test_the_image_command_starts_without_torch(tmp_path: Path) -> None:
     """Run the image's ENTRYPOINT + CMD (with the port and token path swapped for free ones)."""
     ins = _instructions()
-    args = (_exec_form(next(r for w, r in ins if w == "ENTRYPOINT"))[1:]
-            + _exec_form(next(r for w, r in ins if w == "CMD")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    assert _exec_form(next(r for w, r in ins if w == "ENTRYPOINT")) == ["repwatch", "serve"]
+    args = _exec_form(next(r for w, r in ins if w == "CMD"))
+    port = free_port()
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     args[args.index("--port") + 1] = str(port)
     args[args.index("--token-file") + 1] = str(token)
     args[args.index("--host") + 1] = "127.0.0.1"          # no 0.0.0.0 in tests
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from monitor.cli import main\n"
-            f"sys.exit(main({args!r}))\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        ready = False
-        while time.monotonic() < deadline and not ready:
-            if proc.poll() is not None:
-                pytest.fail(proc.stdout.read() if proc.stdout else "exited")
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        assert ready
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/runs/r/streams/s/batches", content=b"",
+    with serve_without_torch(args, port) as url:
+        r = httpx.post(f"{url}/v1/runs/r/streams/s/batches", content=b"",
                        headers={"Content-Type": "application/octet-stream"}, timeout=5)
         assert r.status_code == 401                          # the token is enforced
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()

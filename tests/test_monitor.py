@@ -10,35 +10,21 @@ from torch import nn
 
 from monitor import Monitor, Snapshot
 from monitor import functional as F
-
-
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 32),
-                         nn.ReLU(), nn.Linear(32, 5))
+from tests.toy_training import train_toy
 
 
 def _train(seed: int, attach: bool, steps: int = 30) -> list[float]:
-    torch.manual_seed(seed)
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    mon = None
-    if attach:
+    def monitor(model: nn.Sequential) -> Monitor:
         mon = Monitor(run="bitwise", every=5, max_rows=16, window=256, port=None, seed=123)
-        mon.watch(model[1], name="hidden")         # subsamples 64 → 16 rows: draws random numbers
+        mon.watch(model[1], name="hidden")     # subsamples 64 → 16 rows: draws random numbers
         mon.watch(model[4], name="penultimate")
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(64, 20)
-        y = torch.randint(0, 5, (64,))
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if mon is not None:
-            mon.observe("logits", logits)
-            mon.step()
-        losses.append(loss.item())
+        return mon
+
+    def step(mon: Monitor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        mon.observe("logits", logits)
+        mon.step()
+
+    losses, mon = train_toy(seed, steps, monitor if attach else None, step)
     if mon is not None:
         assert mon.latest is not None and mon.latest.get("window_samples", "hidden") > 0
         mon.close()

@@ -29,6 +29,7 @@ from monitor.shm import RingError, ShmReader, ShmRing, parse_spec
 from monitor.sidecar.protocol import encode_batch
 from monitor.sidecar.service import Sidecar, SidecarConfig, create_sidecar_app
 from monitor.sink import ShmSink, make_sink
+from tests.toy_training import train_toy
 
 ROOT = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
@@ -344,29 +345,18 @@ def test_make_sink_and_bad_arguments(name: str) -> None:
 # ---------------------------------------------------------------------------------- end to end
 
 def _train(seed: int, sink: str | None, steps: int = 30) -> tuple[list[float], Monitor | None]:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 32),
-                          nn.ReLU(), nn.Linear(32, 5))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    mon = None
-    if sink is not None:
+    def monitor(model: nn.Sequential) -> Monitor:
         mon = Monitor(run="shmrun", every=5, max_rows=32, window=256, port=None, seed=123,
                       sink=sink)
         mon.watch(model[1], name="hidden")
         mon.watch(model[4], name="penultimate")
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(64, 20)
-        y = torch.randint(0, 5, (64,))
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if mon is not None:
-            mon.step(labels=y)
-            mon.sink.flush(5)          # a real step takes longer than this toy one
-        losses.append(loss.item())
+        return mon
+
+    def step(mon: Monitor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        mon.step(labels=y)
+        mon.sink.flush(5)          # a real step takes longer than this toy one
+
+    losses, mon = train_toy(seed, steps, monitor if sink is not None else None, step)
     if mon is not None:
         mon.close()
     return losses, mon

@@ -25,6 +25,7 @@ from torch import nn
 from monitor import Monitor
 from monitor.server import BackgroundServer
 from monitor.sink import HttpSink, make_sink
+from tests.toy_training import train_toy
 
 
 @dataclass
@@ -388,34 +389,19 @@ def test_bad_arguments_are_rejected() -> None:
 
 # ---------------------------------------------------------------------------------- Monitor
 
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 32),
-                         nn.ReLU(), nn.Linear(32, 5))
-
-
 def _train(seed: int, sink: str | None, steps: int = 20) -> tuple[list[float], Monitor | None]:
-    torch.manual_seed(seed)
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    mon = None
-    if sink is not None:
+    def monitor(model: nn.Sequential) -> Monitor:
         mon = Monitor(run="bitwise", every=5, max_rows=16, window=256, port=None, seed=123,
                       sink=sink, token="tok")
-        mon.watch(model[1], name="hidden")         # subsamples 64 → 16 rows with its own RNG
+        mon.watch(model[1], name="hidden")     # subsamples 64 → 16 rows with its own RNG
         mon.watch(model[4], name="penultimate")
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(64, 20)
-        y = torch.randint(0, 5, (64,))
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if mon is not None:
-            mon.observe("logits", logits, labels=y)
-            mon.step(labels=y)
-        losses.append(loss.item())
+        return mon
+
+    def step(mon: Monitor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        mon.observe("logits", logits, labels=y)
+        mon.step(labels=y)
+
+    losses, mon = train_toy(seed, steps, monitor if sink is not None else None, step)
     if mon is not None:
         mon.close()
     return losses, mon

@@ -140,25 +140,10 @@ def test_serve_runs_without_torch() -> None:
     import numpy as np
 
     from monitor.sidecar.protocol import encode_batch
+    from tests.torchless_serve import free_port, serve_without_torch
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from monitor.cli import main\n"
-            f"sys.exit(main(['serve', '--port', '{port}', '--every', '1']))\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    port = free_port()
+    with serve_without_torch(["--port", str(port), "--every", "1"], port) as url:
         rng = np.random.default_rng(0)
         for step in (1, 2, 3):
             headers, body = encode_batch(rng.random((64, 8), dtype=np.float32), step=step)
@@ -171,9 +156,3 @@ def test_serve_runs_without_torch() -> None:
             time.sleep(0.2)
             text = httpx.get(f"{url}/metrics", timeout=10).text
         assert 'repwatch_effective_rank{run="notorch",stream="enc"}' in text, text[:1500]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
