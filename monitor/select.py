@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from monitor.functional.selection import centrality_ranking, rankme_ranking
+from monitor.select_cli import add_parser  # noqa: F401 - re-exported (the parser is torch-free)
 
 CRITERIA: tuple[str, ...] = ("rankme", "centrality")
 
@@ -233,23 +234,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         if any(r["source"] != "dump" for r in rows) or len(rows) < 2:
             out.append("note: centrality not computed (needs >= 2 embedding dumps of one probe batch).")
     return "\n".join(out)
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``select`` to an ``argparse`` sub-parser set (sets ``func=run``)."""
-    p = subparsers.add_parser(
-        "select", help="rank models/checkpoints by RankMe and CKA centrality (no labels)",
-        description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="embedding dumps (.pt tensor or .npy, (n, d)) or saved Monitor states (.pt)")
-    p.add_argument("--stream", default=None, help="stream to read from Monitor states")
-    p.add_argument("--by", choices=("rankme", "centrality", "both"), default="both",
-                   help="ranking criterion (default both: mean of the two ranks)")
-    p.add_argument("--probe-rows", type=int, default=None, metavar="N",
-                   help="use the first N rows of every input")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

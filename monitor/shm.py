@@ -25,7 +25,10 @@ Layout (native byte order; both ends run on one host)::
           ``X-Repwatch-*`` headers.
 
 Single producer (the trainer's sink thread), single consumer (the sidecar's reader thread); one
-trainer process per ring (use one NAME per rank). The producer fills slot ``w % slots`` and only
+trainer process per ring (use one NAME per rank). The producer enforces it with an exclusive
+``flock`` on the segment (:meth:`ShmRing.claim_producer`): a second trainer attaching to a ring
+in use gets :class:`RingError` (its sink counts ``sidecar_down`` and says why), and the lock goes
+with the process that held it, so a killed trainer never blocks the next one. The producer fills slot ``w % slots`` and only
 then stores ``w + 1`` into the write counter; the consumer copies the slot out (``decode_batch``
 makes its own copy) and only then stores ``r + 1`` into the read counter. The counters are
 aligned 8-byte words written with single aligned stores (numpy ``uint64`` element assignment).
@@ -203,6 +206,7 @@ class ShmRing:
         self.ring_id = int(self._words[_W_ID])
         self._w = int(self._words[_W_WRITE])     # producer's own copy of the write counter
         self._r = int(self._words[_W_READ])      # consumer's own copy of the read counter
+        self._producer_fd: int | None = None
 
     # ------------------------------------------------------------------ open / close
 
@@ -278,8 +282,34 @@ class ShmRing:
             raise
         return ring
 
+    def claim_producer(self) -> None:
+        """Become the ring's only producer: an exclusive, non-blocking ``flock`` on the segment,
+        held until :meth:`close` (or the process's end). :class:`RingError` when another
+        producer (another trainer process, or another sink of this one) holds it."""
+        if self._producer_fd is not None:
+            return
+        import fcntl
+
+        import _posixshmem
+
+        fd = _posixshmem.shm_open("/" + self.name, os.O_RDWR, mode=0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RingError(f"shm ring {self.name!r} already has a producer: one trainer "
+                            "process per ring (use one ring NAME per rank)") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._producer_fd = fd
+
     def close(self) -> None:
-        """Unmap (idempotent); the owner also marks the ring closed and unlinks it."""
+        """Unmap (idempotent); the owner also marks the ring closed and unlinks it; a producer
+        releases its claim."""
+        if self._producer_fd is not None:
+            fd, self._producer_fd = self._producer_fd, None
+            os.close(fd)                          # releases the flock
         if self._buf is None:
             return
         if self.owner and self._words is not None:

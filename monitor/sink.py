@@ -453,6 +453,11 @@ class ShmSink(_QueueSink):
         from monitor.shm import ShmRing
 
         ring = ShmRing.attach(self.spec.name, stale_after=self.stale_after)
+        try:
+            ring.claim_producer()                 # one trainer per ring
+        except BaseException:
+            ring.close()
+            raise
         want = (self.spec.slots, None if self.spec.slot_mb is None else self.spec.slot_size)
         if (want[0] not in (None, ring.slots)) or (want[1] not in (None, ring.slot_size)):
             self._log_once(-2, f"repwatch sink: ring {self._where} has {ring.slots} slots of "

@@ -101,7 +101,7 @@ def test_cli_table_and_json(dumps: dict[str, Path], capsys: pytest.CaptureFixtur
     parser = argparse.ArgumentParser(prog="repwatch")
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["select", str(dumps["collapsed"]), str(dumps["good"]), "--json"])
-    assert args.func is run and run(args) == 0
+    assert args.func(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert [d["rank"] for d in data] == [1, 2] and data[0]["name"] == "good"
     args = parser.parse_args(["select", str(dumps["good"]), str(dumps["random"]), "--by", "rankme"])

@@ -411,3 +411,43 @@ def test_serve_cli_creates_and_unlinks_the_ring(name: str) -> None:
     assert proc.returncode == 0, err
     assert not (SHM / name).exists()
     assert "leaked" not in err, err
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from monitor.shm import ShmRing
+    ring = ShmRing.attach(sys.argv[1])
+    ring.claim_producer()
+    print("claimed", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_one_producer_per_ring_and_a_killed_one_frees_it(name: str) -> None:
+    """A second trainer on a ring in use is refused (its sink counts the rows as
+    ``sidecar_down``); the claim dies with the process that held it."""
+    ring = ShmRing.create(name, slots=4, slot_size=8192)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, name], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sink = None
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "claimed"
+        other = ShmRing.attach(name)
+        with pytest.raises(RingError, match="already has a producer"):
+            other.claim_producer()
+        other.close()
+        sink = ShmSink(f"shm://{name}", run="r")
+        sink.submit("s", torch.ones(5, 4), None, 0)
+        assert _wait(lambda: sink.counts().get("sidecar_down", 0) == 5)
+        assert ring.pending() == 0                       # nothing of the second trainer got in
+        holder.kill()
+        holder.wait(10)
+        mine = ShmRing.attach(name)
+        mine.claim_producer()                             # the killed trainer's claim is gone
+        mine.close()
+    finally:
+        holder.kill()
+        holder.wait(10)
+        if sink is not None:
+            sink.close(1)
+        ring.close()

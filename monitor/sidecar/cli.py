@@ -63,6 +63,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="runs per service (default 64; 409 beyond)")
     p.add_argument("--queue-batches", type=_positive, default=64,
                    help="batches waiting for the scorer (default 64; 429 beyond)")
+    p.add_argument("--admit-wait", type=float, default=0.25, metavar="SECONDS",
+                   help="how long a POST waits for room in a full queue before 429 (default "
+                        "0.25; 0: answer 429 at once)")
     p.add_argument("--threads", type=_positive, default=1,
                    help="CPU threads of the ONNX Runtime scorer (default 1: a sidecar shares "
                         "the pod's cores with training)")
@@ -134,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
             max_body_bytes=int(args.max_body_mb * (1 << 20)),
             max_rows_per_batch=args.max_rows_per_batch, max_dim=args.max_dim,
             max_streams_per_run=args.max_streams_per_run, max_runs=args.max_runs,
-            queue_batches=args.queue_batches, threads=args.threads)
+            queue_batches=args.queue_batches, admit_wait_seconds=args.admit_wait,
+            threads=args.threads)
     except ValueError as exc:
         return _fail(str(exc))
     return serve(config) if shm is None else serve(config, shm=shm)

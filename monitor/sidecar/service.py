@@ -24,6 +24,7 @@ streams per run (409 "too many runs/streams"), stream dimension fixed by its fir
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import queue
@@ -70,7 +71,9 @@ class SidecarConfig:
 
     ``every``/``window``/``history``/``rules`` go to each run's Monitor (``monitor_options``:
     any further ``Monitor`` keyword, e.g. ``peak_warmup``). ``token``: required on every write
-    when set. ``queue_batches``: capacity of the scoring queue (429 beyond it). ``threads``:
+    when set. ``queue_batches``: capacity of the scoring queue (429 beyond it);
+    ``admit_wait_seconds``: how long a POST waits for room in a full queue before its body is
+    read (short bursts are absorbed instead of answered 429 and re-sent). ``threads``:
     intra-op threads of the ONNX Runtime backend (a sidecar shares the pod's cores).
     """
 
@@ -88,6 +91,7 @@ class SidecarConfig:
     max_streams_per_run: int = 64
     max_runs: int = 64
     queue_batches: int = 64
+    admit_wait_seconds: float = 0.25
     retry_after_seconds: int = 1
     threads: int = 1
     rules: Sequence[AlertRule] = DEFAULT_RULES
@@ -100,6 +104,9 @@ class SidecarConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        wait = self.admit_wait_seconds
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 60:
+            raise ValueError(f"admit_wait_seconds must be a number in [0, 60], got {wait!r}")
         if self.window < 2:
             raise ValueError(f"window must be >= 2, got {self.window}")
         if self.token is not None and (not isinstance(self.token, str) or not self.token.strip()):
@@ -294,6 +301,19 @@ class Sidecar:
         """True while the scoring queue is full (the shm ring reader then waits, see
         :class:`monitor.shm.ShmReader`, instead of having batches dropped as overload)."""
         return self._queue.full()
+
+    async def room(self, timeout: float) -> bool:
+        """Wait, without blocking the event loop, at most ``timeout`` s while the scoring queue
+        is full; True when there is room. Called before a request's body is read, so a burst
+        waits on the socket instead of being read, refused with 429 and sent again."""
+        if not self._queue.full():
+            return True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+            if not self._queue.full():
+                return True
+        return False
 
     def reject(self, reason: str) -> None:
         """Count a request refused before its rows were parsed."""
@@ -559,6 +579,9 @@ _BATCH_BODY: dict[str, Any] = {
     },
 }
 
+_INLINE_DECODE_BYTES = 1 << 20
+"""Bodies up to this size are decoded on the event loop; larger ones in a worker thread."""
+
 _bearer = HTTPBearer(auto_error=False, description="Required when the service has a token")
 
 
@@ -635,6 +658,7 @@ def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) ->
                 raise Rejected(exc.status, "unsupported" if exc.status == 415 else "bad_request",
                                exc.message) from None
             sc.admit(run, stream)
+            await sc.room(config.admit_wait_seconds)
             body = bytearray()
             async for chunk in request.stream():
                 body += chunk
@@ -642,9 +666,13 @@ def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) ->
                     raise Rejected(413, "too_large", f"body over the limit of "
                                    f"{config.max_body_bytes} bytes")
             try:
-                rows, labels, step = await run_in_threadpool(
-                    protocol.decode_batch, headers, body,
-                    max_rows=config.max_rows_per_batch, max_dim=config.max_dim)
+                if len(body) <= _INLINE_DECODE_BYTES:      # a copy of ≤ 1 MiB: not worth a thread
+                    rows, labels, step = protocol.decode_batch(
+                        headers, body, max_rows=config.max_rows_per_batch, max_dim=config.max_dim)
+                else:
+                    rows, labels, step = await run_in_threadpool(
+                        protocol.decode_batch, headers, body,
+                        max_rows=config.max_rows_per_batch, max_dim=config.max_dim)
             except ProtocolError as exc:
                 raise Rejected(exc.status, "unsupported" if exc.status == 415 else "bad_request",
                                exc.message) from None

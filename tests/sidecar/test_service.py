@@ -355,7 +355,7 @@ def test_cardinality_limits_are_409(make: Factory) -> None:
 def test_full_queue_answers_429_with_retry_after(make: Factory) -> None:
     backend = StubBackend()
     backend.gate.clear()
-    client, sc = make(backend, queue_batches=1, retry_after_seconds=3)
+    client, sc = make(backend, queue_batches=1, retry_after_seconds=3, admit_wait_seconds=0.05)
     assert _post(client, _rows(5, 2)).status_code == 202        # taken by the (blocked) worker
     assert backend.entered.wait(5)
     assert _post(client, _rows(6, 2)).status_code == 202        # waits in the queue
@@ -370,6 +370,25 @@ def test_full_queue_answers_429_with_retry_after(make: Factory) -> None:
     assert sc.wait_idle()
     assert _balance(sc) == (18, 11, 7)
     assert [b[2].shape[0] for b in backend.batches] == [5, 6]
+
+
+def test_a_full_queue_is_waited_on_briefly_before_429(make: Factory) -> None:
+    """A POST arriving at a full queue waits (up to ``admit_wait_seconds``, before reading its
+    body) for the worker to make room: a short stall of the scorer costs no batch."""
+    backend = StubBackend()
+    backend.gate.clear()
+    client, sc = make(backend, queue_batches=1, admit_wait_seconds=5.0)
+    assert _post(client, _rows(5, 2)).status_code == 202
+    assert backend.entered.wait(5)
+    assert _post(client, _rows(6, 2)).status_code == 202        # fills the queue
+    threading.Timer(0.3, backend.gate.set).start()               # the scorer resumes in 0.3 s
+    t0 = time.perf_counter()
+    r = _post(client, _rows(7, 2))
+    waited = time.perf_counter() - t0
+    assert r.status_code == 202, r.text
+    assert 0.2 < waited < 4.0
+    assert sc.wait_idle()
+    assert _balance(sc) == (18, 18, 0)
 
 
 def test_worker_survives_backend_errors(make: Factory) -> None:
@@ -467,7 +486,7 @@ def test_burst_from_four_clients_keeps_exact_accounting(served: Any) -> None:
 
     config = SidecarConfig(every=1, window=512, queue_batches=2)
     backend = SlowTorch(TorchBackend(config), delay=0.01)
-    url, sc = served(backend, queue_batches=2)
+    url, sc = served(backend, queue_batches=2, admit_wait_seconds=0)
     backend.sidecar = sc
     codes: list[int] = []
     lock = threading.Lock()

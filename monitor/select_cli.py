@@ -1,0 +1,42 @@
+"""The ``repwatch select`` sub-command's arguments, importable without torch.
+
+``repwatch serve`` (the torch-free sidecar image) builds the whole command line; importing
+:mod:`monitor.select` there would load torch for nothing, so the ranking code is imported only
+when ``select`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+DESCRIPTION = ("Rank trained models / checkpoints without labels: RankMe and CKA centrality of "
+               "their embeddings.")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``select`` to an ``argparse`` sub-parser set (``func`` loads torch only when run)."""
+    p = subparsers.add_parser(
+        "select", help="rank models/checkpoints by RankMe and CKA centrality (no labels)",
+        description=DESCRIPTION)
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="embedding dumps (.pt tensor or .npy, (n, d)) or saved Monitor states (.pt)")
+    p.add_argument("--stream", default=None, help="stream to read from Monitor states")
+    p.add_argument("--by", choices=("rankme", "centrality", "both"), default="both",
+                   help="ranking criterion (default both: mean of the two ranks)")
+    p.add_argument("--probe-rows", type=int, default=None, metavar="N",
+                   help="use the first N rows of every input")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Import :mod:`monitor.select` (needs torch) and run it; 2 with a message without torch."""
+    try:
+        from monitor.select import run as run_select
+    except ImportError as exc:
+        print(f"repwatch select needs torch: {exc}", file=sys.stderr)
+        return 2
+    return run_select(args)
