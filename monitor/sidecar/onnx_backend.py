@@ -10,8 +10,20 @@ with the in-process buckets. At publish, :mod:`monitor.sidecar.publish` (numpy) 
 spectral and collapse signals; :class:`monitor.tracking.RunTracker` the peaks;
 :class:`monitor.alerts.AlertEngine` the alerts.
 
-Not in this backend (use ``--backend torch``): labels (neural collapse), activation layers,
-generator pairs and AUPRC; a labelled batch is scored without its labels.
+Labels (neural collapse): a stream's first labelled batch starts its NC window, the last
+``window`` labelled rows as in the torch ``NeuralCollapseScorer`` (:class:`LabelWindow`): rows
+with a label outside ``[0, max_classes)`` (``monitor_options["max_classes"]``, default 1000) are
+counted in ``labels_out_of_range``, non-finite rows in ``nonfinite_rows``, and both excluded. While
+every batch of the stream is labelled, the window is a label ring aligned with the row ring (no
+copy of the rows); an unlabelled batch after labelled ones gives it its own ring (then it keeps,
+as the torch scorer, the last labelled rows). At publish
+:mod:`monitor.sidecar.neural_collapse_np` computes NC1, the NC2 measures, the classes and rows
+of the window from float64 statistics rebuilt from the ring, and the run signal
+``neural_collapse_effective_depth`` (``monitor_options["nc1_depth_threshold"]``, default 0.1).
+NC3 and NC4 need the classifier's weights, which the sidecar does not receive: not exported.
+
+Not in this backend (use ``--backend torch``): NC3/NC4, activation layers, generator pairs and
+AUPRC.
 """
 
 from __future__ import annotations
@@ -27,6 +39,11 @@ import numpy as np
 from monitor.alerts import AlertEngine
 from monitor.errors import ErrorLog
 from monitor.sidecar.kernels import OnnxBatchKernel
+from monitor.sidecar.neural_collapse_np import (
+    class_statistics,
+    effective_depth,
+    neural_collapse_signals,
+)
 from monitor.sidecar.publish import spectral_signals
 from monitor.snapshot import Histogram, Snapshot
 from monitor.tracking import RunTracker
@@ -35,12 +52,66 @@ BUCKET_EDGES: np.ndarray = np.logspace(-6.0, 4.0, 41)
 """Q-Score ``le`` bucket edges, as the in-process ``QScoreScorer`` (1e-6 … 1e4, 4 per decade)."""
 
 
+class LabelWindow:
+    """A labelled stream's neural-collapse window: the last ``window`` labelled rows, their
+    labels and validity (out-of-range or non-finite: 0), as ``NeuralCollapseScorer`` keeps them.
+
+    ``rows is None``: the rows are the stream's row ring and ``labels``/``valid`` are aligned
+    with it (every batch since the first labelled one was labelled); slots holding rows from
+    before that have ``valid = 0``. :meth:`detach` copies the row ring when an unlabelled batch
+    is about to overwrite it; from then on the window has its own ring, written at ``pos``
+    (``window × d`` float32 more, what the torch scorer always holds).
+    """
+
+    def __init__(self, window: int, max_classes: int) -> None:
+        self.window = window
+        self.max_classes = max_classes
+        self.labels = np.zeros(window, np.int64)
+        self.valid = np.zeros(window, np.float64)
+        self.rows: np.ndarray | None = None
+        self.pos = 0
+        self.out_of_range = 0.0
+        self.nonfinite = 0.0
+
+    def detach(self, ring: np.ndarray, ring_pos: int) -> None:
+        """Own a copy of the row ring; the next write goes where the row ring's would (its
+        oldest rows), so labelled rows leave in the torch scorer's order."""
+        self.rows = ring.copy()
+        self.pos = ring_pos
+
+    def update(self, idx: np.ndarray, rows: np.ndarray, finite: np.ndarray,
+               labels: np.ndarray) -> None:
+        """Record a batch: ``rows`` (b, d) the kernel's clean rows, ``finite`` (b,) their
+        validity, ``labels`` (b,); ``idx`` (b,) their slots in the row ring."""
+        in_range = (labels >= 0) & (labels < self.max_classes)             # (b,)
+        self.out_of_range += float((~in_range).sum())
+        self.nonfinite += float((in_range & ~finite).sum())
+        valid = in_range & finite                                          # (b,)
+        slots = idx
+        if self.rows is not None:                      # own ring: its own next slots
+            slots = (np.arange(rows.shape[0]) + self.pos) % self.window
+            self.rows[slots] = np.where(valid[:, None], rows, 0.0)
+            self.pos = (self.pos + rows.shape[0]) % self.window
+        self.labels[slots] = np.where(valid, labels, 0)
+        self.valid[slots] = valid
+
+    def compute(self, ring: np.ndarray) -> dict[str, float]:
+        """The window's NC signals (``ring``: the stream's row ring, used while aligned)."""
+        keep = self.valid > 0
+        x = (ring if self.rows is None else self.rows)[keep]               # (n, d) float32
+        s, sums, counts = class_statistics(x, self.labels[keep], self.max_classes)
+        out = neural_collapse_signals(s, sums, counts)
+        out["labels_out_of_range"] = self.out_of_range
+        out["nonfinite_rows"] = self.nonfinite
+        return out
+
+
 class NumpyStream:
     """One stream's window state on the host, updated by the ONNX kernel."""
 
     def __init__(self, dim: int, window: int, kernel: OnnxBatchKernel,
                  calibration_quantile: float = 0.1, min_calibration_samples: int = 256,
-                 rebuild_every_wraps: int = 64) -> None:
+                 rebuild_every_wraps: int = 64, max_classes: int = 1000) -> None:
         self.dim = dim
         self.window = window
         self.kernel = kernel
@@ -65,11 +136,20 @@ class NumpyStream:
         self.calibrated = False
         self.calibration_quantile = calibration_quantile
         self.min_calibration_samples = min(min_calibration_samples, window)
+        self.max_classes = max_classes
+        self.nc: LabelWindow | None = None      # from the first labelled batch on
 
-    def update(self, rows: np.ndarray) -> None:
-        """Add a ``(b, d)`` float32 batch."""
+    def update(self, rows: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """Add a ``(b, d)`` float32 batch, with ``(b,)`` integer labels or None."""
+        if labels is not None:
+            if labels.ndim != 1 or labels.shape[0] != rows.shape[0]:
+                raise ValueError(f"expected labels of shape ({rows.shape[0]},), got "
+                                 f"{labels.shape}")
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise TypeError(f"expected integer labels, got {labels.dtype}")
         if rows.shape[0] > self.window:
             rows = rows[-self.window:]
+            labels = labels[-self.window:] if labels is not None else None
         b = rows.shape[0]
         if b == 0:
             return
@@ -77,6 +157,10 @@ class NumpyStream:
         old = self.ring[idx]
         old_valid = self.ring_valid[idx].sum()
         r = self.kernel(rows, old)
+        if labels is not None and self.nc is None:
+            self.nc = LabelWindow(self.window, self.max_classes)
+        if labels is None and self.nc is not None and self.nc.rows is None:
+            self.nc.detach(self.ring, self.pos)          # before the ring loses labelled rows
         self.ring[idx] = r.rows
         self.ring_valid[idx] = r.valid
         self.s += r.ds
@@ -88,6 +172,9 @@ class NumpyStream:
         self.seen += valid
         self.nonfinite += r.nonfinite
         self.q_ring[idx] = r.q
+        if labels is not None:
+            assert self.nc is not None
+            self.nc.update(idx, r.rows, r.valid > 0, labels.astype(np.int64, copy=False))
         self.q_filled = min(self.window, self.q_filled + b)
         finite_q = r.q[np.isfinite(r.q)]
         # Prometheus ``le`` buckets: bucket i counts e[i-1] < q <= e[i] (as torch.bucketize).
@@ -123,6 +210,8 @@ class NumpyStream:
         total = float(valid.sum()) * self.dim
         out["negative_values_ratio"] = (float((self.ring[valid] < 0).sum()) / total
                                         if total > 0 else math.nan)
+        if self.nc is not None:
+            out.update(self.nc.compute(self.ring))
         hist = Histogram(bounds=[*BUCKET_EDGES.tolist(), math.inf],
                          cumulative=np.cumsum(self.hist).tolist(), sum=self.hist_sum,
                          count=self.hist_count)
@@ -155,6 +244,12 @@ class OnnxBackend:
         self.kernel = OnnxBatchKernel(device="cpu" if config.device == "cpu" else "auto",
                                       threads=config.threads)
         self.device = "onnxruntime:" + ",".join(self.kernel.providers)
+        options = config.monitor_options
+        self.max_classes = options.get("max_classes", 1000)
+        if isinstance(self.max_classes, bool) or not isinstance(self.max_classes, int) \
+                or self.max_classes < 2:
+            raise ValueError(f"max_classes must be an int >= 2, got {self.max_classes!r}")
+        self.nc1_depth_threshold = float(options.get("nc1_depth_threshold", 0.1))
         self._runs: dict[str, _OnnxRun] = {}
         self._lock = threading.Lock()
 
@@ -180,12 +275,13 @@ class OnnxBackend:
             r.first_stream = stream
         s = r.streams.get(stream)
         if s is None:
-            s = NumpyStream(rows.shape[1], self.config.window, self.kernel)
+            s = NumpyStream(rows.shape[1], self.config.window, self.kernel,
+                            max_classes=self.max_classes)
             r.streams[stream] = s
         if rows.shape[1] != s.dim:
             raise ValueError(f"stream {stream!r} has dimension {s.dim}; got rows of dimension "
                              f"{rows.shape[1]}")
-        s.update(np.ascontiguousarray(rows, dtype=np.float32))
+        s.update(np.ascontiguousarray(rows, dtype=np.float32), labels)
         r.batches += 1
 
     def _advance(self, r: _OnnxRun, steps: int) -> None:
@@ -213,9 +309,16 @@ class OnnxBackend:
             counters[name] = {"samples": s.seen, "nonfinite_values": s.nonfinite}
             spectra[name] = spectrum
             hists[name] = hist
-        firing, _, _ = r.alerts.evaluate({"stream": streams}, r.step)
+        run_signals: dict[str, float] = {}
+        depth = effective_depth((v.get("neural_collapse_nc1", math.nan) for v in streams.values()),
+                                self.nc1_depth_threshold)
+        if depth is not None:
+            run_signals["neural_collapse_effective_depth"] = depth
+        firing, _, _ = r.alerts.evaluate({"stream": streams, "run": {"model": run_signals}},
+                                         r.step)
         snap = Snapshot(run=r.run, step=r.step, time=time.time(), streams=streams,
-                        counters=counters, spectra=spectra, histograms={"qscore": hists},
+                        counters=counters, spectra=spectra, run_signals=run_signals,
+                        histograms={"qscore": hists},
                         alerts=firing, errors=r.errors.counts(),
                         publish_duration_seconds=time.perf_counter() - t0)
         r.latest = snap

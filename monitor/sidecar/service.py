@@ -244,7 +244,7 @@ def _auto_backend(config: SidecarConfig) -> Backend:
 BACKENDS: dict[str, Callable[[SidecarConfig], Backend]] = {
     "auto": _auto_backend, "onnx": _onnx_backend, "torch": TorchBackend}
 """``onnx``: the ONNX Runtime kernels + numpy publish, no torch (spectral, collapse and Q-Score
-signals); ``torch``: one in-process Monitor per run (every signal, labels included)."""
+signals; NC1/NC2 with labels); ``torch``: one in-process Monitor per run (every signal)."""
 
 
 class Rejected(Exception):
