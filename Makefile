@@ -16,7 +16,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[demo,test,sidecar]'
+	# urllib3-future (via grafana-client → niquests) built from source without its .pth hook that
+	# overwrites urllib3 (see pyproject.toml): requests-based tools (schemathesis) keep urllib3.
+	URLLIB3_NO_OVERRIDE=1 $(PY) -m pip install --quiet --no-binary urllib3-future -e '.[demo,test,sidecar]'
 	touch $(STAMP)
 
 # Debian's prometheus (promtool, prometheus) and prometheus-alertmanager (alertmanager, amtool)

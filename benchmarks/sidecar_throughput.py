@@ -10,7 +10,9 @@ does not depend on how many cores the load generator leaves free.
 
 ``--client httpx`` posts with httpx (what ``Monitor(sink=...)`` uses); ``--client raw`` writes
 pre-built HTTP/1.1 requests on a keep-alive socket (a minimal load generator, like wrk, so the
-clients take as little of the machine's CPU as possible).
+clients take as little of the machine's CPU as possible); ``--client shm`` writes the same
+encoded batches into the shared-memory ring of ``repwatch serve --shm`` from one producer
+process (one trainer per ring), waiting while the ring is full.
 
     .venv/bin/python benchmarks/sidecar_throughput.py --backend onnx --batches 400 --rows 256 --dim 128
 """
@@ -29,7 +31,8 @@ import numpy as np
 
 from monitor.server import BackgroundServer
 from monitor.sidecar.protocol import encode_batch
-from monitor.sidecar.service import BACKENDS, Sidecar, SidecarConfig, create_sidecar_app
+from monitor.sidecar.service import (BACKENDS, Sidecar, SidecarConfig, create_sidecar_app,
+                                     limit_native_threads)
 
 
 def _batches(n: int, rows: int, dim: int) -> list[np.ndarray]:
@@ -113,6 +116,23 @@ def _raw_client(part: tuple[str, int, list[bytes]]) -> int:
     return retries
 
 
+def _shm_client(part: tuple[str, list[tuple[dict[str, str], bytes]]]) -> int:
+    from monitor.shm import ShmRing
+
+    name, bodies = part
+    ring = ShmRing.attach(name)
+    ring.claim_producer()
+    waits = 0
+    try:
+        for headers, body in bodies:
+            while not ring.write("bench", "enc", headers, body):
+                waits += 1
+                time.sleep(0.0005)
+    finally:
+        ring.close()
+    return waits
+
+
 def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: int,
                      client: str = "httpx") -> tuple[float, float]:
     """(rows/s, CPU ms per batch of this process) through a real uvicorn."""
@@ -121,7 +141,15 @@ def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: 
     server.start()
     path = "/v1/runs/bench/streams/enc/batches"
     bodies = [encode_batch(rows, step=i) for i, rows in enumerate(batches, 1)]
-    if client == "raw":
+    reader = None
+    if client == "shm":
+        from monitor.shm import ShmReader
+
+        name = f"rwbench-{os.getpid()}"
+        slot_mb = max(1, -(-len(bodies[0][1]) // (1 << 20)))
+        reader = ShmReader(f"{name}?slots=64&slot_mb={slot_mb}", sidecar).start()
+        clients, work, parts = 1, _shm_client, [(name, bodies)]
+    elif client == "raw":
         host, port = server.url.removeprefix("http://").rsplit(":", 1)
         requests = [_raw_request(host, int(port), path, h, b) for h, b in bodies]
         work, parts = _raw_client, [(host, int(port), requests[k::clients]) for k in range(clients)]
@@ -131,15 +159,20 @@ def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: 
         pool.map(_ping, [server.url] * clients)                         # start-up off the clock
         c0, t0 = _cpu(), time.perf_counter()
         retries = sum(pool.map(work, parts))
+    if reader is not None:
+        while reader.ring is not None and reader.ring.pending():
+            time.sleep(0.001)
     sidecar.wait_idle(600)
     seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+    if reader is not None:
+        reader.stop()
     acc = sidecar.accounting()
     server.stop()
     sidecar.close()
     scored = sum(acc["scored"].values())
     dropped = sum(acc["dropped"].values())
     print(f"  accounting: received {sum(acc['received'].values())} = scored {scored} + dropped "
-          f"{dropped} (overload answers retried: {retries})")
+          f"{dropped} (overload answers retried / full-ring waits: {retries})")
     return scored / seconds, 1e3 * cpu / len(batches)
 
 
@@ -151,19 +184,21 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--every", type=int, default=50)
-    p.add_argument("--client", choices=("httpx", "raw"), default="httpx")
+    p.add_argument("--client", choices=("httpx", "raw", "shm"), default="httpx")
     p.add_argument("--admit-wait", type=float, default=0.25,
                    help="seconds a POST waits for room in a full queue (the service default)")
     args = p.parse_args()
     config = SidecarConfig(backend=args.backend, device="cpu", every=args.every, window=4096,
                            queue_batches=64, admit_wait_seconds=args.admit_wait)
+    limit_native_threads(config.threads)                             # as `repwatch serve` does
     batches = _batches(args.batches, args.rows, args.dim)
     score_only(config, batches[:20])                                   # warm-up
     base, base_cpu = score_only(config, batches)
     full, full_cpu = ingest_and_score(config, batches, args.clients, args.client)
     print(f"{platform.machine()} CPU ({os.cpu_count()} cores), backend {args.backend}, "
-          f"{args.batches} batches of {args.rows}×{args.dim} float32, {args.clients} {args.client} "
-          f"client processes, publish every {args.every}, admit wait {args.admit_wait} s")
+          f"{args.batches} batches of {args.rows}×{args.dim} float32, "
+          f"{1 if args.client == 'shm' else args.clients} {args.client} client process(es), "
+          f"publish every {args.every}, admit wait {args.admit_wait} s")
     print(f"score-only {base:,.0f} rows/s   ingest+score {full:,.0f} rows/s   "
           f"ratio {full / base:.2f}")
     print(f"CPU per batch: score-only {base_cpu:.2f} ms   sidecar (HTTP + scoring) "

@@ -72,7 +72,7 @@ def _sidecar_snapshot(url: str, run: str) -> dict:  # type: ignore[type-arg]
 def _demo(args: argparse.Namespace) -> int:
     if args.scenario == "plasticity":
         return _demo_plasticity(args)
-    if args.sink:
+    if args.sink is not None:
         return _demo_sidecar(args)
     from monitor.demo import DemoResult, run_demo
     from monitor.snapshot import Snapshot
@@ -116,22 +116,42 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_sidecar(args: argparse.Namespace) -> int:
-    """The SimSiam demo in sidecar mode: a ``repwatch serve`` child scores what the trainer ships."""
+    """The SimSiam demo in sidecar mode: the sidecar at ``--sink URL`` (``http(s)://`` or
+    ``shm://NAME``; e.g. in compose or a pod), or a ``repwatch serve`` child started here, scores
+    what the trainer ships."""
     import time
 
     from monitor.demo import DemoResult, run_demo
+    from monitor.sidecar.cli import read_token
     from monitor.snapshot import Snapshot
 
     console = Console(highlight=False, soft_wrap=True)
     collapse_at = 0 if args.collapse else args.collapse_at
     run = "demo-collapse" if collapse_at is not None else "demo"
+    token = None
+    if args.token_file is not None:
+        if not args.sink.startswith(("http://", "https://")):
+            print("repwatch demo: error: --token-file needs --sink http(s)://HOST:PORT",
+                  file=sys.stderr)
+            return 2
+        try:
+            token = read_token(args.token_file)
+        except ValueError as exc:
+            print(f"repwatch demo: error: {exc}", file=sys.stderr)
+            return 2
     console.print(f"[bold]repwatch demo --sink[/] — SimSiam on digits, {args.steps} steps, "
                   f"scored by a sidecar")
-    proc, url = _start_sidecar(args, console)
+    proc: object | None = None
+    if args.sink:
+        url = args.sink
+        console.print(f"Sidecar: [bold]{url}[/] (the trainer only captures and ships rows)")
+    else:
+        proc, url = _start_sidecar(args, console)
+    status_url = url if url.startswith(("http://", "https://")) else None   # shm: no HTTP here
     seen: set[str] = set()
 
     def on_publish(snap: Snapshot, loss: float) -> None:
-        status = _sidecar_snapshot(url, run)
+        status = _sidecar_snapshot(status_url, run) if status_url else {}
         p = status.get("streams", {}).get("projector", {})
         alerts = [a["name"] for a in status.get("alerts", [])]
         for name in alerts:
@@ -149,25 +169,37 @@ def _demo_sidecar(args: argparse.Namespace) -> int:
     try:
         result: DemoResult = run_demo(steps=args.steps, collapse_at=collapse_at, seed=args.seed,
                                       device=args.device, every=args.every, port=None,
-                                      run=run, on_publish=on_publish, sink=url)
+                                      run=run, on_publish=on_publish, sink=url, token=token)
         time.sleep(1.0)                                   # let the last batches be scored
-        status = _sidecar_snapshot(url, run)
-        console.print(f"trained {args.steps} steps in {result.seconds:.1f} s; the sidecar "
-                      f"published step {status.get('step')} with alerts "
-                      f"{[a['name'] for a in status.get('alerts', [])]}")
+        status = _sidecar_snapshot(status_url, run) if status_url else {}
+        if status_url:
+            console.print(f"trained {args.steps} steps in {result.seconds:.1f} s; the sidecar "
+                          f"published step {status.get('step')} with alerts "
+                          f"{[a['name'] for a in status.get('alerts', [])]}")
+        else:
+            last = result.snapshots[-1] if result.snapshots else None
+            console.print(f"trained {args.steps} steps in {result.seconds:.1f} s; rows shipped "
+                          f"to {url} (dropped: {(last.dropped if last else None) or 0}); its "
+                          f"metrics are on the sidecar's /metrics")
         if args.linger > 0:
-            console.print(f"Sidecar keeps serving for {args.linger:g} s: {url}/ and {url}/metrics")
+            console.print(f"Lingering {args.linger:g} s (the sidecar at {url} keeps serving)")
             try:
                 time.sleep(args.linger)
             except KeyboardInterrupt:
                 pass
-        return 0 if status else 1
+        return 0 if (status if status_url else result.snapshots) else 1
     finally:
-        proc.terminate()                                  # type: ignore[attr-defined]
-        try:
-            proc.wait(10)                                 # type: ignore[attr-defined]
-        except Exception:
-            proc.kill()                                   # type: ignore[attr-defined]
+        if proc is not None:
+            _stop(proc)
+
+
+def _stop(proc: object) -> None:
+    """Terminate the sidecar child started by :func:`_start_sidecar` (kill after 10 s)."""
+    proc.terminate()                                      # type: ignore[attr-defined]
+    try:
+        proc.wait(10)                                     # type: ignore[attr-defined]
+    except Exception:
+        proc.kill()                                       # type: ignore[attr-defined]
 
 
 def _demo_plasticity(args: argparse.Namespace) -> int:
@@ -213,6 +245,15 @@ def _demo_plasticity(args: argparse.Namespace) -> int:
     return 0 if result.snapshots else 1
 
 
+def _manifests(args: argparse.Namespace) -> int:
+    """Write the generated Kubernetes manifests (PrometheusRule, dashboard ConfigMap)."""
+    from exporters.k8s import write_manifests
+
+    for path in write_manifests(args.out, runbook_base=args.runbook_base):
+        print(path)
+    return 0
+
+
 def _rules(args: argparse.Namespace) -> int:
     """Write the Prometheus alert rules rendered from the alert spec (stdout by default)."""
     from exporters.rules import render_yaml
@@ -226,22 +267,36 @@ def _rules(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_select(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """``repwatch select`` needs torch; without it (the sidecar image) the command says so."""
+def _dashboard(args: argparse.Namespace) -> int:
+    """Write the Grafana dashboard JSON generated from the catalogue (stdout by default)."""
+    from exporters.grafana import render_json
+
+    text = render_json()
+    if args.out in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    return 0
+
+
+def _grafana_push(args: argparse.Namespace) -> int:
+    """Push the dashboard (and with --alerts the alert rules) to Grafana; exit 2 on failure."""
+    from exporters.grafana import PushError, push, read_token
+
     try:
-        from monitor.select import add_parser
-    except ImportError as exc:
-        reason = str(exc)
-        p = sub.add_parser("select", help="rank runs without labels (needs torch)")
-        p.add_argument("paths", nargs="*")
-
-        def missing(_: argparse.Namespace) -> int:
-            print(f"repwatch select needs torch: {reason}", file=sys.stderr)
-            return 2
-
-        p.set_defaults(func=missing)
-        return
-    add_parser(sub)
+        result = push(args.url, read_token(args.token_file), folder=args.folder,
+                      alerts=args.alerts, insecure=args.insecure,
+                      datasource_uid=args.datasource_uid)
+    except PushError as exc:
+        print(f"repwatch grafana push: {exc}", file=sys.stderr)
+        return 2
+    print(f"folder {'created' if result.folder_created else 'exists'}; dashboard saved "
+          f"(version {result.dashboard_version}): {result.dashboard_url}")
+    if args.alerts:
+        print(f"alert rules: {len(result.rules_created)} created, "
+              f"{len(result.rules_updated)} updated")
+    return 0
 
 
 class _Given(argparse.Action):
@@ -284,8 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9400, help="HTTP port (0: any free; -1: none)")
-    demo.add_argument("--sink", action="store_true",
-                      help="sidecar mode: start `repwatch serve` and ship the rows there")
+    demo.add_argument("--sink", nargs="?", const="", default=None, metavar="URL",
+                      help="sidecar mode: ship the rows to the sidecar at URL (http://HOST:PORT "
+                           "or shm://NAME); without URL, start `repwatch serve` here")
+    demo.add_argument("--token-file", default=None, metavar="FILE",
+                      help="with --sink http(s)://...: file holding the sidecar's bearer token")
     demo.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                       help="keep serving the final state this long after training")
     demo.set_defaults(func=_demo, every_given=False)
@@ -298,8 +356,42 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "docs/runbooks.md)")
     rules.set_defaults(func=_rules)
 
+    manifests = sub.add_parser("manifests", help="render the generated files of the Kubernetes "
+                                                 "component (PrometheusRule, dashboard ConfigMap)")
+    manifests.add_argument("--out", default="deploy/k8s/components/repwatch", metavar="DIR",
+                           help="component directory (default: deploy/k8s/components/repwatch)")
+    manifests.add_argument("--runbook-base", default=None, metavar="URL",
+                           help="base of the runbook links (as for `repwatch rules`)")
+    manifests.set_defaults(func=_manifests)
+
+    dash = sub.add_parser("dashboard", help="render the Grafana dashboard from the catalogue")
+    dash.add_argument("--out", default=None, metavar="PATH",
+                      help="write here (default: stdout), e.g. "
+                           "deploy/grafana/dashboards/repwatch.json")
+    dash.set_defaults(func=_dashboard)
+
+    grafana = sub.add_parser("grafana", help="Grafana operations (needs the grafana extra)")
+    gsub = grafana.add_subparsers(dest="grafana_command", required=True)
+    gpush = gsub.add_parser("push", allow_abbrev=False,   # `--token x` must not mean a file
+                            help="create/update the repwatch folder and dashboard (and with "
+                                 "--alerts the Grafana-managed alert rules)")
+    gpush.add_argument("--url", required=True, help="Grafana base URL, e.g. http://grafana:3000")
+    gpush.add_argument("--token-file", required=True, metavar="FILE",
+                       help="file holding a service-account token (never pass it on argv)")
+    gpush.add_argument("--folder", default="repwatch", metavar="NAME",
+                       help="title of the folder (UID repwatch) created when missing")
+    gpush.add_argument("--alerts", action="store_true",
+                       help="also push the alert rules of the spec as Grafana-managed rules")
+    gpush.add_argument("--insecure", action="store_true",
+                       help="do not verify the server's TLS certificate")
+    gpush.add_argument("--datasource-uid", default="repwatch-prometheus", metavar="UID",
+                       help="Prometheus data source the alert rules query (default: the "
+                            "provisioned repwatch-prometheus)")
+    gpush.set_defaults(func=_grafana_push)
+
+    from monitor.select_cli import add_parser as add_select
     from monitor.sidecar.cli import add_parser as add_serve
-    _add_select(sub)
+    add_select(sub)
     add_serve(sub)
 
     args = parser.parse_args(argv)

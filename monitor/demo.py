@@ -64,11 +64,12 @@ def run_demo(steps: int = 600, collapse_at: int | None = None, seed: int = 0,
              monitor_enabled: bool = True, linger: float = 0.0,
              on_done: Callable[[DemoResult], None] | None = None,
              on_start: Callable[[str | None], None] | None = None,
-             sink: str | None = None) -> DemoResult:
+             sink: str | None = None, token: str | None = None) -> DemoResult:
     """Train SimSiam for ``steps`` steps with repwatch attached; no stop-gradient from
     ``collapse_at`` on (``None``: never; ``0``: the whole run). After training, the server keeps
     serving the final state for ``linger`` seconds (Ctrl-C ends it early). With ``sink`` (a
-    sidecar URL) the rows are shipped there and scored by the sidecar (sidecar mode)."""
+    sidecar URL, ``token`` its bearer token) the rows are shipped there and scored by the sidecar
+    (sidecar mode)."""
     from monitor.demo_model import build, train_step
 
     dev = pick_device(device)
@@ -76,7 +77,8 @@ def run_demo(steps: int = 600, collapse_at: int | None = None, seed: int = 0,
     result = DemoResult(model=setup.model)
     name = run or ("demo-collapse" if collapse_at is not None else "demo")
     mon = Monitor(run=name, every=every, max_rows=256, window=window,
-                  port=None if sink else port, host=host, sink=sink) if monitor_enabled else None
+                  port=None if sink else port, host=host, sink=sink,
+                  token=token if sink else None) if monitor_enabled else None
     t0 = time.perf_counter()
     try:
         if mon is not None:

@@ -34,9 +34,10 @@ def _binary(names: tuple[str, ...], package: str) -> str:
                 "installs it")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def prometheus() -> str:
-    """Path of the Prometheus server binary (Debian package prometheus)."""
+    """Path of the Prometheus server binary (Debian package prometheus); session-scoped so that
+    module fixtures can start one server for many tests."""
     return _binary(("prometheus",), "prometheus")
 
 

@@ -82,3 +82,15 @@ def test_plasticity_scenario_demo_runs() -> None:
     assert re.search(r"layer 1: dormant\(0\.1\) +0\.\d+", out.stdout)
     assert "RepwatchPlasticityLoss first fired at step" in out.stdout
     assert "first fired at step None" not in out.stdout
+
+
+def test_building_the_command_line_does_not_load_torch() -> None:
+    """`repwatch serve` (the torch-free sidecar image) parses its command line without torch;
+    `select`'s ranking code is imported only when `select` runs."""
+    code = ("import sys; from monitor import cli; import argparse\n"
+            "try:\n    cli.main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH"

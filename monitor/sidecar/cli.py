@@ -157,8 +157,9 @@ def serve(config: Any, shm: str | None = None) -> int:
     with ``shm`` (``NAME[?slots=N&slot_mb=M]``) also read the shared-memory ring ``NAME``."""
     import uvicorn
 
-    from monitor.sidecar.service import Sidecar, create_sidecar_app
+    from monitor.sidecar.service import Sidecar, create_sidecar_app, limit_native_threads
 
+    limit_native_threads(config.threads)
     try:
         sidecar = Sidecar(config)
     except ValueError as exc:                       # e.g. --device cuda without CUDA

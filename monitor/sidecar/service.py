@@ -118,6 +118,20 @@ class SidecarConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
+def limit_native_threads(threads: int) -> bool:
+    """Cap the BLAS/OpenMP thread pools of this process (numpy's eigendecomposition at publish)
+    at ``threads``, as ONNX Runtime is capped by :attr:`SidecarConfig.threads`. Without it
+    OpenBLAS runs one thread per core and spins them between calls: on 2 cores, 3.1 instead of
+    1.5 CPU ms per scored 256×128 batch (benchmarks/sidecar_throughput.py). Process-wide, so
+    ``repwatch serve`` calls it, not the library. False when ``threadpoolctl`` is missing."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return False
+    threadpool_limits(limits=threads)
+    return True
+
+
 class Backend(Protocol):
     """What the service needs from a scoring backend (torch now; ONNX Runtime later)."""
 
@@ -282,6 +296,7 @@ class Sidecar:
         self._scored: dict[tuple[str, str], int] = {}
         self._dropped: dict[tuple[str, str], int] = {}            # (run, reason)
         self._queued: dict[str, int] = {}                         # run → rows waiting
+        self._reserved = 0                                        # places held by readers
         self._rejected: dict[str, int] = {}
         self._errors = ErrorLog()
         self._stop = threading.Event()
@@ -300,20 +315,29 @@ class Sidecar:
     def saturated(self) -> bool:
         """True while the scoring queue is full (the shm ring reader then waits, see
         :class:`monitor.shm.ShmReader`, instead of having batches dropped as overload)."""
-        return self._queue.full()
+        with self._lock:
+            return self._queue.qsize() + self._reserved >= self.config.queue_batches
 
-    async def room(self, timeout: float) -> bool:
-        """Wait, without blocking the event loop, at most ``timeout`` s while the scoring queue
-        is full; True when there is room. Called before a request's body is read, so a burst
-        waits on the socket instead of being read, refused with 429 and sent again."""
-        if not self._queue.full():
-            return True
+    async def reserve(self, timeout: float) -> bool:
+        """Reserve a place in the scoring queue, waiting without blocking the event loop at most
+        ``timeout`` s while it is full; True when reserved (pass ``reserved=True`` to
+        :meth:`submit`, or :meth:`release` it). Called before a request's body is read, so a
+        burst waits on its socket instead of being read, refused with 429 and sent again; the
+        reservation keeps concurrent waiters from all taking the one place that frees up."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
+            with self._lock:
+                if self._queue.qsize() + self._reserved < self.config.queue_batches:
+                    self._reserved += 1
+                    return True
+            if time.monotonic() >= deadline:
+                return False
             await asyncio.sleep(0.002)
-            if not self._queue.full():
-                return True
-        return False
+
+    def release(self) -> None:
+        """Give back a reservation that will not be submitted (a request that failed)."""
+        with self._lock:
+            self._reserved -= 1
 
     def reject(self, reason: str) -> None:
         """Count a request refused before its rows were parsed."""
@@ -339,11 +363,14 @@ class Sidecar:
             self._admit_locked(run, stream)
 
     def submit(self, run: str, stream: str, rows: np.ndarray, labels: np.ndarray | None,
-               step: int | None) -> None:
-        """Queue a parsed batch for scoring, or raise :class:`Rejected` (409, 429)."""
+               step: int | None, *, reserved: bool = False) -> None:
+        """Queue a parsed batch for scoring, or raise :class:`Rejected` (409, 429). With
+        ``reserved`` it uses (and always consumes) a place taken by :meth:`reserve`."""
         batch = _Batch(run, stream, rows, labels, step)
         b, d = batch.b, int(rows.shape[1])
         with self._lock:
+            if reserved:
+                self._reserved -= 1
             self._admit_locked(run, stream)
             streams = self._dims.setdefault(run, {})
             first = streams.setdefault(stream, d)
@@ -354,6 +381,8 @@ class Sidecar:
                                f"batch); got rows of dimension {d}. Use another stream name for "
                                "another layer")
             try:
+                if not reserved and self._queue.qsize() + self._reserved >= self.config.queue_batches:
+                    raise queue.Full                      # the free places are reserved
                 self._queue.put_nowait(batch)
             except queue.Full:
                 self._account_locked(run, stream, b, dropped={"overload": b})
@@ -658,29 +687,37 @@ def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) ->
                 raise Rejected(exc.status, "unsupported" if exc.status == 415 else "bad_request",
                                exc.message) from None
             sc.admit(run, stream)
-            await sc.room(config.admit_wait_seconds)
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > config.max_body_bytes:
-                    raise Rejected(413, "too_large", f"body over the limit of "
-                                   f"{config.max_body_bytes} bytes")
+            reserved = await sc.reserve(config.admit_wait_seconds)
             try:
-                if len(body) <= _INLINE_DECODE_BYTES:      # a copy of ≤ 1 MiB: not worth a thread
-                    rows, labels, step = protocol.decode_batch(
-                        headers, body, max_rows=config.max_rows_per_batch, max_dim=config.max_dim)
-                else:
-                    rows, labels, step = await run_in_threadpool(
-                        protocol.decode_batch, headers, body,
-                        max_rows=config.max_rows_per_batch, max_dim=config.max_dim)
-            except ProtocolError as exc:
-                raise Rejected(exc.status, "unsupported" if exc.status == 415 else "bad_request",
-                               exc.message) from None
-            del body
-            sc.submit(run, stream, rows, labels, step)
+                rows, labels, step = await _read_batch(request, headers)
+                held, reserved = reserved, False          # submit consumes it, even on raise
+                sc.submit(run, stream, rows, labels, step, reserved=held)
+            finally:
+                if reserved:
+                    sc.release()
         except Rejected as exc:
             raise fail(exc) from None
         return BatchAccepted(run=run, stream=stream, rows=int(rows.shape[0]), step=step)
+
+    async def _read_batch(request: Request, headers: Any
+                          ) -> tuple[np.ndarray, np.ndarray | None, int | None]:
+        """Read the body (its size checked while it streams in) and decode it."""
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > config.max_body_bytes:
+                raise Rejected(413, "too_large", f"body over the limit of "
+                               f"{config.max_body_bytes} bytes")
+        try:
+            if len(body) <= _INLINE_DECODE_BYTES:          # a copy of ≤ 1 MiB: not worth a thread
+                return protocol.decode_batch(headers, body, max_rows=config.max_rows_per_batch,
+                                             max_dim=config.max_dim)
+            return await run_in_threadpool(protocol.decode_batch, headers, body,
+                                           max_rows=config.max_rows_per_batch,
+                                           max_dim=config.max_dim)
+        except ProtocolError as exc:
+            raise Rejected(exc.status, "unsupported" if exc.status == 415 else "bad_request",
+                           exc.message) from None
 
     @app.get("/v1/runs", summary="Status of every run: streams, last step, latest values, "
                                  "firing alerts")

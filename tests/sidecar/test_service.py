@@ -389,6 +389,23 @@ def test_a_full_queue_is_waited_on_briefly_before_429(make: Factory) -> None:
     assert 0.2 < waited < 4.0
     assert sc.wait_idle()
     assert _balance(sc) == (18, 18, 0)
+    assert not sc.saturated and sc._reserved == 0               # every reservation returned
+
+
+def test_reservations_are_returned_on_every_path(make: Factory) -> None:
+    """A reserved place comes back whether the request is queued, refused after its body was
+    read (409 dimension, 400 bad body) or its queue place was never needed."""
+    client, sc = make(StubBackend(), queue_batches=2, admit_wait_seconds=1.0)
+    assert _post(client, _rows(3, 4)).status_code == 202
+    assert _post(client, _rows(3, 5)).status_code == 409            # dimension change
+    headers, body = encode_batch(_rows(3, 4))
+    r = client.post(_url(), headers=headers, content=body[:-4])    # body shorter than its shape
+    assert r.status_code == 400
+    assert sc.wait_idle()
+    assert sc._reserved == 0 and not sc.saturated
+    for _ in range(5):                                               # places still all usable
+        assert _post(client, _rows(3, 4)).status_code == 202
+        assert sc.wait_idle()
 
 
 def test_worker_survives_backend_errors(make: Factory) -> None:
