@@ -69,6 +69,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, default=1,
                    help="CPU threads of the ONNX Runtime scorer (default 1: a sidecar shares "
                         "the pod's cores with training)")
+    p.add_argument("--io-binding", choices=("auto", "on", "off"), default="auto",
+                   help="ONNX backend: keep the window sums on the device with I/O binding "
+                        "(auto: with the CUDA execution provider)")
     p.add_argument("--shm", default=None, metavar="NAME",
                    help="also read batches from the shared-memory ring NAME (created here, "
                         "unlinked on exit) for trainers on this host with sink='shm://NAME'; "
@@ -138,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
             max_rows_per_batch=args.max_rows_per_batch, max_dim=args.max_dim,
             max_streams_per_run=args.max_streams_per_run, max_runs=args.max_runs,
             queue_batches=args.queue_batches, admit_wait_seconds=args.admit_wait,
-            threads=args.threads)
+            threads=args.threads,
+            io_binding={"auto": None, "on": True, "off": False}[args.io_binding])
     except ValueError as exc:
         return _fail(str(exc))
     return serve(config) if shm is None else serve(config, shm=shm)

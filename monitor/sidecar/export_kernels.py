@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from monitor.functional.moments import clean_rows, window_delta
 from monitor.functional.qscore import qscore
-from monitor.sidecar.kernels import INPUTS, MODEL_PATH, OUTPUTS
+from monitor.sidecar.kernels import (ACCUMULATE_PATH, INPUTS, MODEL_PATH, OUTPUTS,
+                                     build_accumulate_model)
 
 
 class BatchKernel(nn.Module):
@@ -53,10 +54,23 @@ def export(out: str | Path = MODEL_PATH) -> Path:
     return out
 
 
+def export_accumulate(out: str | Path = ACCUMULATE_PATH) -> Path:
+    """Write ``accumulate.onnx`` (the I/O-binding path's on-device sum update)."""
+    import onnx
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(build_accumulate_model(), str(out))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(MODEL_PATH))
-    print(export(parser.parse_args().out))
+    parser.add_argument("--accumulate-out", default=str(ACCUMULATE_PATH))
+    args = parser.parse_args()
+    print(export(args.out))
+    print(export_accumulate(args.accumulate_out))
 
 
 if __name__ == "__main__":

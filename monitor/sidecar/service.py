@@ -74,7 +74,8 @@ class SidecarConfig:
     when set. ``queue_batches``: capacity of the scoring queue (429 beyond it);
     ``admit_wait_seconds``: how long a POST waits for room in a full queue before its body is
     read (short bursts are absorbed instead of answered 429 and re-sent). ``threads``:
-    intra-op threads of the ONNX Runtime backend (a sidecar shares the pod's cores).
+    intra-op threads of the ONNX Runtime backend (a sidecar shares the pod's cores);
+    ``io_binding``: the ONNX backend keeps the window sums on the device (None: with CUDA only).
     """
 
     host: str = "127.0.0.1"
@@ -94,6 +95,7 @@ class SidecarConfig:
     admit_wait_seconds: float = 0.25
     retry_after_seconds: int = 1
     threads: int = 1
+    io_binding: bool | None = None
     rules: Sequence[AlertRule] = DEFAULT_RULES
     monitor_options: dict[str, Any] = field(default_factory=dict)
 
@@ -107,6 +109,8 @@ class SidecarConfig:
         wait = self.admit_wait_seconds
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 60:
             raise ValueError(f"admit_wait_seconds must be a number in [0, 60], got {wait!r}")
+        if self.io_binding not in (None, True, False):
+            raise ValueError(f"io_binding must be None, True or False, got {self.io_binding!r}")
         if self.window < 2:
             raise ValueError(f"window must be >= 2, got {self.window}")
         if self.token is not None and (not isinstance(self.token, str) or not self.token.strip()):

@@ -100,3 +100,73 @@ def test_bad_input_and_missing_model(kernel: OnnxBatchKernel, tmp_path: Path) ->
     with pytest.raises(FileNotFoundError, match="export_kernels"):
         OnnxBatchKernel(tmp_path / "nope.onnx")
     assert MODEL_PATH.is_file()
+
+
+@pytest.fixture(scope="module")
+def bound() -> OnnxBatchKernel:
+    return OnnxBatchKernel(device="cpu", io_binding=True)
+
+
+def test_io_binding_step_equals_the_plain_kernel(kernel: OnnxBatchKernel,
+                                                 bound: OnnxBatchKernel) -> None:
+    """The I/O-binding path (sums kept as device values, deltas added by accumulate.onnx)
+    gives the plain path's outputs and the running sums of its deltas, batch after batch."""
+    assert bound.io_binding and not kernel.io_binding
+    rng = np.random.default_rng(1)
+    d = 12
+    sums = bound.zeros(d)
+    ref = [np.zeros((d, d)), np.zeros(d), np.zeros(d), np.zeros(d)]
+    for step in range(6):
+        new = rng.standard_normal((40 + step, d)).astype(np.float32)
+        if step == 2:
+            new[3] = np.nan
+        old = rng.standard_normal((5 * step, d)).astype(np.float32)
+        plain = kernel(new, old)
+        rows, sums = bound.step(new, old, sums)
+        for key in ("rows", "valid", "q"):
+            np.testing.assert_array_equal(getattr(rows, key), getattr(plain, key), err_msg=key)
+        assert rows.nonfinite == plain.nonfinite
+        for k, delta in enumerate((plain.ds, plain.dz, plain.dn, plain.dnsq)):
+            ref[k] = ref[k] + delta
+        for got, want in zip(sums.numpy(), ref, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-12)
+    ring = rng.standard_normal((30, d)).astype(np.float32)             # a rebuild
+    _, rebuilt = bound.step(ring, np.zeros((0, d), np.float32), None)
+    plain = kernel(ring, np.zeros((0, d), np.float32))
+    for got, want in zip(rebuilt.numpy(), (plain.ds, plain.dz, plain.dn, plain.dnsq), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(RuntimeError, match="io_binding=True"):
+        kernel.step(ring, ring, None)
+    with pytest.raises(ValueError, match="same d"):
+        bound.step(np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32), None)
+
+
+def test_shipped_accumulate_model_matches_a_fresh_build(tmp_path: Path) -> None:
+    import onnx
+
+    from monitor.sidecar.kernels import ACCUMULATE_PATH, build_accumulate_model
+
+    shipped = onnx.load(str(ACCUMULATE_PATH))
+    assert shipped.SerializeToString() == build_accumulate_model().SerializeToString()
+    onnx.checker.check_model(shipped, full_check=True)
+
+
+@pytest.mark.cuda
+def test_io_binding_on_the_cuda_execution_provider(kernel: OnnxBatchKernel) -> None:
+    """With onnxruntime-gpu and a GPU: the default kernel binds (sums on the GPU) and agrees
+    with the CPU kernel."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with a visible GPU")
+    gpu = OnnxBatchKernel(device="cuda")
+    assert gpu.io_binding and gpu.providers[0] == "CUDAExecutionProvider"
+    rng = np.random.default_rng(2)
+    new = rng.standard_normal((512, 64)).astype(np.float32)
+    old = rng.standard_normal((512, 64)).astype(np.float32)
+    sums = gpu.zeros(64)
+    for _ in range(3):
+        rows, sums = gpu.step(new, old, sums)
+    plain = kernel(new, old)
+    np.testing.assert_allclose(sums.numpy()[0], 3 * plain.ds, rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(rows.q, plain.q, rtol=1e-5, equal_nan=True)

@@ -268,3 +268,32 @@ def test_labels_over_http_reach_metrics() -> None:
                 if x.startswith('repwatch_neural_collapse_nc1{run="r",stream="feat"}'))
     assert float(line.split()[-1]) == pytest.approx(streams["neural_collapse_nc1"], rel=1e-12)
     assert streams["labels_out_of_range"] == 2 * 2            # batches of steps 1 and 2
+
+
+def test_io_binding_backend_equals_the_plain_backend() -> None:
+    """`--io-binding on` (sums kept as ONNX Runtime values, here on the CPU) publishes the same
+    values as the plain ONNX backend, across window wraps and the periodic exact rebuild."""
+    def run(io_binding: bool) -> list:  # type: ignore[type-arg]
+        config = SidecarConfig(every=10, window=256, device="cpu", io_binding=io_binding,
+                               monitor_options={"peak_warmup": 10})
+        backend = OnnxBackend(config)
+        assert backend.kernel.io_binding is io_binding
+        for i, (stream, rows, step) in enumerate(_batches(collapse_after=30)):
+            backend.ingest("r", stream, rows, None, step)
+            if i == 0:                                   # exact rebuilds every 3rd wrap (of 20)
+                backend._runs["r"].streams["enc"].rebuild_every_wraps = 3
+        assert backend._runs["r"].streams["enc"].wraps >= 6
+        backend.ingest("r", "enc", _batches()[0][1], None, 50)
+        snaps = backend.history("r")
+        backend.close()
+        return snaps
+
+    plain, bound = run(False), run(True)
+    assert [s.step for s in plain] == [s.step for s in bound] == [10, 20, 30, 40, 50]
+    for a, b in zip(bound, plain, strict=True):
+        for key, ref in b.streams["enc"].items():
+            got = a.streams["enc"][key]
+            assert (math.isnan(got) and math.isnan(ref)) or got == pytest.approx(
+                ref, rel=1e-9, abs=1e-12), (a.step, key)
+    assert [a.name for a in bound[-1].alerts] == [a.name for a in plain[-1].alerts]
+    assert "RepwatchRepresentationCollapse" in [a.name for a in bound[-1].alerts]

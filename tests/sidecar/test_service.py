@@ -589,12 +589,15 @@ def test_cli_builds_the_config(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(sidecar_cli, "serve", lambda config: seen.append(config) or 0)
     args = _parse(["serve", "--host", "0.0.0.0", "--port", "0", "--token-file", str(token),
                    "--max-body-mb", "0.5", "--queue-batches", "3", "--every", "7",
-                   "--max-streams-per-run", "5", "--max-runs", "6", "--device", "cpu"])
+                   "--max-streams-per-run", "5", "--max-runs", "6", "--device", "cpu",
+                   "--admit-wait", "0.5", "--io-binding", "on"])
     assert sidecar_cli.run(args) == 0
     (config,) = seen
     assert (config.token, config.host, config.max_body_bytes, config.queue_batches,
-            config.every, config.max_streams_per_run, config.max_runs, config.device) == (
-        "abc123", "0.0.0.0", 524288, 3, 7, 5, 6, "cpu")
+            config.every, config.max_streams_per_run, config.max_runs, config.device,
+            config.admit_wait_seconds, config.io_binding) == (
+        "abc123", "0.0.0.0", 524288, 3, 7, 5, 6, "cpu", 0.5, True)
+    assert sidecar_cli.run(_parse(["serve", "--admit-wait", "-1"])) == 2     # clear error
     with pytest.raises(SystemExit):
         _parse(["serve", "--port", "70000"])
 
