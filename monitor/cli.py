@@ -254,30 +254,28 @@ def _manifests(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_out(text: str, out: str | None) -> int:
+    """Write a generated file to ``out`` (stdout for None or '-')."""
+    if out in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text)
+    return 0
+
+
 def _rules(args: argparse.Namespace) -> int:
     """Write the Prometheus alert rules rendered from the alert spec (stdout by default)."""
     from exporters.rules import render_yaml
 
-    text = render_yaml(runbook_base=args.runbook_base)
-    if args.out in (None, "-"):
-        sys.stdout.write(text)
-    else:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
-    return 0
+    return _write_out(render_yaml(runbook_base=args.runbook_base), args.out)
 
 
 def _dashboard(args: argparse.Namespace) -> int:
     """Write the Grafana dashboard JSON generated from the catalogue (stdout by default)."""
     from exporters.grafana import render_json
 
-    text = render_json()
-    if args.out in (None, "-"):
-        sys.stdout.write(text)
-    else:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
-    return 0
+    return _write_out(render_json(), args.out)
 
 
 def _grafana_push(args: argparse.Namespace) -> int:

@@ -4,34 +4,22 @@ no torch, and the exact command it runs starts and becomes ready with torch unim
 
 from __future__ import annotations
 
-import json
-import re
 import shlex
 from pathlib import Path
 
 import httpx
 
+from tests.deploy.manifests import dockerfile_instructions, exec_form
 from tests.torchless_serve import free_port, serve_without_torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = (ROOT / "Dockerfile").read_text()
 
 
 def _instructions() -> list[tuple[str, str]]:
-    joined = re.sub(r"\\\n\s*", " ", TEXT)                    # line continuations
-    out = []
-    for line in joined.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
+    return dockerfile_instructions(ROOT / "Dockerfile")
 
 
-def _exec_form(rest: str) -> list[str]:
-    value = json.loads(rest)
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value), rest
-    return value
+_exec_form = exec_form
 
 
 def test_structure() -> None:
