@@ -133,8 +133,25 @@ def _shm_client(part: tuple[str, list[tuple[dict[str, str], bytes]]]) -> int:
     return waits
 
 
+def _cores(spec: str | None) -> set[int] | None:
+    """'0,1' or '2-5' → a CPU set (None: no pinning)."""
+    if not spec:
+        return None
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out |= set(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _pin(cores: set[int] | None) -> None:
+    if cores:
+        os.sched_setaffinity(0, cores)
+
+
 def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: int,
-                     client: str = "httpx") -> tuple[float, float]:
+                     client: str = "httpx", client_cores: set[int] | None = None
+                     ) -> tuple[float, float]:
     """(rows/s, CPU ms per batch of this process) through a real uvicorn."""
     sidecar = Sidecar(config)
     server = BackgroundServer(create_sidecar_app(config, sidecar), "127.0.0.1", 0)
@@ -155,7 +172,7 @@ def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: 
         work, parts = _raw_client, [(host, int(port), requests[k::clients]) for k in range(clients)]
     else:
         work, parts = _client, [(server.url + path, bodies[k::clients]) for k in range(clients)]
-    with mp.get_context("spawn").Pool(clients) as pool:
+    with mp.get_context("spawn").Pool(clients, initializer=_pin, initargs=(client_cores,)) as pool:
         pool.map(_ping, [server.url] * clients)                         # start-up off the clock
         c0, t0 = _cpu(), time.perf_counter()
         retries = sum(pool.map(work, parts))
@@ -187,18 +204,26 @@ def main() -> None:
     p.add_argument("--client", choices=("httpx", "raw", "shm"), default="httpx")
     p.add_argument("--admit-wait", type=float, default=0.25,
                    help="seconds a POST waits for room in a full queue (the service default)")
+    p.add_argument("--server-cores", default=None, metavar="LIST",
+                   help="pin this process (server + scorer, and score-only) to these CPUs, "
+                        "e.g. 0,1 (a sidecar's share of a node)")
+    p.add_argument("--client-cores", default=None, metavar="LIST",
+                   help="pin the client processes to these CPUs, e.g. 2-5 (the trainer's)")
     args = p.parse_args()
+    _pin(_cores(args.server_cores))
     config = SidecarConfig(backend=args.backend, device="cpu", every=args.every, window=4096,
                            queue_batches=64, admit_wait_seconds=args.admit_wait)
     limit_native_threads(config.threads)                             # as `repwatch serve` does
     batches = _batches(args.batches, args.rows, args.dim)
     score_only(config, batches[:20])                                   # warm-up
     base, base_cpu = score_only(config, batches)
-    full, full_cpu = ingest_and_score(config, batches, args.clients, args.client)
+    full, full_cpu = ingest_and_score(config, batches, args.clients, args.client,
+                                      _cores(args.client_cores))
     print(f"{platform.machine()} CPU ({os.cpu_count()} cores), backend {args.backend}, "
           f"{args.batches} batches of {args.rows}×{args.dim} float32, "
           f"{1 if args.client == 'shm' else args.clients} {args.client} client process(es), "
-          f"publish every {args.every}, admit wait {args.admit_wait} s")
+          f"publish every {args.every}, admit wait {args.admit_wait} s, server cores "
+          f"{args.server_cores or 'any'}, client cores {args.client_cores or 'any'}")
     print(f"score-only {base:,.0f} rows/s   ingest+score {full:,.0f} rows/s   "
           f"ratio {full / base:.2f}")
     print(f"CPU per batch: score-only {base_cpu:.2f} ms   sidecar (HTTP + scoring) "
