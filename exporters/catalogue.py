@@ -2,7 +2,8 @@
 
 Names follow Prometheus conventions: ``repwatch_`` prefix, base units, ratios in 0–1, ``_total``
 only on counters, bounded labels (``run``, ``stream``, ``component``, ``alertname``,
-``severity``; never a step or a sample id). ``signal`` is the key of the value in a
+``severity``; never a step or a sample id). A per-rank publish (``Monitor(per_rank=True)``
+under torch.distributed) adds a ``rank`` label to every sample. ``signal`` is the key of the value in a
 :class:`monitor.snapshot.Snapshot`; ``source`` says where in the snapshot it lives.
 """
 

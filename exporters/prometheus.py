@@ -39,6 +39,14 @@ class RepwatchCollector(Collector):
         snap = self._source()
         if snap is None:
             return
+        rank = getattr(snap, "rank", None)
+        for family in self._families(snap):
+            if rank is not None:    # Monitor(per_rank=True): every sample gets its rank label
+                for sample in family.samples:
+                    sample.labels["rank"] = str(rank)
+            yield family
+
+    def _families(self, snap: Snapshot) -> Iterator[Metric]:
         for spec in CATALOGUE:
             if spec.source == "sidecar":
                 continue            # the sidecar service's own collector exports these

@@ -7,6 +7,8 @@ synchronise the device: every size used here comes from tensor shapes.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -80,8 +82,45 @@ def subsample(rows: Tensor, max_rows: int, generator: torch.Generator
     return rows.index_select(0, idx), idx
 
 
+_LIVE: weakref.WeakValueDictionary[int, Capture] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+def _compiling() -> bool:
+    """True while torch.compile (Dynamo) traces the code that calls this."""
+    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(check())
+
+
+if hasattr(torch.library, "custom_op"):                                 # torch >= 2.4
+    @torch.library.custom_op("repwatch::capture", mutates_args=())
+    def _capture_op(t: Tensor, key: int) -> None:
+        """Inside a compiled graph: hand ``t`` to capture ``key`` (runs eagerly, outside the
+        graph, so the hook costs no graph break and works under ``fullgraph=True``)."""
+        capture = _LIVE.get(key)
+        if capture is not None:
+            capture._process(t, selected=True)
+
+    @_capture_op.register_fake
+    def _capture_fake(t: Tensor, key: int) -> None:
+        return None
+
+    if hasattr(torch.fx.node, "has_side_effect"):    # not dead code to the graph compilers
+        torch.fx.node.has_side_effect(torch.ops.repwatch.capture.default)
+    _COMPILED_CAPTURE: Callable[[Tensor, int], None] | None = torch.ops.repwatch.capture
+else:  # pragma: no cover - older torch: Dynamo traces the hook itself (graph breaks)
+    _COMPILED_CAPTURE = None
+
+
 class Capture:
-    """A forward hook feeding one stream of a :class:`~monitor.monitor.Monitor`."""
+    """A forward hook feeding one stream of a :class:`~monitor.monitor.Monitor`.
+
+    Under ``torch.compile`` the hook only picks the tensor and calls the opaque custom op
+    ``repwatch::capture``, which does the work at run time: the compiled graph keeps one node
+    for it, with no graph break (``fullgraph=True`` works) and the same rows as eager mode.
+    """
+
+    component = "capture"
 
     def __init__(self, monitor: Monitor, stream: str, module: nn.Module,
                  select: Callable[[Any], Tensor] | None = None, tokens: Tokens = "mean") -> None:
@@ -94,30 +133,51 @@ class Capture:
         self.select = select
         self.tokens: Tokens = tokens
         self.enabled = True
+        self._key = next(_KEYS)
+        _LIVE[self._key] = self
         self._handle = module.register_forward_hook(self)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.enabled:
+        if _COMPILED_CAPTURE is not None and _compiling():
+            t = self._tensor(output)
+            if t is not None:
+                _COMPILED_CAPTURE(t.detach(), self._key)
             return None
+        self._process(output, selected=False)
+        return None
+
+    def _tensor(self, output: Any) -> Tensor | None:
+        return self.select(output) if self.select is not None else first_tensor(output)
+
+    def _take(self, t: Tensor) -> None:
+        self.monitor._ingest(self.stream, t, self.tokens, from_hook=True)
+
+    def _process(self, output: Any, selected: bool) -> None:
+        """Capture ``output`` (the module's output, or the picked tensor when ``selected``);
+        errors are counted, never raised into training (unless ``strict``)."""
+        if not self.enabled:
+            return
         try:
             with torch.no_grad():
-                t = self.select(output) if self.select is not None else first_tensor(output)
+                t = output if selected else self._tensor(output)
                 if t is None:
                     raise TypeError(f"module output of type {type(output).__name__} holds no "
-                                    "floating-point tensor; pass select=")
-                self.monitor._ingest(self.stream, t.detach(), self.tokens, from_hook=True)
+                                    "floating-point tensor"
+                                    + ("; pass select=" if self.component == "capture" else ""))
+                self._take(t.detach())
         except Exception as exc:  # never reaches training
-            self.monitor._errors.record("capture", exc, key=f"capture[{self.stream}]")
+            self.monitor._errors.record(self.component, exc,
+                                        key=f"{self.component}[{self.stream}]")
             if not isinstance(exc, (ValueError, TypeError)):
                 self.enabled = False  # unexpected failure: switch this hook off
             if self.monitor.strict:
                 raise
-        return None
 
     def remove(self) -> None:
         """Detach the hook from its module."""
         self._handle.remove()
         self.enabled = False
+        _LIVE.pop(self._key, None)
 
 
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -129,20 +189,10 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
 class ActivationCapture(Capture):
     """A forward hook feeding one activation layer's plasticity statistics."""
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.enabled:
-            return None
-        try:
-            with torch.no_grad():
-                t = first_tensor(output)
-                if t is None:
-                    raise TypeError(f"activation output of type {type(output).__name__} holds "
-                                    "no floating-point tensor")
-                self.monitor._ingest_activations(self.stream, t.detach())
-        except Exception as exc:  # never reaches training
-            self.monitor._errors.record("activations", exc, key=f"activations[{self.stream}]")
-            if not isinstance(exc, (ValueError, TypeError)):
-                self.enabled = False
-            if self.monitor.strict:
-                raise
-        return None
+    component = "activations"
+
+    def _tensor(self, output: Any) -> Tensor | None:
+        return first_tensor(output)
+
+    def _take(self, t: Tensor) -> None:
+        self.monitor._ingest_activations(self.stream, t)

@@ -79,7 +79,7 @@ class Monitor:
         max_rows: at most this many rows per captured batch (uniform subsample, own RNG).
         window: rows in each stream's sliding scoring window.
         port: HTTP port for ``/metrics`` and the status page (0: any free port; None: no server).
-            Only local rank 0 (``LOCAL_RANK``) serves.
+            Only local rank 0 (``LOCAL_RANK``, else ``rank % LOCAL_WORLD_SIZE``) serves.
         host: address to bind (loopback by default).
         tokens: default reduction of ``(b, T, d)`` token outputs: ``"mean"``, ``"cls"``, ``"all"``.
         seed: seed of the monitor's own sampling generator.
@@ -107,6 +107,11 @@ class Monitor:
             Activation layers and weights (``watch_activations``, ``watch_weights``) and
             ``predictions=`` are not shipped and stay local.
         token: bearer token of the sidecar (with a URL ``sink``).
+        per_rank: under ``torch.distributed``, publish each rank's own values (no reduction)
+            with a ``rank`` label, every rank serving on ``port + local rank``. By default
+            (False) every publish reduces the scorers' sufficient statistics across ranks
+            (:mod:`monitor.distributed`): every rank's Snapshot holds the exact global values
+            and only local rank 0 serves.
     """
 
     def __init__(self, run: str = "default", every: int = 10, max_rows: int = 256,
@@ -118,7 +123,7 @@ class Monitor:
                  qscore: bool | dict[str, Any] = True,
                  dormant_taus: Sequence[float] = (0.0, 0.025, 0.1), max_classes: int = 1000,
                  nc1_depth_threshold: float = 0.1, sink: Any = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, per_rank: bool = False) -> None:
         self.run = _check_name("run", run)
         self.every = _check_int("every", every, 1)
         self.max_rows = _check_int("max_rows", max_rows, 1)
@@ -174,8 +179,16 @@ class Monitor:
         elif token is not None:
             raise ValueError("token= is only used together with sink=")
         # --- end sidecar mode
-        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-        if port is not None and local_rank == 0:
+        from monitor.distributed import GlobalReducer, local_rank
+
+        self.per_rank = bool(per_rank)
+        self._reducer = GlobalReducer(self._errors)
+        here = local_rank()
+        if port is not None and self.per_rank and port != 0:
+            port += here
+            if port > 65535:
+                raise ValueError(f"port + local rank ({port}) must be at most 65535")
+        if port is not None and (self.per_rank or here == 0):
             from monitor.server import BackgroundServer, create_app
 
             app = create_app(lambda: self._latest, lambda: list(self._history), self.rules)
@@ -196,7 +209,9 @@ class Monitor:
         if not isinstance(module, nn.Module):
             raise TypeError(f"watch() needs a torch.nn.Module, got {type(module).__name__}")
         if name is None:
-            name = type(module).__name__.lower()
+            from monitor.distributed import unwrap
+
+            name = type(unwrap(module)).__name__.lower()   # DDP(model) → the model's type
             taken = {c.stream for c in self._captures}
             base, i = name, 1
             while name in taken:
@@ -234,23 +249,30 @@ class Monitor:
         """Track plasticity of ``model``'s activation layers (Lyle; Sokar; Dohare).
 
         Finds every module of ``types`` (ReLU, GELU, SiLU, ...) or takes ``names`` (module
-        paths as in ``model.named_modules()``). Per layer: τ-dormant fractions, low-activity
+        paths as in ``model.named_modules()``, with or without the ``module.`` /
+        ``_fsdp_wrapped_module.`` / ``_orig_mod.`` segments of DDP, FSDP and ``torch.compile``
+        wrappers; layers are named without them). Per layer: τ-dormant fractions, low-activity
         and never-active fractions, and the effective rank / srank of the activations. A module
         object used at several places of the forward pass is one layer; give each place its
         own module (or use names) for per-place statistics.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch_activations() needs a torch.nn.Module, got {type(model).__name__}")
+        from monitor.distributed import named_modules
+
+        # names without DDP/FSDP/torch.compile wrapper segments ("module.", "_orig_mod.", ...)
+        unwrapped = dict(named_modules(model))
         if names is not None:
             found = []
             for n in names:
                 try:
-                    found.append((n, model.get_submodule(n)))
+                    mod = unwrapped[n] if n in unwrapped else model.get_submodule(n)
                 except AttributeError:
                     raise ValueError(f"no submodule {n!r} in {type(model).__name__}; modules: "
-                                     f"{[k for k, _ in model.named_modules() if k][:20]}") from None
+                                     f"{list(unwrapped)[:20]}") from None
+                found.append((next((k for k, v in unwrapped.items() if v is mod), n), mod))
         else:
-            found = [(n, m) for n, m in model.named_modules() if n and isinstance(m, types)]
+            found = [(n, m) for n, m in unwrapped.items() if isinstance(m, types)]
             if not found:
                 raise ValueError(f"no activation modules of types {[t.__name__ for t in types]} "
                                  f"in {type(model).__name__}; pass names=")
@@ -463,7 +485,10 @@ class Monitor:
         t0 = time.perf_counter()
         with self._lock:
             try:
-                result = self._engine.compute(step=self._step)
+                if self.per_rank or self.sink is not None:
+                    result = self._engine.compute(step=self._step)
+                else:   # all ranks reduce here (same cadence); single process: engine.compute
+                    result = self._reducer.compute(self._engine, step=self._step)
             except Exception as exc:
                 self._errors.record("publish", exc)
                 if self.strict:
@@ -489,7 +514,8 @@ class Monitor:
                             dropped=({k: float(v) for k, v in self.sink.counts().items()}
                                      if self.sink is not None else {}),
                             errors=self._errors.counts(),
-                            publish_duration_seconds=time.perf_counter() - t0)
+                            publish_duration_seconds=time.perf_counter() - t0,
+                            rank=self._rank_label())
             self._latest = snap
             self._history.append(snap)
         for alert in fired:
@@ -512,6 +538,14 @@ class Monitor:
             except Exception as exc:
                 self._errors.record("log", exc)
         return snap
+
+    def _rank_label(self) -> int | None:
+        """The ``rank`` label of a per-rank publish (None: global values, no label)."""
+        if not self.per_rank:
+            return None
+        from monitor.distributed import global_rank
+
+        return global_rank()
 
     def _effective_depth(self, result: Any) -> None:
         """NC1 "effective depth": first stream in watch order with NC1 below the threshold."""

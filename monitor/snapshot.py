@@ -101,6 +101,8 @@ class Snapshot:
     alerts: list[Alert] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     publish_duration_seconds: float = 0.0
+    rank: int | None = None
+    """The global rank of a per-rank publish (``Monitor(per_rank=True)``); None otherwise."""
 
     def get(self, name: str, stream: str | None = None, *, layer: str | None = None,
             param: str | None = None, **labels: object) -> float:
@@ -171,4 +173,6 @@ class Snapshot:
         }
         if spectra:
             out["spectra"] = self.spectra
+        if self.rank is not None:
+            out["rank"] = self.rank
         return out

@@ -1,0 +1,122 @@
+"""Hugging Face ``transformers.Trainer`` callback: a Monitor attached for the length of ``train``.
+
+>>> from monitor.integrations.transformers import RepwatchCallback
+>>> cb = RepwatchCallback(layers=["bert.encoder.layer.1"], run="ft", every=10, port=9400)  # doctest: +SKIP
+>>> Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb]).train()         # doctest: +SKIP
+
+Checkpoints: ``Trainer`` saves a callback's state only through ``ExportableState``, as JSON in
+``trainer_state.json``, and restores it by calling the callback's constructor again with JSON
+arguments (and only with ``restore_callback_states_from_checkpoint=True``). A Monitor's state is
+tensors (windows of rows) and the constructor takes modules, so this callback writes the state
+beside the checkpoint instead: ``checkpoint-<step>/repwatch_monitor.pt`` (``..._rank<i>.pt`` on
+the other processes), and on ``train(resume_from_checkpoint=...)`` loads it from
+``<output_dir>/checkpoint-<step>`` (or from ``resume_from=``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError:
+    raise ImportError("monitor.integrations.transformers needs Hugging Face transformers: "
+                      "pip install transformers") from None
+
+from monitor.integrations._attach import (Layer, attach, check_activations, check_layers,
+                                          check_monitor_kwargs, check_port)
+from monitor.monitor import Monitor
+
+log = logging.getLogger("repwatch")
+
+
+def state_file(process_index: int) -> str:
+    """File name of one process's Monitor state inside a checkpoint directory."""
+    return "repwatch_monitor.pt" if process_index == 0 else f"repwatch_monitor_rank{process_index}.pt"
+
+
+class RepwatchCallback(TrainerCallback):
+    """Watch ``layers`` of the Trainer's model while it trains.
+
+    On train begin a Monitor is created (``run``, ``every``, ``port`` and ``**monitor_kwargs``
+    go to :class:`~monitor.monitor.Monitor`) and each of ``layers`` (a submodule path such as
+    ``"bert.encoder"`` or the module itself) is watched; ``activations`` (True or module
+    names) adds plasticity tracking. The monitor steps once per optimizer step
+    (``state.global_step``) and closes at train end. Only the world main process
+    (``state.is_world_process_zero``) serves ``port``. Its state is saved with each checkpoint
+    and restored on resume (see the module docstring); ``resume_from`` names a checkpoint
+    directory explicitly. Hooks return None: the callback never changes ``control``.
+
+    ``callback.monitor`` is the Monitor of the latest ``train`` (kept after close).
+    """
+
+    def __init__(self, layers: Sequence[Layer] | None = None, *,
+                 activations: bool | Sequence[str] = False, run: str = "default",
+                 every: int = 10, port: int | None = None,
+                 resume_from: str | os.PathLike[str] | None = None,
+                 **monitor_kwargs: Any) -> None:
+        self.layers = check_layers(layers)
+        self.activations = check_activations(activations)
+        if not self.layers and not self.activations:
+            raise ValueError("RepwatchCallback needs layers=[...] and/or activations=")
+        self.port = check_port(port)
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.monitor_kwargs = {"run": run, "every": every, **monitor_kwargs}
+        check_monitor_kwargs(self.monitor_kwargs)   # bad arguments fail here, not later
+        self.monitor: Monitor | None = None
+        self._last_global_step = 0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, model: torch.nn.Module | None = None,
+                       **kwargs: Any) -> None:
+        if model is None:
+            raise ValueError("RepwatchCallback needs the Trainer's model (got model=None)")
+        if self.monitor is not None:
+            self.monitor.close()
+        self.monitor = attach(model, self.layers, self.activations,
+                              serve=bool(state.is_world_process_zero), port=self.port,
+                              monitor_kwargs=self.monitor_kwargs)
+        self._last_global_step = int(state.global_step)
+        if state.global_step > 0 or self.resume_from is not None:      # resuming
+            folder = self.resume_from or Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            path = folder / state_file(int(args.process_index))
+            if path.is_file():
+                self.monitor.load_state_dict(torch.load(path, map_location="cpu",
+                                                        weights_only=False))
+            else:
+                log.warning("repwatch: no monitor state at %s; the monitor starts afresh", path)
+        return None
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState,
+                    control: TrainerControl, **kwargs: Any) -> None:
+        if self.monitor is None:
+            return None
+        done = int(state.global_step) - self._last_global_step
+        if done > 0:
+            self._last_global_step += done
+            self.monitor.step(done)
+        return None
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        if self.monitor is None:
+            return None
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            torch.save(self.monitor.state_dict(), folder / state_file(int(args.process_index)))
+        else:
+            log.warning("repwatch: checkpoint folder %s not found; monitor state not saved",
+                        folder)
+        return None
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState,
+                     control: TrainerControl, **kwargs: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+        return None
