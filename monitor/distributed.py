@@ -120,6 +120,19 @@ def unwrap(module: nn.Module) -> nn.Module:
         module = inner
 
 
+def type_name(module: nn.Module) -> str:
+    """The class name of the model under its wrappers: ``DDP(model)`` → the model's class, and
+    FSDP2's ``fully_shard`` (which swaps the class for a generated ``FSDP<Class>``) → ``Class``."""
+    cls = type(unwrap(module))
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:                           # older torch, or no distributed support
+        return cls.__name__
+    if issubclass(cls, FSDPModule):
+        cls = next((c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule)), cls)
+    return cls.__name__
+
+
 def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``model.named_modules()`` without the wrapper segments (``module.``,
     ``_fsdp_wrapped_module.``, ``_orig_mod.``, ``_checkpoint_wrapped_module.``) — only where the

@@ -209,9 +209,9 @@ class Monitor:
         if not isinstance(module, nn.Module):
             raise TypeError(f"watch() needs a torch.nn.Module, got {type(module).__name__}")
         if name is None:
-            from monitor.distributed import unwrap
+            from monitor.distributed import type_name
 
-            name = type(unwrap(module)).__name__.lower()   # DDP(model) → the model's type
+            name = type_name(module).lower()          # DDP(model), fully_shard → the model's type
             taken = {c.stream for c in self._captures}
             base, i = name, 1
             while name in taken:

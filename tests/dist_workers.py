@@ -190,3 +190,34 @@ def worker_ddp(rank: int, world: int, port: int, out: str) -> None:
     finally:
         local.close()
     _finish(Path(out), rank, result)
+
+
+def worker_fsdp(rank: int, world: int, port: int, out: str) -> None:
+    """FSDP2 (``fully_shard`` on each Linear and the root, a CPU device mesh, gloo): hooks on the
+    sharded submodules fire, names are as in the bare model, values are the global ones. (FSDP1,
+    the ``_fsdp_wrapped_module`` wrapper, refuses to run without an accelerator.)"""
+    _init(rank, world, port)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    net = model()
+    for sub in net:
+        if isinstance(sub, nn.Linear):
+            fully_shard(sub, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    mon = make_monitor()
+    try:
+        mon.watch(net)
+        mon.watch_activations(net)
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)
+        for x in data(rank)["inputs"]:
+            opt.zero_grad()
+            net(x).sum().backward()
+            opt.step()
+        snap = mon.step()
+        result = {"snap": snapshot_values(snap), "sharded": type(net).__name__,
+                  "streams": sorted(c.stream for c in mon._captures)}
+    finally:
+        mon.close()
+    _finish(Path(out), rank, result)

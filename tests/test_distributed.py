@@ -188,3 +188,29 @@ def test_ddp_hooks_rank0_server_and_per_rank(tmp_path: Path, promtool: str) -> N
         check = subprocess.run([promtool, "check", "metrics"], input=res["exposition"].encode(),
                                capture_output=True, timeout=60)
         assert check.returncode == 0, check.stderr.decode()
+
+
+@pytest.mark.timeout(240)
+def test_fsdp_hooks_names_and_global_values(tmp_path: Path) -> None:
+    """FSDP2 (each Linear and the root sharded, gloo on the CPU): the watched streams and layers
+    are named as in the bare model, and their values are the global ones."""
+    r0, r1 = spawn(dw.worker_fsdp, tmp_path)
+    net = dw.model()
+    mon = dw.make_monitor()
+    try:
+        mon.watch(net)
+        mon.watch_activations(net)
+        for rank in range(WORLD):
+            with torch.no_grad():
+                for x in dw.data(rank)["inputs"]:
+                    net(x)
+        ref = mon.step()
+    finally:
+        mon.close()
+    for res in (r0, r1):
+        assert res["sharded"].startswith("FSDP")                           # really sharded
+        assert res["streams"] == ["1", "3", "sequential"]
+        assert set(res["snap"]["layers"]) == {"1", "3"}
+        assert_same(res["snap"]["streams"]["sequential"], ref.streams["sequential"],
+                    ["effective_rank", "window_samples", "embedding_std_ratio"])
+        assert_same(res["snap"]["layers"]["1"], ref.layers["1"], LAYER_KEYS)
