@@ -155,6 +155,20 @@ def worker_faults(rank: int, world: int, port: int, out: str) -> None:
     _finish(Path(out), rank, result)
 
 
+def _train_watched(mon: Monitor, net: nn.Module, rank: int) -> dict[str, Any]:
+    """Watch the wrapped ``net`` (its output and activations), train on rank ``rank``'s inputs
+    (lr 0: the weights stay the reference's), publish; the snapshot and stream names."""
+    mon.watch(net)
+    mon.watch_activations(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    for x in data(rank)["inputs"]:
+        opt.zero_grad()
+        net(x).sum().backward()
+        opt.step()
+    snap = mon.step()
+    return {"snap": snapshot_values(snap), "streams": sorted(c.stream for c in mon._captures)}
+
+
 def worker_ddp(rank: int, world: int, port: int, out: str) -> None:
     """DDP-wrapped model: hooks on the wrapped submodules, names without ``module.``; only
     (local) rank 0 starts the HTTP server."""
@@ -164,16 +178,7 @@ def worker_ddp(rank: int, world: int, port: int, out: str) -> None:
     ddp = DDP(model())
     mon = make_monitor(port=0)
     try:
-        mon.watch(ddp)
-        mon.watch_activations(ddp)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.0)
-        for x in data(rank)["inputs"]:
-            opt.zero_grad()
-            ddp(x).sum().backward()
-            opt.step()
-        snap = mon.step()
-        result = {"snap": snapshot_values(snap), "url": mon.url,
-                  "streams": sorted(c.stream for c in mon._captures)}
+        result = {**_train_watched(mon, ddp, rank), "url": mon.url}
     finally:
         mon.close()
     # per_rank: local values with a rank label, no collectives (rank 1 publishes twice)
@@ -208,16 +213,7 @@ def worker_fsdp(rank: int, world: int, port: int, out: str) -> None:
     fully_shard(net, mesh=mesh)
     mon = make_monitor()
     try:
-        mon.watch(net)
-        mon.watch_activations(net)
-        opt = torch.optim.SGD(net.parameters(), lr=0.0)
-        for x in data(rank)["inputs"]:
-            opt.zero_grad()
-            net(x).sum().backward()
-            opt.step()
-        snap = mon.step()
-        result = {"snap": snapshot_values(snap), "sharded": type(net).__name__,
-                  "streams": sorted(c.stream for c in mon._captures)}
+        result = {**_train_watched(mon, net, rank), "sharded": type(net).__name__}
     finally:
         mon.close()
     _finish(Path(out), rank, result)

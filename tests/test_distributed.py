@@ -153,9 +153,8 @@ def test_failing_rank_does_not_hang_and_is_counted(tmp_path: Path) -> None:
     assert not r0["first"]["errors"]
 
 
-@pytest.mark.timeout(240)
-def test_ddp_hooks_rank0_server_and_per_rank(tmp_path: Path, promtool: str) -> None:
-    r0, r1 = spawn(dw.worker_ddp, tmp_path)
+def _wrapped_model_reference() -> Any:
+    """One process watching the bare model fed every rank's inputs (the wrapped runs' truth)."""
     net = dw.model()
     mon = dw.make_monitor()
     try:
@@ -165,9 +164,15 @@ def test_ddp_hooks_rank0_server_and_per_rank(tmp_path: Path, promtool: str) -> N
             with torch.no_grad():
                 for x in dw.data(rank)["inputs"]:
                     net(x)
-        ref = mon.step()
+        return mon.step()
     finally:
         mon.close()
+
+
+@pytest.mark.timeout(240)
+def test_ddp_hooks_rank0_server_and_per_rank(tmp_path: Path, promtool: str) -> None:
+    r0, r1 = spawn(dw.worker_ddp, tmp_path)
+    ref = _wrapped_model_reference()
     for res in (r0, r1):
         assert res["streams"] == ["1", "3", "sequential"]
         assert set(res["snap"]["layers"]) == {"1", "3"}
@@ -195,18 +200,7 @@ def test_fsdp_hooks_names_and_global_values(tmp_path: Path) -> None:
     """FSDP2 (each Linear and the root sharded, gloo on the CPU): the watched streams and layers
     are named as in the bare model, and their values are the global ones."""
     r0, r1 = spawn(dw.worker_fsdp, tmp_path)
-    net = dw.model()
-    mon = dw.make_monitor()
-    try:
-        mon.watch(net)
-        mon.watch_activations(net)
-        for rank in range(WORLD):
-            with torch.no_grad():
-                for x in dw.data(rank)["inputs"]:
-                    net(x)
-        ref = mon.step()
-    finally:
-        mon.close()
+    ref = _wrapped_model_reference()
     for res in (r0, r1):
         assert res["sharded"].startswith("FSDP")                           # really sharded
         assert res["streams"] == ["1", "3", "sequential"]
