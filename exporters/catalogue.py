@@ -137,6 +137,14 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     _g("publish_duration_seconds", "publish_duration_seconds",
        "Wall time of the latest publish (all scorers' compute, one host sync).", unit="seconds",
        source="run"),
+    _g("overhead_ratio", "overhead_ratio",
+       "repwatch's own host time (hooks, step, publish) per second of training-step time, "
+       "smoothed over publish windows (above 1 when repwatch costs more than training); "
+       "host timers only, GPU kernel time not included.",
+       unit="ratio", source="run"),
+    _g("effective_cadence_steps", "effective_cadence_steps",
+       "Training steps per captured step: 1 captures every step; k > 1 when the overhead "
+       "budget stretched the cadence (publishes every every*k steps).", source="run"),
     MetricSpec(PREFIX + "alerts_firing", "gauge",
                "1 while the alert fires for the stream (or the layer or parameter of a "
                "layer/param-scoped rule, in the same label), else 0.",

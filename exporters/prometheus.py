@@ -100,7 +100,9 @@ class RepwatchCollector(Collector):
                     yield [snap.run, stream], float(values[spec.signal])
         elif spec.source == "run":
             run_values = {"training_step": float(snap.step), "time": snap.time,
-                          "publish_duration_seconds": snap.publish_duration_seconds}
+                          "publish_duration_seconds": snap.publish_duration_seconds,
+                          "overhead_ratio": snap.overhead_ratio,
+                          "effective_cadence_steps": snap.effective_cadence_steps}
             yield [snap.run], run_values[spec.signal]
         elif spec.source == "dropped":
             for reason, count in sorted(snap.dropped.items()):

@@ -8,6 +8,7 @@ synchronise the device: every size used here comes from tensor shapes.
 from __future__ import annotations
 
 import itertools
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -154,9 +155,11 @@ class Capture:
 
     def _process(self, output: Any, selected: bool) -> None:
         """Capture ``output`` (the module's output, or the picked tensor when ``selected``);
-        errors are counted, never raised into training (unless ``strict``)."""
-        if not self.enabled:
+        errors are counted, never raised into training (unless ``strict``). Steps that the
+        overhead budget skips return at once, without touching ``output``."""
+        if not self.enabled or not self.monitor._capturing:
             return
+        t0 = time.perf_counter()
         try:
             with torch.no_grad():
                 t = output if selected else self._tensor(output)
@@ -172,6 +175,8 @@ class Capture:
                 self.enabled = False  # unexpected failure: switch this hook off
             if self.monitor.strict:
                 raise
+        finally:
+            self.monitor._overhead.add(time.perf_counter() - t0)
 
     def remove(self) -> None:
         """Detach the hook from its module."""

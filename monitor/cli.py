@@ -387,10 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "provisioned repwatch-prometheus)")
     gpush.set_defaults(func=_grafana_push)
 
+    from monitor.bench_cli import add_parser as add_bench
     from monitor.select_cli import add_parser as add_select
     from monitor.sidecar.cli import add_parser as add_serve
     add_select(sub)
     add_serve(sub)
+    add_bench(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -29,6 +29,7 @@ from monitor.capture import (
 )
 from monitor.engine import Engine
 from monitor.errors import ErrorLog
+from monitor.overhead import OverheadBudget
 from monitor.snapshot import Alert, Snapshot
 
 log = logging.getLogger("repwatch")
@@ -112,6 +113,18 @@ class Monitor:
             (False) every publish reduces the scorers' sufficient statistics across ranks
             (:mod:`monitor.distributed`): every rank's Snapshot holds the exact global values
             and only local rank 0 serves.
+        overhead_budget: keep repwatch's own host time per step under this fraction of the
+            training step's (``0.01``: 1%). repwatch times its hooks, ``observe``, ``step()``
+            and publishes with host timers (no GPU synchronisation: on a GPU its hot path only
+            enqueues work, so host time is what it costs the training loop's thread; its GPU
+            kernel time overlaps or queues and is not counted) against the wall time between
+            ``step()`` calls. Over budget, the cadence stretches (:mod:`monitor.overhead`):
+            only every k-th step is captured (hooks and ``observe`` return at once on the
+            others) and publishes come every ``every·k`` steps; k doubles while over budget,
+            halves once well under, within 1–64. None (default): measure only. Exported as
+            ``repwatch_overhead_ratio`` and ``repwatch_effective_cadence_steps``. Under
+            torch.distributed with global reduction (not ``per_rank``) ranks must publish
+            together, so the cadence is not adapted there (the ratio is still measured).
     """
 
     def __init__(self, run: str = "default", every: int = 10, max_rows: int = 256,
@@ -123,7 +136,8 @@ class Monitor:
                  qscore: bool | dict[str, Any] = True,
                  dormant_taus: Sequence[float] = (0.0, 0.025, 0.1), max_classes: int = 1000,
                  nc1_depth_threshold: float = 0.1, sink: Any = None,
-                 token: str | None = None, per_rank: bool = False) -> None:
+                 token: str | None = None, per_rank: bool = False,
+                 overhead_budget: float | None = None) -> None:
         self.run = _check_name("run", run)
         self.every = _check_int("every", every, 1)
         self.max_rows = _check_int("max_rows", max_rows, 1)
@@ -145,6 +159,10 @@ class Monitor:
         self.strict = strict
         self.rules = tuple(rules)
         self._errors = ErrorLog()
+        self._overhead = OverheadBudget(overhead_budget)
+        self._capturing = True      # is the coming step captured (overhead budget's stretch)
+        self._calls = 0             # step() calls (the capture stride counts calls, not steps)
+        self._adapt_warned = False
         self.peak_warmup = _check_int("peak_warmup", peak_warmup, 0)
         if not isinstance(qscore, (bool, dict)):
             raise TypeError(f"qscore must be True, False or a dict of options, got {qscore!r}")
@@ -230,6 +248,9 @@ class Monitor:
         classifier's predicted ids) too, the stream also reports the AUPRC of "low Q-Score →
         misclassified" (an evaluation stream).
         """
+        if not self._capturing:      # a step the overhead budget skips
+            return
+        t0 = time.perf_counter()
         try:
             _check_name("stream name", name)
             mode = tokens or self.tokens
@@ -242,6 +263,8 @@ class Monitor:
             self._errors.record("observe", exc, key=f"observe[{name}]")
             if self.strict:
                 raise
+        finally:
+            self._overhead.add(time.perf_counter() - t0)
 
     def watch_activations(self, model: nn.Module, names: Sequence[str] | None = None, *,
                           types: tuple[type[nn.Module], ...] = ACTIVATION_TYPES
@@ -362,12 +385,15 @@ class Monitor:
         probe = getattr(self, "_curvature", None)
         if probe is None:
             return
+        t0 = time.perf_counter()
         try:
             probe.maybe_probe(self._step + 1, loss_fn, lr, weight_decay)
         except Exception as exc:
             self._errors.record("curvature", exc)
             if self.strict:
                 raise
+        finally:
+            self._overhead.add(time.perf_counter() - t0)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -426,8 +452,11 @@ class Monitor:
 
         ``labels``: the class ids of this step's batch; they join the rows that the watched
         modules (``watch``) captured since the last ``step()`` (neural collapse per stream;
-        rows given to ``observe`` take their own ``labels=``).
+        rows given to ``observe`` take their own ``labels=``). Under a stretched cadence
+        (``overhead_budget``) publishes come every ``every·k`` steps.
         """
+        t0 = time.perf_counter()
+        self._overhead.tick(t0)
         pending, self._pending = self._pending, []
         if self.sink is not None:
             self._ship_pending(pending, labels)
@@ -440,9 +469,33 @@ class Monitor:
                     raise
         before = self._step
         self._step += steps
-        if self._step // self.every > before // self.every:
-            return self.publish()
-        return None
+        period = self.every * self._overhead.stretch
+        snap = None
+        self._overhead.add(time.perf_counter() - t0)
+        if self._step // period > before // period:
+            snap = self.publish()                     # times itself
+        self._calls += 1
+        self._capturing = self._overhead.captures(self._calls + 1)
+        return snap
+
+    @property
+    def effective_cadence(self) -> int:
+        """Current stretch k of the overhead budget: every k-th step is captured (1: all)."""
+        return self._overhead.stretch
+
+    def _may_adapt(self) -> bool:
+        """False under torch.distributed with global reduction: every rank must publish at
+        the same steps, so no rank may stretch its cadence on its own timings."""
+        if self.per_rank or self.sink is not None:
+            return True
+        import torch.distributed as dist
+
+        together = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if together and self._overhead.budget is not None and not self._adapt_warned:
+            self._adapt_warned = True
+            log.warning("repwatch: overhead_budget is not adapted under torch.distributed with "
+                        "global reduction (ranks publish together); the ratio is still measured")
+        return not together
 
     def _label_pending(self, pending: list[tuple[str, Tensor, Tensor | None, int]],
                        labels: Tensor) -> None:
@@ -497,6 +550,7 @@ class Monitor:
                 result = EngineResult()
             self._engine.after_publish()
             self._effective_depth(result)
+            ratio, stretch = self._overhead.close_window(self._may_adapt())
             groups = {"stream": result.streams, "layer": result.layers, "param": result.params,
                       "run": {"model": result.run_signals}}
             try:
@@ -515,6 +569,7 @@ class Monitor:
                                      if self.sink is not None else {}),
                             errors=self._errors.counts(),
                             publish_duration_seconds=time.perf_counter() - t0,
+                            overhead_ratio=ratio, effective_cadence_steps=float(stretch),
                             rank=self._rank_label())
             self._latest = snap
             self._history.append(snap)
@@ -537,6 +592,7 @@ class Monitor:
                     fh.write(json.dumps(snap.to_dict()) + "\n")
             except Exception as exc:
                 self._errors.record("log", exc)
+        self._overhead.add(time.perf_counter() - t0)
         return snap
 
     def _rank_label(self) -> int | None:

@@ -101,6 +101,10 @@ class Snapshot:
     alerts: list[Alert] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     publish_duration_seconds: float = 0.0
+    overhead_ratio: float = math.nan
+    """repwatch's host time per second of training time (EMA; NaN: not measured)."""
+    effective_cadence_steps: float = math.nan
+    """Steps per captured step under the overhead budget (1: every step; NaN: not a Monitor)."""
     rank: int | None = None
     """The global rank of a per-rank publish (``Monitor(per_rank=True)``); None otherwise."""
 
@@ -170,6 +174,8 @@ class Snapshot:
             "alerts": [a.to_dict() for a in self.alerts],
             "errors": self.errors,
             "publish_duration_seconds": self.publish_duration_seconds,
+            "overhead_ratio": clean(self.overhead_ratio),
+            "effective_cadence_steps": clean(self.effective_cadence_steps),
         }
         if spectra:
             out["spectra"] = self.spectra

@@ -1,0 +1,44 @@
+"""The ``repwatch bench`` sub-command's arguments, importable without torch.
+
+:mod:`monitor.bench` (the figures of issue 7) loads torch, so it is imported only when
+``bench`` runs, as ``select`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from monitor.argtypes import positive_int
+
+FIGURES = ("update_throughput", "publish_vs_eigvalsh", "naive_svdvals", "naive_item")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``bench`` to an ``argparse`` sub-parser set."""
+    p = subparsers.add_parser(
+        "bench", help="CPU/GPU benchmarks as ratios measured in one run (table + JSON)",
+        description="repwatch's cost as ratios of two timings taken in the same run on the "
+                    "same device: window update vs GEMM, publish vs eigvalsh, and the speed-up "
+                    "over naive svdvals-at-publish and per-step .item() monitoring.")
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds; for the tests)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--only", nargs="+", choices=FIGURES, default=None, metavar="NAME",
+                   help=f"run only these figures ({', '.join(FIGURES)})")
+    p.add_argument("--dims", nargs="+", type=positive_int, default=None, metavar="D",
+                   help="embedding sizes of publish_vs_eigvalsh (default 256 1024 2048 4096)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Import :mod:`monitor.bench` (needs torch) and run it."""
+    try:
+        from monitor.bench import main
+    except ImportError as exc:
+        print(f"repwatch bench needs torch: {exc}", file=sys.stderr)
+        return 2
+    return main(device=args.device, quick=args.quick, out=args.out, only=args.only,
+                publish_dims=args.dims)
