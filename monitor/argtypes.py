@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def positive_int(text: str) -> int:
@@ -14,3 +15,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def torch_module(command: str, module: str) -> Any:
+    """Import ``module`` (which needs torch) for ``repwatch command``; None after printing why
+    when it cannot be imported (the torch-free sidecar image builds the whole command line)."""
+    import importlib
+    import sys
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        print(f"repwatch {command} needs torch: {exc}", file=sys.stderr)
+        return None

@@ -7,10 +7,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from monitor.argtypes import positive_int
+from monitor.argtypes import positive_int, torch_module
 
 FIGURES = ("update_throughput", "publish_vs_eigvalsh", "naive_svdvals", "naive_item")
 
@@ -34,11 +33,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Import :mod:`monitor.bench` (needs torch) and run it."""
-    try:
-        from monitor.bench import main
-    except ImportError as exc:
-        print(f"repwatch bench needs torch: {exc}", file=sys.stderr)
+    """Import :mod:`monitor.bench` (needs torch) and run it; 2 with a message without torch."""
+    bench = torch_module("bench", "monitor.bench")
+    if bench is None:
         return 2
-    return main(device=args.device, quick=args.quick, out=args.out, only=args.only,
+    return bench.main(device=args.device, quick=args.quick, out=args.out, only=args.only,
                 publish_dims=args.dims)

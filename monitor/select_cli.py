@@ -8,8 +8,9 @@ when ``select`` runs.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
+
+from monitor.argtypes import torch_module
 
 DESCRIPTION = ("Rank trained models / checkpoints without labels: RankMe and CKA centrality of "
                "their embeddings.")
@@ -34,9 +35,5 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Import :mod:`monitor.select` (needs torch) and run it; 2 with a message without torch."""
-    try:
-        from monitor.select import run as run_select
-    except ImportError as exc:
-        print(f"repwatch select needs torch: {exc}", file=sys.stderr)
-        return 2
-    return run_select(args)
+    select = torch_module("select", "monitor.select")
+    return 2 if select is None else int(select.run(args))
