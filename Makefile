@@ -22,10 +22,12 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # Debian's prometheus (promtool, prometheus) and prometheus-alertmanager (alertmanager, amtool)
-# for the rule checks and the end-to-end alerting test; installed only when missing and root.
+# for the rule checks and the end-to-end alerting test, and chromium for the dashboard's browser
+# test (tests/e2e, driven by Playwright by path); installed only when missing and root.
 ops-tools:
 	@missing=""; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 \
 	  || missing="$$missing prometheus-alertmanager"; \
 	if [ -n "$$missing" ]; then \

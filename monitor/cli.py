@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 
 from monitor import __version__
 from monitor.argtypes import positive_int
+from monitor.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from rich.live import Live
 
 
 def _fmt(v: float, digits: int = 3) -> str:
@@ -48,7 +54,7 @@ def _start_sidecar(args: argparse.Namespace, console: Console) -> tuple[object, 
                                f"{(proc.stderr.read() if proc.stderr else '')[-2000:]}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                console.print(f"Sidecar: [bold]{url}/[/] (status page), {url}/metrics "
+                console.print(f"Sidecar: [bold]{url}/[/] (live dashboard), {url}/metrics "
                               f"(pid {proc.pid}; the trainer only captures and ships rows)")
                 return proc, url
         except httpx.HTTPError:
@@ -75,7 +81,6 @@ def _demo(args: argparse.Namespace) -> int:
     if args.sink is not None:
         return _demo_sidecar(args)
     from monitor.demo import DemoResult, run_demo
-    from monitor.snapshot import Snapshot
 
     console = Console(highlight=False, soft_wrap=True)
     collapse_at = 0 if args.collapse else args.collapse_at
@@ -84,7 +89,12 @@ def _demo(args: argparse.Namespace) -> int:
             "with stop-gradient: healthy")
     console.print(f"[bold]repwatch demo[/] — SimSiam on scikit-learn digits, {args.steps} steps, {mode}")
 
+    view = _live_view(args, console)
+
     def on_publish(snap: Snapshot, loss: float) -> None:
+        if view is not None:
+            view.add(snap, note=f"training loss {loss:+.3f} at step {snap.step}")
+            return
         b, p = snap.streams.get("backbone", {}), snap.streams.get("projector", {})
         alerts = ", ".join(f"[red]{a.name}[/]({a.stream})" for a in snap.alerts) or "[green]ok[/]"
         console.print(
@@ -100,19 +110,65 @@ def _demo(args: argparse.Namespace) -> int:
             console.print(f"  step {step}: [bold red]{alert.name}[/] on {alert.stream}: {alert.description}")
         if result.url and args.linger > 0:
             console.print(f"Serving the final state for {args.linger:g} s (Ctrl-C to stop): "
-                          f"{result.url}/  and  {result.url}/metrics")
+                          f"dashboard {result.url}/  and  metrics {result.url}/metrics")
 
     port = None if args.port < 0 else args.port
 
     def announce(url: str | None) -> None:
         if url:
-            console.print(f"Live: status page [bold]{url}/[/], Prometheus metrics {url}/metrics")
+            console.print(f"Live: dashboard [bold]{url}/[/], Prometheus metrics {url}/metrics")
 
-    result = run_demo(steps=args.steps, collapse_at=collapse_at, seed=args.seed,
-                      device=args.device, every=args.every, port=port, host=args.host,
-                      on_publish=on_publish, linger=args.linger, on_done=on_done,
-                      on_start=announce)
+    with _live(view, console):
+        result = run_demo(steps=args.steps, collapse_at=collapse_at, seed=args.seed,
+                          device=args.device, every=args.every, port=port, host=args.host,
+                          on_publish=on_publish, linger=args.linger, on_done=on_done,
+                          on_start=announce)
     return 0 if result.snapshots else 1
+
+
+def _live_view(args: argparse.Namespace, console: Console) -> DemoView | None:
+    """The demo's live table when stdout is a terminal and ``--plain`` is not given (None:
+    print one line per publish, as in pipes, tests and CI logs)."""
+    if args.plain or not sys.stdout.isatty():
+        return None
+    return DemoView(console)
+
+
+class DemoView:
+    """The live table of a demo (:mod:`monitor.watch`), fed from the Monitor's snapshots or
+    from a sidecar's ``/v1/runs``; ``live`` is set while it is on screen."""
+
+    def __init__(self, console: Console) -> None:
+        from monitor.watch import SnapshotView, spark_width
+
+        self.view = SnapshotView(width=spark_width(console.width), title="repwatch demo")
+        self.live: Live | None = None
+
+    def add(self, snap: Snapshot | dict[str, Any], note: str | None = None) -> None:
+        """Show a :class:`~monitor.snapshot.Snapshot` (or its dict), ``note`` below the table."""
+        self.view.add(snap if isinstance(snap, dict) else snap.to_dict())
+        self.show(self.view.table(note))
+
+    def show(self, table: RenderableType) -> None:
+        """Put ``table`` on screen (while live)."""
+        if self.live is not None:
+            self.live.update(table)
+
+
+@contextlib.contextmanager
+def _live(view: DemoView | None, console: Console) -> Iterator[None]:
+    """Keep ``view``'s table live on ``console`` (nothing when None)."""
+    if view is None:
+        yield
+        return
+    from monitor.watch import live
+
+    with live(console, view.view.table()) as lv:
+        view.live = lv
+        try:
+            yield
+        finally:
+            view.live = None                              # Live's exit draws the last table
 
 
 def _demo_sidecar(args: argparse.Namespace) -> int:
@@ -123,7 +179,6 @@ def _demo_sidecar(args: argparse.Namespace) -> int:
 
     from monitor.demo import DemoResult, run_demo
     from monitor.sidecar.cli import read_token
-    from monitor.snapshot import Snapshot
 
     console = Console(highlight=False, soft_wrap=True)
     collapse_at = 0 if args.collapse else args.collapse_at
@@ -149,6 +204,20 @@ def _demo_sidecar(args: argparse.Namespace) -> int:
         proc, url = _start_sidecar(args, console)
     status_url = url if url.startswith(("http://", "https://")) else None   # shm: no HTTP here
     seen: set[str] = set()
+    view = _live_view(args, console) if status_url else None
+
+    def show_sidecar() -> None:
+        """The live table from the sidecar's /v1/runs and history (kept on a failed poll)."""
+        from monitor.watch import WatchError, build_table, fetch, spark_width
+
+        if view is None or status_url is None:
+            return
+        try:
+            runs, hist = fetch(status_url, run, token=token)
+        except WatchError:
+            return
+        view.show(build_table(runs, hist, title=f"repwatch demo · sidecar {status_url}",
+                              width=spark_width(console.width)))
 
     def on_publish(snap: Snapshot, loss: float) -> None:
         status = _sidecar_snapshot(status_url, run) if status_url else {}
@@ -158,6 +227,9 @@ def _demo_sidecar(args: argparse.Namespace) -> int:
             if name not in seen:
                 seen.add(name)
                 console.print(f"[bold red]ALERT {name}[/] (on the sidecar, step {status.get('step')})")
+        if view is not None:
+            show_sidecar()
+            return
         rank = p.get("effective_rank")
         std = p.get("embedding_std_ratio")
         console.print(f"step {snap.step:5d}  loss {loss:+.3f}  sidecar step {status.get('step', '–')}"
@@ -167,10 +239,13 @@ def _demo_sidecar(args: argparse.Namespace) -> int:
                       f"  dropped: {snap.dropped or 0}")
 
     try:
-        result: DemoResult = run_demo(steps=args.steps, collapse_at=collapse_at, seed=args.seed,
-                                      device=args.device, every=args.every, port=None,
-                                      run=run, on_publish=on_publish, sink=url, token=token)
-        time.sleep(1.0)                                   # let the last batches be scored
+        with _live(view, console):
+            result: DemoResult = run_demo(steps=args.steps, collapse_at=collapse_at,
+                                          seed=args.seed, device=args.device, every=args.every,
+                                          port=None, run=run, on_publish=on_publish, sink=url,
+                                          token=token)
+            time.sleep(1.0)                               # let the last batches be scored
+            show_sidecar()
         status = _sidecar_snapshot(status_url, run) if status_url else {}
         if status_url:
             console.print(f"trained {args.steps} steps in {result.seconds:.1f} s; the sidecar "
@@ -204,14 +279,18 @@ def _stop(proc: object) -> None:
 
 def _demo_plasticity(args: argparse.Namespace) -> int:
     from monitor.demo_plasticity import PLASTICITY_ALERT, PlasticityResult, run_plasticity_demo
-    from monitor.snapshot import Snapshot
 
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"[bold]repwatch demo --scenario plasticity[/] — an MLP on {args.tasks} "
                   f"random-label tasks over digits ({args.steps_per_task} steps each)"
                   + (", ReDo on alert" if args.redo else ""))
 
+    view = _live_view(args, console)
+
     def on_publish(snap: Snapshot) -> None:
+        if view is not None:
+            view.add(snap)
+            return
         if snap.step % args.steps_per_task:
             return
         parts = []
@@ -230,19 +309,47 @@ def _demo_plasticity(args: argparse.Namespace) -> int:
 
     def announce(url: str | None) -> None:
         if url:
-            console.print(f"Live: status page [bold]{url}/[/], Prometheus metrics {url}/metrics")
+            console.print(f"Live: dashboard [bold]{url}/[/], Prometheus metrics {url}/metrics")
 
     every = args.every if args.every_given else max(1, args.steps_per_task // 2)
-    result = run_plasticity_demo(tasks=args.tasks, steps_per_task=args.steps_per_task,
-                                 redo=args.redo, seed=args.seed, device=args.device, every=every,
-                                 port=port, host=args.host, on_publish=on_publish,
-                                 on_task_end=on_task_end, on_start=announce, linger=args.linger)
+    with _live(view, console):
+        result = run_plasticity_demo(tasks=args.tasks, steps_per_task=args.steps_per_task,
+                                     redo=args.redo, seed=args.seed, device=args.device,
+                                     every=every, port=port, host=args.host,
+                                     on_publish=on_publish, on_task_end=on_task_end,
+                                     on_start=announce, linger=args.linger)
     k = min(5, len(result.accuracies))
     console.print(f"trained in {result.seconds:.1f} s; first {k} tasks' accuracy "
                   f"{sum(result.accuracies[:k]) / max(k, 1):.2f}, last {k} "
                   f"{sum(result.accuracies[-k:]) / max(k, 1):.2f}; {PLASTICITY_ALERT} first fired "
                   f"at step {result.first_fired()}")
     return 0 if result.snapshots else 1
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """``repwatch watch URL``: the live terminal table of a repwatch server (torch-free)."""
+    from monitor.sidecar.cli import read_token
+    from monitor.watch import watch
+
+    token = None
+    if args.token_file is not None:
+        try:
+            token = read_token(args.token_file)
+        except ValueError as exc:
+            print(f"repwatch watch: error: {exc}", file=sys.stderr)
+            return 2
+    return watch(args.url, run=args.run, interval=args.interval, once=args.once, token=token)
+
+
+def _positive_float(text: str) -> float:
+    """A finite float > 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def _manifests(args: argparse.Namespace) -> int:
@@ -344,7 +451,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="with --sink http(s)://...: file holding the sidecar's bearer token")
     demo.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                       help="keep serving the final state this long after training")
+    demo.add_argument("--plain", action="store_true",
+                      help="one line per publish instead of the live table (the default when "
+                           "stdout is not a terminal)")
     demo.set_defaults(func=_demo, every_given=False)
+
+    watch = sub.add_parser("watch", help="live terminal table of a repwatch server (in-process "
+                                         "or sidecar)")
+    watch.add_argument("url", metavar="URL", help="server base URL, e.g. http://127.0.0.1:9400")
+    watch.add_argument("--run", default=None, help="show only this run")
+    watch.add_argument("--interval", type=_positive_float, default=2.0, metavar="SECONDS",
+                       help="poll every SECONDS (default 2)")
+    watch.add_argument("--once", action="store_true", help="print one frame and exit")
+    watch.add_argument("--token-file", default=None, metavar="FILE",
+                       help="file holding a bearer token sent with every request")
+    watch.set_defaults(func=_watch)
 
     rules = sub.add_parser("rules", help="render the Prometheus alert rules from the alert spec")
     rules.add_argument("--out", default=None, metavar="PATH",

@@ -51,8 +51,10 @@ def test_demo_serves_metrics_that_pass_promtool(promtool: str) -> None:
         check = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
                                capture_output=True, timeout=60)
         assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
-        page = httpx.get(f"{url}/", timeout=5).text
-        assert "RepwatchRepresentationCollapse" in page
+        page = httpx.get(f"{url}/", timeout=5).text           # the dashboard (tests/e2e)
+        assert "<title>repwatch dashboard</title>" in page
+        runs = httpx.get(f"{url}/v1/runs", timeout=5).json()
+        assert "RepwatchRepresentationCollapse" in {a["name"] for a in runs[0]["alerts"]}
     finally:
         proc.terminate()
         try:

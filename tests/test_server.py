@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
+from typing import Any
 
 import httpx
 import pytest
 import torch
 
 from monitor import Monitor
+from monitor.snapshot import Snapshot
 
 
 @pytest.fixture
@@ -38,13 +41,16 @@ def test_metrics_endpoint_passes_promtool(mon: Monitor, promtool: str) -> None:
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
 
 
-def test_health_status_page_and_runs(mon: Monitor) -> None:
+def test_health_dashboard_and_runs(mon: Monitor) -> None:
     assert httpx.get(f"{mon.url}/healthz", timeout=10).json() == {
         "status": "ok", "published": False, "step": None}
     assert httpx.get(f"{mon.url}/metrics", timeout=10).text == ""
+    page = httpx.get(f"{mon.url}/", timeout=10)          # served before the first publish too
+    assert page.status_code == 200 and "<title>repwatch dashboard</title>" in page.text
+    for asset, kind in (("app.js", "javascript"), ("app.css", "text/css")):
+        r = httpx.get(f"{mon.url}/ui/{asset}", timeout=10)
+        assert r.status_code == 200 and kind in r.headers["content-type"] and len(r.text) > 1000
     _feed(mon, collapsed=True)
-    page = httpx.get(f"{mon.url}/", timeout=10)
-    assert page.status_code == 200 and "RepwatchRepresentationCollapse" in page.text
     runs = httpx.get(f"{mon.url}/v1/runs", timeout=10).json()
     assert runs[0]["run"] == "srv" and runs[0]["step"] == 3
     assert runs[0]["alerts"][0]["name"] == "RepwatchRepresentationCollapse"
@@ -68,14 +74,93 @@ def test_close_frees_the_port() -> None:
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_status_page_and_runs_show_activation_layers(mon: Monitor) -> None:
+def test_runs_and_history_show_activation_layers(mon: Monitor) -> None:
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
     with torch.no_grad():
         net[0].bias[:8] = -1e3                               # half the units dead
     mon.watch_activations(net)
     net(torch.randn(64, 8))
     mon.step()
-    page = httpx.get(f"{mon.url}/", timeout=10).text
-    assert "Activation layers (plasticity)" in page and "<td>1</td><td>0.5</td>" in page
     runs = httpx.get(f"{mon.url}/v1/runs", timeout=10).json()
     assert runs[0]["layers"]["1"]["dormant_units_ratio{tau=0}"] == 0.5
+    hist = httpx.get(f"{mon.url}/v1/runs/srv/history", timeout=10).json()
+    assert hist[-1]["layers"]["1"]["dormant_units_ratio{tau=0}"] == 0.5
+
+
+def _published(mon: Monitor, steps: int, healthy_until: int) -> list[Snapshot]:
+    """Feed ``steps`` steps (healthy rows, then collapsed), return what ``step()`` published."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(steps):
+        k = 16 if i < healthy_until else 2                  # rank of the rows drops to 2
+        z = torch.randn(256, k, generator=gen) @ torch.randn(k, 16, generator=gen)
+        mon.observe("proj", z)
+        snap = mon.step()
+        assert snap is not None
+        out.append(snap)
+    return out
+
+
+def _json(snap: Snapshot) -> dict[str, Any]:
+    """The snapshot after a JSON round trip (NaN → null), without its histograms (their +Inf
+    bound is sent as null; they are compared by their counts)."""
+    d = json.loads(json.dumps(snap.to_dict()))
+    d.pop("histograms")
+    return d
+
+
+def _counts(h: dict[str, Any]) -> dict[str, Any]:
+    return {sig: {s: (x["cumulative"], x["count"]) for s, x in per.items()}
+            for sig, per in h["histograms"].items()}
+
+
+def test_history_is_bounded_oldest_first_and_equal_to_the_published_snapshots() -> None:
+    mon = Monitor(run="hist", port=0, window=256, max_rows=256, every=1, history=5)
+    try:
+        published = _published(mon, steps=8, healthy_until=4)
+        url = f"{mon.url}/v1/runs/hist/history"
+        full = httpx.get(url, params={"limit": 10_000}, timeout=10).json()
+        # bounded by the ring (history=5), oldest first, the last five publishes exactly
+        assert [h["step"] for h in full] == [s.step for s in published[-5:]] == [4, 5, 6, 7, 8]
+        slim = httpx.get(url, params={"histograms": "false"}, timeout=10).json()
+        assert slim == [_json(s) for s in published[-5:]]
+        assert slim == [_json(s) for s in mon.history]
+        assert [_counts(h) for h in full] == [
+            {sig: {st: (x.cumulative, x.count) for st, x in per.items()}
+             for sig, per in s.histograms.items()} for s in published[-5:]]
+        ranks = [h["streams"]["proj"]["effective_rank"] for h in full]
+        assert ranks == [s.streams["proj"]["effective_rank"] for s in published[-5:]]
+        # limit keeps the newest; since_step the ones after a step; histograms=false drops them
+        assert httpx.get(url, params={"limit": 2}, timeout=10).json() == full[-2:]
+        assert httpx.get(url, timeout=10).json() == full         # default limit 200 > 5
+        after = httpx.get(url, params={"since_step": 6}, timeout=10).json()
+        assert [h["step"] for h in after] == [7, 8] and after == full[-2:]
+        assert httpx.get(url, params={"since_step": 8}, timeout=10).json() == []
+        both = httpx.get(url, params={"since_step": 4, "limit": 1}, timeout=10).json()
+        assert [h["step"] for h in both] == [8]
+        assert "histograms" in full[0] and all("histograms" not in h for h in slim)
+        assert [{k: v for k, v in h.items() if k != "histograms"} for h in full] == slim
+        for bad in ({"limit": 0}, {"limit": 10_001}, {"since_step": -2}, {"since_step": "x"}):
+            assert httpx.get(url, params=bad, timeout=10).status_code == 422, bad
+    finally:
+        mon.close()
+
+
+def test_spectra_endpoint_gives_latest_and_peak_spectrum() -> None:
+    mon = Monitor(run="spec", port=0, window=256, max_rows=256, every=1, history=16)
+    try:
+        published = _published(mon, steps=6, healthy_until=3)
+        got = httpx.get(f"{mon.url}/v1/runs/spec/spectra", timeout=10).json()
+        assert set(got) == {"proj"}
+        last = published[-1]
+        assert got["proj"]["step"] == last.step
+        assert got["proj"]["eigenvalues"] == pytest.approx(last.spectra["proj"])
+        peak = max(published, key=lambda s: s.streams["proj"]["effective_rank"])
+        assert peak.step <= 3                               # the healthy phase, before the drop
+        assert got["proj"]["peak"]["step"] == peak.step
+        assert got["proj"]["peak"]["eigenvalues"] == pytest.approx(peak.spectra["proj"])
+        # the cliff: after the drop to rank 2, the third eigenvalue is far below the peak's
+        assert got["proj"]["eigenvalues"][2] < 1e-3 * got["proj"]["peak"]["eigenvalues"][2]
+        assert httpx.get(f"{mon.url}/v1/runs/nope/spectra", timeout=10).status_code == 404
+    finally:
+        mon.close()

@@ -34,7 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "serve", help="run the sidecar: ingest embedding batches over HTTP, serve /metrics",
         description="Sidecar mode: trainers post sampled embedding batches "
                     "(POST /v1/runs/{run}/streams/{stream}/batches); the service scores them "
-                    "and serves /metrics, /v1/runs and a status page.")
+                    "and serves /metrics, /v1/runs and the live dashboard at /.")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback; any other needs --token-file)")
     p.add_argument("--port", type=_port, default=9400, help="port (default 9400; 0: any free)")

@@ -32,14 +32,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from html import escape
 from typing import Annotated, Any, Protocol
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -50,6 +49,8 @@ from starlette.concurrency import run_in_threadpool
 from exporters.catalogue import BY_NAME, PREFIX
 from exporters.prometheus import CONTENT_TYPE, RepwatchCollector, render
 from monitor.alerts import DEFAULT_RULES, AlertRule
+from monitor.dashboard import (HISTOGRAMS, HISTORY_LIMIT, SINCE_STEP, history_payload,
+                               mount_dashboard, spectra_payload)
 from monitor.errors import ErrorLog
 from monitor.sidecar import protocol
 from monitor.sidecar.protocol import ProtocolError
@@ -730,12 +731,21 @@ def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) ->
 
     @app.get("/v1/runs/{run}/history", summary="Recent snapshots of a run, oldest first",
              responses={404: _err("No such run")})
-    def run_history(run: str = Path(..., pattern=NAME_PATTERN),
-                    limit: int = Query(200, ge=1, le=10_000)) -> list[dict[str, Any]]:
+    def run_history(run: str = Path(..., pattern=NAME_PATTERN), limit: int = HISTORY_LIMIT,
+                    since_step: int | None = SINCE_STEP, histograms: bool = HISTOGRAMS
+                    ) -> list[dict[str, Any]]:
         snaps = sc.backend.history(run)
         if snaps is None:
             raise HTTPException(404, f"no run {run!r}")
-        return [s.to_dict() for s in snaps[-limit:]]
+        return history_payload(snaps, limit, since_step, histograms)
+
+    @app.get("/v1/runs/{run}/spectra", responses={404: _err("No such run")},
+             summary="Per stream: the latest eigenvalue spectrum and the run's peak spectrum")
+    def run_spectra(run: str = Path(..., pattern=NAME_PATTERN)) -> dict[str, dict[str, Any]]:
+        snaps = sc.backend.history(run)
+        if snaps is None:
+            raise HTTPException(404, f"no run {run!r}")
+        return spectra_payload(snaps)
 
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics of every run")
     def metrics() -> Response:
@@ -752,28 +762,5 @@ def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) ->
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not ready"}, status_code=503)
 
-    @app.get("/", response_class=HTMLResponse, summary="Status page")
-    def index(run: str | None = Query(None, pattern=NAME_PATTERN)) -> HTMLResponse:
-        return HTMLResponse(_status_page(sc, run))
-
+    mount_dashboard(app)                       # the live dashboard at /, as in-process
     return app
-
-
-def _status_page(sc: Sidecar, run: str | None) -> str:
-    from monitor.server import _page
-
-    snaps = {s.run: s for s in sc.backend.snapshots()}
-    snap = snaps.get(run) if run is not None else next(iter(snaps.values()), None)
-    page = _page(snap)
-    acc = sc.accounting()
-    received = sum(acc["received"].values())
-    scored = sum(acc["scored"].values())
-    dropped = sum(acc["dropped"].values())
-    links = " · ".join(
-        f"<a href='/?run={escape(name)}'>{'<b>' if snap is not None and name == snap.run else ''}"
-        f"{escape(name)}{'</b>' if snap is not None and name == snap.run else ''}</a>"
-        for name in snaps) or "none published yet"
-    nav = (f"<p>repwatch sidecar · runs: {links} · rows received {received}, scored {scored}, "
-           f"dropped {dropped}, queued {sum(acc['queued'].values())} · scoring worker "
-           f"{'ready' if sc.ready else '<b>not running</b>'}</p>")
-    return page.replace("<body>", "<body>" + nav, 1)

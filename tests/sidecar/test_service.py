@@ -192,15 +192,18 @@ def test_health_ready_page_docs_and_history_404(make: Factory) -> None:
     client, sc = make()
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
-    assert "No publish yet" in client.get("/").text
+    assert client.get("/v1/runs").json() == []
+    page = client.get("/")                   # the dashboard (tests/e2e renders it in Chromium)
+    assert page.status_code == 200 and "<title>repwatch dashboard</title>" in page.text
+    assert client.get("/ui/app.js").status_code == 200
     for step in range(3):
         _post(client, np.ones((300, 8), np.float32), step=step)
     assert sc.wait_idle()
-    page = client.get("/")
-    assert page.status_code == 200 and "repwatch sidecar" in page.text
-    assert "RepwatchRepresentationCollapse" in page.text and "?run=r" in page.text
+    assert client.get("/v1/runs").json()[0]["alerts"][0]["name"] == "RepwatchRepresentationCollapse"
+    assert client.get("/v1/runs/r/spectra").json()["s"]["eigenvalues"][0] > 0
     assert client.get("/", params={"run": "nope"}).status_code == 200
     assert client.get("/v1/runs/nope/history").status_code == 404
+    assert client.get("/v1/runs/nope/spectra").status_code == 404
     assert client.get("/openapi.json").json()["info"]["title"] == "repwatch sidecar"
     assert client.get("/docs").status_code == 200
     sc.close()

@@ -1,0 +1,97 @@
+"""The built-in live dashboard, shared by the in-process server and the sidecar.
+
+The page itself is static (``monitor/web/``: index.html, app.js, app.css; package data, no
+third-party code, nothing fetched from a CDN). It polls the JSON API of whichever app serves it:
+``/v1/runs`` (run selector, header, alerts), ``/v1/runs/{run}/history?since_step=`` (charts) and
+``/v1/runs/{run}/spectra`` (current and peak eigenvalue spectra). This module holds the pieces
+both apps use: the routes for the page and its assets, and the history / spectra payloads.
+Torch-free: the sidecar image imports it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Query
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from monitor.snapshot import Snapshot
+
+ASSETS: tuple[str, ...] = ("index.html", "app.js", "app.css")
+"""The page's files in ``monitor/web/`` (shipped as package data)."""
+
+ASSET_PREFIX = "/ui"
+"""Where ``app.js`` and ``app.css`` are served."""
+
+_NO_CACHE = {"Cache-Control": "no-cache"}
+
+# Query parameters of ``/v1/runs/{run}/history``, the same in both apps.
+HISTORY_LIMIT: Any = Query(200, ge=1, le=10_000, description="At most this many snapshots "
+                           "(the newest)")
+SINCE_STEP: Any = Query(None, ge=-1, description="Only snapshots with a step above this one "
+                        "(poll with the last step seen)")
+HISTOGRAMS: Any = Query(True, description="Include the cumulative histograms (false: a smaller "
+                        "payload)")
+
+
+def web_dir() -> resources.abc.Traversable:
+    """The packaged ``monitor/web`` folder."""
+    return resources.files("monitor").joinpath("web")
+
+
+@cache
+def index_html() -> str:
+    """The dashboard page (read once from the package)."""
+    return web_dir().joinpath("index.html").read_text(encoding="utf-8")
+
+
+def mount_dashboard(app: FastAPI) -> None:
+    """Serve the dashboard at ``/`` (``?run=NAME`` preselects a run) and its assets at /ui."""
+
+    @app.get("/", response_class=HTMLResponse, summary="Live dashboard (HTML page)")
+    def dashboard() -> HTMLResponse:
+        return HTMLResponse(index_html(), headers=_NO_CACHE)
+
+    app.mount(ASSET_PREFIX, StaticFiles(packages=[("monitor", "web")]), name="dashboard-assets")
+
+
+def history_payload(snaps: Sequence[Snapshot], limit: int, since_step: int | None = None,
+                    histograms: bool = True) -> list[dict[str, Any]]:
+    """The last ``limit`` snapshots (oldest first) with ``step > since_step`` as JSON dicts;
+    ``histograms=False`` leaves the cumulative histograms out (the page does not chart them)."""
+    if since_step is not None:
+        snaps = [s for s in snaps if s.step > since_step]
+    out = [s.to_dict() for s in snaps[-limit:]]
+    if not histograms:
+        for d in out:
+            d.pop("histograms", None)
+    return out
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def spectra_payload(snaps: Sequence[Snapshot]) -> dict[str, dict[str, Any]]:
+    """Per stream: the latest eigenvalue spectrum (of ``S/n``, descending) and the run's peak
+    spectrum, i.e. the spectrum of the snapshot with the highest effective rank among
+    ``snaps`` (the history ring; the earliest wins a tie)."""
+    out: dict[str, dict[str, Any]] = {}
+    for snap in snaps:                                   # oldest first
+        for stream, eig in snap.spectra.items():
+            if not eig:
+                continue
+            rank = snap.streams.get(stream, {}).get("effective_rank", math.nan)
+            entry = out.setdefault(stream, {"peak": None})
+            entry.update(step=snap.step, effective_rank=_finite_or_none(rank),
+                         eigenvalues=list(eig))
+            peak = entry["peak"]
+            if math.isfinite(rank) and (peak is None or rank > peak["effective_rank"]):
+                entry["peak"] = {"step": snap.step, "effective_rank": rank,
+                                 "eigenvalues": list(eig)}
+    return out
