@@ -101,6 +101,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     _g("window_samples", "window_samples",
        "Rows in the scoring window (n); spectral values are comparable only at equal n and d."),
     _g("embedding_dim", "embedding_dim", "Embedding dimension (d) of the stream."),
+    _g("spectral_sketch_dim", "spectral_sketch_dim",
+       "Dimension k of the seeded Gaussian projection this stream's spectral metrics are "
+       "computed in (approximate large-d path, validated on synthetic spectra only); 0: exact."),
     MetricSpec(PREFIX + "samples_total", "counter", "Finite rows scored since start.",
                "samples", "counter"),
     MetricSpec(PREFIX + "nonfinite_values_total", "counter",

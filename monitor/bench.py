@@ -3,11 +3,15 @@
 Every figure is a ratio of two timings taken in the same process on the same device, so it
 says something about repwatch rather than about the machine:
 
+* ``training_overhead`` (1) — training time per step with repwatch attached at its defaults
+  versus without, on a small CNN and a small transformer on the CPU (ResNet-50- and ViT-B-sized
+  models under bf16 autocast on a GPU; :mod:`monitor.bench_models`). Target ≤ 1.03 on the
+  CPU, ≤ 1.01 on a GPU.
 * ``update_throughput`` (2) — rows·d² per second of the sliding-window update of
-  :class:`~monitor.scorers.moments.WindowMoments` (window full, float64 accumulation) versus a
-  float64 GEMM ``(b×d)ᵀ(b×d)`` of the batch's shape on the same device. Target ≥ 0.70.
-  The exact window adds the new rows and removes the rows they overwrite, so the update does the
-  product of ``2b`` rows; ``details.ratio_vs_2b_gemm`` compares with that GEMM.
+  :class:`~monitor.scorers.moments.WindowMoments` (window full, float64 accumulation; a
+  publish interval of batches and the settle at its end) versus float64 GEMMs
+  ``(b×d)ᵀ(b×d)`` of the batch's shape on the same device. Target ≥ 0.70. The exact window
+  adds the new rows and removes the rows they overwrite with one ``b``-row product.
 * ``publish_vs_eigvalsh`` (3) — :meth:`monitor.Monitor.publish` of one full stream (every
   metric, one host transfer) versus one ``torch.linalg.eigvalsh`` of a d×d float64 matrix.
   Target ≤ 1.5: all spectral metrics come from one decomposition.
@@ -18,6 +22,12 @@ says something about repwatch rather than about the machine:
 * ``naive_item`` (4) — the same steps with every metric computed and converted with ``.item()``
   at every step (Cockpit's way) on the same scorer objects. Ratio: the speed-up.
 
+* ``sidecar_ingest`` (5) — sidecar rows/s through a real uvicorn (raw HTTP client processes)
+  and through the shared-memory ring versus the scoring backend called directly; request-body
+  bytes per second on loopback in ``details``. Target ≥ 0.80.
+* ``memory_per_stream`` / ``memory_per_layer`` (6) — bytes of the tensors a stream (and a
+  watched activation layer) holds versus the formula of :mod:`monitor.memory`.
+
 Timing: warm-up, several repeats, median; on CUDA, ``torch.cuda.Event`` pairs around the
 timed call and one synchronise after it (never inside repwatch's own code).
 """
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 import os
 import platform
@@ -52,10 +63,14 @@ Row = dict[str, Any]
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"update_dims": (256, 1024), "update_rows": 256, "publish_dims": (256, 1024, 2048, 4096),
              "window": 8192, "rows": 256, "naive_dims": (256, 1024), "every": 10,
-             "item_dim": 256, "repeats": 5},
+             "item_dim": 256, "repeats": 5, "workloads": ("cnn", "transformer"),
+             "gpu_workloads": ("resnet50", "vit_b"), "train_steps": 30, "train_repeats": 5,
+             "sidecar_batches": 300, "memory_dims": (256, 1024, 2048, 8192)},
     "quick": {"update_dims": (256,), "update_rows": 256, "publish_dims": (1024,),
               "window": 1024, "rows": 128, "naive_dims": (256,), "every": 10, "item_dim": 256,
-              "repeats": 5},
+              "repeats": 5, "workloads": ("cnn",), "gpu_workloads": ("cnn",),
+              "train_steps": 20, "train_repeats": 3, "sidecar_batches": 60,
+              "memory_dims": (256,)},
 }
 
 
@@ -117,35 +132,41 @@ def _row(name: str, numerator: float, denominator: float, ratio: float, target: 
 
 @torch.no_grad()
 def update_throughput(device: torch.device, dims: Sequence[int], rows: int, window: int,
-                      repeats: int) -> list[Row]:
-    """(2) Window update rows·d²/s vs float64 GEMM ``(b×d)ᵀ(b×d)`` rows·d²/s, per ``d``."""
+                      repeats: int, interval: int = 8) -> list[Row]:
+    """(2) Window update rows·d²/s vs float64 GEMM ``(b×d)ᵀ(b×d)`` rows·d²/s, per ``d``.
+
+    One timed call is a publish interval's worth of updates: ``interval`` batches then the
+    :meth:`~monitor.scorers.moments.WindowMoments.settle` a publish does first (it symmetrises
+    the d×d sum once), against ``interval`` GEMMs of the same shapes."""
     out: list[Row] = []
     for d in dims:
-        pool = _batches(8, rows, d, device, seed=d)
+        pool = _batches(interval, rows, d, device, seed=d)
         m = WindowMoments(d, window, device)
         for i in range(math.ceil(window / rows) + 1):            # fill the window
             m.update(pool[i % len(pool)])
             m.settle()
-        it = iter(range(10**9))
 
-        def step() -> None:
-            m.update(pool[next(it) % len(pool)])                   # (b, d) incremental
-            m.settle()                                             # no-op: keeps it incremental
+        def updates() -> None:
+            for x in pool:
+                m.update(x)                                        # (b, d) incremental
+            m.settle()
 
         # Distinct operands of the product's shapes: a general GEMM, not a symmetric special case.
-        x64, y64 = pool[0].to(torch.float64), pool[1].to(torch.float64)          # (b, d)
-        x2b, y2b = (torch.cat([pool[2], pool[3]]).to(torch.float64),
-                    torch.cat([pool[4], pool[5]]).to(torch.float64))          # (2b, d)
-        x32, y32 = pool[6], pool[7]
-        t_update, t_gemm = time_pair(step, lambda: x64.T @ y64, device, repeats * 4, warmup=2)
-        t_gemm_2b = time_call(lambda: x2b.T @ y2b, device, repeats * 4, warmup=2)
+        xs = [x.to(torch.float64) for x in pool]                   # (b, d) each
+
+        def gemms() -> None:
+            for i in range(interval):
+                xs[i].T @ xs[(i + 1) % interval]
+
+        x32, y32 = pool[0], pool[1]
+        t_update, t_gemm = time_pair(updates, gemms, device, repeats * 2, warmup=2)
         t_gemm32 = time_call(lambda: x32.T @ y32, device, repeats * 4, warmup=2)
-        work = rows * d * d
+        work = interval * rows * d * d
         out.append(_row("update_throughput", work / t_update, work / t_gemm, t_gemm / t_update,
                         ">= 0.70", "rows*d^2/s", {
                             "d": d, "rows": rows, "window": window, "dtype": "float64",
-                            "update_s": t_update, "gemm_s": t_gemm, "gemm_2b_s": t_gemm_2b,
-                            "ratio_vs_2b_gemm": t_gemm_2b / t_update,
+                            "batches_per_call": interval,
+                            "update_s": t_update / interval, "gemm_s": t_gemm / interval,
                             "gemm_float32_s": t_gemm32}))
     return out
 
@@ -309,6 +330,178 @@ def naive_item(device: torch.device, dim: int, rows: int, window: int, every: in
                   "metrics_per_step": len(last), "qscore": False})]
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process, all threads (user + system)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def _train(workload_name: str, device: torch.device, steps: int, warmup: int, monitored: bool,
+           quick: bool) -> tuple[float, float, float, float]:
+    """Seconds (wall, CPU) of ``steps`` training steps after ``warmup`` untimed ones, with
+    repwatch at its defaults watching the workload's representation (``monitored``) or not;
+    and repwatch's own overhead ratio and cadence from its last snapshot (NaN without it)."""
+    from monitor.bench_models import build
+
+    w = build(workload_name, device, quick=quick)
+    mon = Monitor(run="bench", port=None) if monitored else None       # the defaults
+    try:
+        if mon is not None:
+            mon.watch(w.watched, name="features")
+        for _ in range(warmup):                       # state allocation, first publish, caches
+            w.step()
+            if mon is not None:
+                mon.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)            # the benchmark's, outside repwatch
+        c0, t0 = _cpu_seconds(), time.perf_counter()
+        for _ in range(steps):
+            w.step()
+            if mon is not None:
+                mon.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+        snap = mon.latest if mon is not None else None
+        own = snap.overhead_ratio if snap is not None else math.nan
+        cadence = snap.effective_cadence_steps if snap is not None else math.nan
+        if mon is not None and snap is not None and sum(snap.errors.values()):
+            raise AssertionError(f"repwatch counted errors while watching {workload_name}: "
+                                 f"{snap.errors}")
+    finally:
+        if mon is not None:
+            mon.close()
+    return wall, cpu, own, cadence
+
+
+def training_overhead(device: torch.device, workloads: Sequence[str], steps: int, repeats: int,
+                      quick: bool = False) -> list[Row]:
+    """(1) Training time with repwatch attached at its defaults (capture every step, publish
+    every 10, window 8192, Q-Score on) ÷ without, per workload; runs alternate (off, on, ...)
+    and the medians are compared. ``details`` adds the CPU-time ratio and repwatch's own
+    measurement of its overhead (``repwatch_overhead_ratio``)."""
+    out: list[Row] = []
+    warmup = 12                       # past the first publish (step 10): its one-off costs
+    for name in workloads:
+        runs: dict[bool, list[tuple[float, float, float, float]]] = {False: [], True: []}
+        _train(name, device, 2, 2, True, quick)                             # imports, caches
+        for _ in range(repeats):
+            for monitored in (False, True):
+                runs[monitored].append(_train(name, device, steps, warmup, monitored, quick))
+        off = statistics.median(r[0] for r in runs[False])
+        on = statistics.median(r[0] for r in runs[True])
+        cpu_off = statistics.median(r[1] for r in runs[False])
+        cpu_on = statistics.median(r[1] for r in runs[True])
+        from monitor.bench_models import build
+
+        w = build(name, torch.device("cpu"), quick=quick)
+        target = "<= 1.01 (GPU)" if device.type == "cuda" else "<= 1.03"
+        out.append(_row("training_overhead", on / steps, off / steps, on / off, target, "s/step",
+                        {"workload": name, "d": w.dim, "batch": w.batch, "params": w.params,
+                         "steps": steps, "repeats": repeats, "cpu_ratio": cpu_on / cpu_off,
+                         "repwatch_overhead_ratio": statistics.median(
+                             r[2] for r in runs[True]),
+                         "effective_cadence_steps": statistics.median(
+                             r[3] for r in runs[True]),
+                         "amp": "bf16 autocast" if device.type == "cuda" else "float32"}))
+    return out
+
+
+@torch.no_grad()
+def memory_per_stream(device: torch.device, dims: Sequence[int], window: int,
+                      rows: int) -> list[Row]:
+    """(6) Bytes one stream (and one watched activation layer of as many units) holds, measured
+    (the tensor storages reachable from it; on CUDA also ``memory_allocated``) ÷ the formula of
+    :mod:`monitor.memory`."""
+    from monitor.memory import held_bytes, layer_state_bytes, stream_state_bytes
+
+    out: list[Row] = []
+    cuda = device.type == "cuda"
+    for d in dims:
+        x = _batches(1, rows, d, device, seed=d)[0]
+        layer_net = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.ReLU()).to(device)
+        if cuda:
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+        mon = Monitor(run="bench", every=10**9, max_rows=rows, window=window, port=None,
+                      strict=True)
+        try:
+            mon.observe("z", x)
+            allocated = (torch.cuda.memory_allocated(device) - before) if cuda else None
+            stream = mon._engine.streams["z"]
+            measured = held_bytes(stream)
+            sketch = getattr(stream.moments, "sketch_dim", None)
+            formula = stream_state_bytes(d, window, sketch_dim=sketch)
+            out.append(_row("memory_per_stream", measured, formula, measured / formula,
+                            "1.00 ± 0.02", "bytes",
+                            {"d": d, "window": window, "scope": "stream", "qscore": True,
+                             "cuda_memory_allocated": allocated,
+                             "path": type(stream.moments).__name__}))
+            mon.watch_activations(layer_net)
+            layer_net(x)
+            (layer,) = mon._engine.layers.values()
+            measured = held_bytes(layer)
+            formula = layer_state_bytes(d, window,
+                                        sketch_dim=getattr(layer.moments, "sketch_dim", None))
+            out.append(_row("memory_per_layer", measured, formula, measured / formula,
+                            "1.00 ± 0.02", "bytes",
+                            {"d": d, "units": d, "window": window, "scope": "layer",
+                             "path": type(layer.moments).__name__}))
+        finally:
+            mon.close()
+    return out
+
+
+def sidecar_ingest(batches: int, rows: int, dim: int, clients: int = 2) -> list[Row]:
+    """(5) Sidecar rows/s with ingest (a real uvicorn on 127.0.0.1, ``clients`` raw HTTP client
+    processes; then the shared-memory ring with one producer) ÷ score-only (the scoring
+    backend called directly), on the CPU; request-body bytes per second on loopback in
+    ``details``. Backend: ONNX Runtime when installed (the sidecar's), else numpy."""
+    from contextlib import nullcontext
+
+    from monitor.sidecar.service import SidecarConfig
+    from monitor.sidecar.throughput import ingest_and_score, make_batches, score_only
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:                                       # then BLAS keeps its threads
+        threadpool_limits = None
+
+    try:
+        import onnxruntime  # noqa: F401
+        backend = "onnx"
+    except ImportError:
+        backend = "numpy"
+    config = SidecarConfig(backend=backend, device="cpu", every=50, window=4096,
+                           queue_batches=64)
+    data = make_batches(batches, rows, dim)
+    out: list[Row] = []
+    limits = (threadpool_limits(limits=config.threads) if threadpool_limits is not None
+              else nullcontext())
+    with limits:                                              # as `repwatch serve` does
+        score_only(config, data[:20])                         # warm-up
+        for client in ("raw", "shm"):
+            # Score-only before and after, the faster as the baseline: a load change during
+            # the run must not flatter the ratio.
+            base, base_cpu = score_only(config, data)
+            res = ingest_and_score(config, data, clients, client)
+            again, again_cpu = score_only(config, data)
+            if again > base:
+                base, base_cpu = again, again_cpu
+            out.append(_row("sidecar_ingest", res.rows_per_second, base,
+                            res.rows_per_second / base, ">= 0.80", "rows/s",
+                            {"d": dim, "rows": rows, "batches": batches, "backend": backend,
+                             "client": client,
+                             "client_processes": 1 if client == "shm" else clients,
+                             "body_bytes_per_second": res.body_bytes_per_second,
+                             "cpu_ms_per_batch_score_only": base_cpu,
+                             "cpu_ms_per_batch_sidecar": res.cpu_ms_per_batch,
+                             "scoring_share": base_cpu / res.cpu_ms_per_batch,
+                             "scored": res.scored, "dropped": res.dropped,
+                             "retries": res.retries}))
+    return out
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model, cores, torch version and threads, the device, the date."""
     cpu = platform.processor() or platform.machine()
@@ -338,8 +531,29 @@ def run_bench(device: str = "cpu", quick: bool = False, only: Sequence[str] | No
         raise ValueError(f"unknown figure(s) {unknown}; choose from {FIGURES}")
     t0 = time.perf_counter()
     rows: list[Row] = []
+    quiet = logging.getLogger("repwatch")     # the workloads' synthetic data fires alerts
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        rows = _run_figures(dev, p, chosen, quick, publish_dims)
+    finally:
+        quiet.setLevel(level)
+    return {"machine": machine_info(dev), "quick": quick, "command": " ".join(sys.argv),
+            "seconds": time.perf_counter() - t0, "figures": rows}
+
+
+def _run_figures(dev: torch.device, p: dict[str, Any], chosen: Sequence[str], quick: bool,
+                 publish_dims: Sequence[int] | None) -> list[Row]:
+    rows: list[Row] = []
     for name in chosen:
-        if name == "update_throughput":
+        if name == "training_overhead":
+            loads = p["gpu_workloads"] if dev.type == "cuda" else p["workloads"]
+            rows += training_overhead(dev, loads, p["train_steps"], p["train_repeats"], quick)
+        elif name == "sidecar_ingest":
+            rows += sidecar_ingest(p["sidecar_batches"], 256, 128)
+        elif name == "memory":
+            rows += memory_per_stream(dev, p["memory_dims"], 8192, 256)
+        elif name == "update_throughput":
             rows += update_throughput(dev, p["update_dims"], p["update_rows"], p["window"],
                                       p["repeats"])
         elif name == "publish_vs_eigvalsh":
@@ -351,8 +565,7 @@ def run_bench(device: str = "cpu", quick: bool = False, only: Sequence[str] | No
         elif name == "naive_item":
             rows += naive_item(dev, p["item_dim"], p["rows"], p["window"], p["every"],
                                p["repeats"])
-    return {"machine": machine_info(dev), "quick": quick, "command": " ".join(sys.argv),
-            "seconds": time.perf_counter() - t0, "figures": rows}
+    return rows
 
 
 def render_table(result: dict[str, Any]) -> Any:
@@ -365,7 +578,9 @@ def render_table(result: dict[str, Any]) -> Any:
     for col in ("figure", "d", "numerator", "denominator", "unit", "ratio", "target"):
         table.add_column(col, justify="left" if col in ("figure", "unit", "target") else "right")
     for row in result["figures"]:
-        table.add_row(row["name"], str(row["details"].get("d", "")), f"{row['numerator']:.4g}",
+        what = row["details"].get("workload") or row["details"].get("client") or ""
+        table.add_row(row["name"] + (f" ({what})" if what else ""),
+                      str(row["details"].get("d", "")), f"{row['numerator']:.4g}",
                       f"{row['denominator']:.4g}", row["unit"], f"{row['ratio']:.3f}",
                       row["target"])
     return table

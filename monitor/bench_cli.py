@@ -11,16 +11,19 @@ from typing import Any
 
 from monitor.argtypes import positive_int, torch_module
 
-FIGURES = ("update_throughput", "publish_vs_eigvalsh", "naive_svdvals", "naive_item")
+FIGURES = ("training_overhead", "update_throughput", "publish_vs_eigvalsh", "naive_svdvals",
+           "naive_item", "sidecar_ingest", "memory")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``bench`` to an ``argparse`` sub-parser set."""
     p = subparsers.add_parser(
         "bench", help="CPU/GPU benchmarks as ratios measured in one run (table + JSON)",
-        description="repwatch's cost as ratios of two timings taken in the same run on the "
-                    "same device: window update vs GEMM, publish vs eigvalsh, and the speed-up "
-                    "over naive svdvals-at-publish and per-step .item() monitoring.")
+        description="repwatch's cost as ratios of two measurements taken in the same run on "
+                    "the same device: training step with vs without repwatch, window update vs "
+                    "GEMM, publish vs eigvalsh, the speed-up over naive svdvals-at-publish and "
+                    "per-step .item() monitoring, sidecar ingest vs score-only, memory per "
+                    "stream vs its formula.")
     p.add_argument("--quick", action="store_true", help="small sizes (seconds; for the tests)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", default=None, metavar="FILE", help="write the results as JSON")

@@ -42,6 +42,12 @@ def first_tensor(output: Any) -> Tensor | None:
     return None
 
 
+def _reduce_dtype(t: Tensor) -> torch.dtype:
+    """Accumulate a half-precision (bf16/fp16) mean in float32: a bf16 running sum over 196
+    tokens or 56×56 positions would lose most of its 8 significant bits."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
 def to_rows(t: Tensor, tokens: Tokens = "mean") -> Tensor:
     """Shape a captured tensor into rows ``(b, d)``.
 
@@ -50,6 +56,8 @@ def to_rows(t: Tensor, tokens: Tokens = "mean") -> Tensor:
       the first token (``"cls"``) or every token as a row (``"all"``).
     * ``(b, C, *spatial)`` with 1–3 spatial dims after a 4-D/5-D conv output: global average
       pool over the spatial dims → ``(b, C)``.
+
+    Means of bf16/fp16 tensors (autocast) are accumulated and returned in float32.
     """
     if not isinstance(t, Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
@@ -59,14 +67,14 @@ def to_rows(t: Tensor, tokens: Tokens = "mean") -> Tensor:
         return t
     if t.dim() == 3:
         if tokens == "mean":
-            return t.mean(dim=1)
+            return t.mean(dim=1, dtype=_reduce_dtype(t))
         if tokens == "cls":
             return t[:, 0]
         if tokens == "all":
             return t.reshape(-1, t.shape[-1])
         raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
     if t.dim() in (4, 5):
-        return t.mean(dim=tuple(range(2, t.dim())))
+        return t.mean(dim=tuple(range(2, t.dim())), dtype=_reduce_dtype(t))
     raise ValueError("expected rows (b, d), tokens (b, T, d) or conv maps (b, C, H, W[, D]); "
                      f"got shape {tuple(t.shape)}")
 
@@ -113,6 +121,11 @@ else:  # pragma: no cover - older torch: Dynamo traces the hook itself (graph br
     _COMPILED_CAPTURE = None
 
 
+def graph_capturing(t: Tensor) -> bool:
+    """True while ``t``'s device stream is being captured into a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class Capture:
     """A forward hook feeding one stream of a :class:`~monitor.monitor.Monitor`.
 
@@ -153,6 +166,11 @@ class Capture:
     def _take(self, t: Tensor) -> None:
         self.monitor._ingest(self.stream, t, self.tokens, from_hook=True)
 
+    def _stage(self, t: Tensor) -> None:
+        """During CUDA graph capture: put the row reduction and a copy into a static buffer
+        into the graph; every replay refreshes the buffer and ``Monitor.step()`` scores it."""
+        self.monitor._stage(self.stream, to_rows(t, self.tokens))
+
     def _process(self, output: Any, selected: bool) -> None:
         """Capture ``output`` (the module's output, or the picked tensor when ``selected``);
         errors are counted, never raised into training (unless ``strict``). Steps that the
@@ -167,7 +185,10 @@ class Capture:
                     raise TypeError(f"module output of type {type(output).__name__} holds no "
                                     "floating-point tensor"
                                     + ("; pass select=" if self.component == "capture" else ""))
-                self._take(t.detach())
+                if graph_capturing(t):
+                    self._stage(t.detach())
+                else:
+                    self._take(t.detach())
         except Exception as exc:  # never reaches training
             self.monitor._errors.record(self.component, exc,
                                         key=f"{self.component}[{self.stream}]")
@@ -201,3 +222,7 @@ class ActivationCapture(Capture):
 
     def _take(self, t: Tensor) -> None:
         self.monitor._ingest_activations(self.stream, t)
+
+    def _stage(self, t: Tensor) -> None:
+        raise ValueError("activation layers are not watched inside CUDA graphs (their per-unit "
+                         "sums need the whole activation tensor); watch() streams are")

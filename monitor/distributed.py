@@ -371,7 +371,7 @@ def _prototype_stream(engine: Engine, name: str, dim: int, nc: bool,
                       device: torch.device) -> Stream:
     """An empty stream shaped like the other ranks' (for a rank that has none)."""
     stream = Stream(name, dim, engine.window, device, engine.spectrum_kwargs,
-                    engine.qscore_kwargs)
+                    engine.qscore_kwargs, engine.spectral)
     if nc:
         from monitor.scorers.neural_collapse import NeuralCollapseScorer
         stream.nc = NeuralCollapseScorer(dim, engine.max_classes, 2, device)
@@ -379,14 +379,14 @@ def _prototype_stream(engine: Engine, name: str, dim: int, nc: bool,
 
 
 def _prototype_layer(engine: Engine, name: str, units: int, device: torch.device) -> Layer:
-    return Layer(name, units, 2, device, engine.taus, engine.low_activity_rate)
+    return Layer(name, units, 2, device, engine.taus, engine.low_activity_rate,
+                 engine.spectral.resolved(name, units, engine.window))
 
 
 def _layout(engine: Engine, merged: dict[str, Any]) -> list[_Entry]:
     """The ordered entries of the reduction, identical on every rank (from the merged
     manifest and the shared Monitor options only; small prototypes give the shapes)."""
     from monitor.scorers.activations import ActivationScorer
-    from monitor.scorers.moments import WindowMoments
     from monitor.scorers.neural_collapse import NeuralCollapseScorer
     from monitor.scorers.qscore import QScoreScorer
 
@@ -398,7 +398,8 @@ def _layout(engine: Engine, merged: dict[str, Any]) -> list[_Entry]:
         q_proto = QScoreScorer(window=engine.window, device=cpu, **options)
     for name, g in merged["streams"].items():
         d = int(g["dim"])
-        entries += _scorer_entries("stream", name, "m.", WindowMoments(d, 2, cpu))
+        moments = engine.spectral.resolved(name, d, engine.window).make(name, d, 2, cpu)
+        entries += _scorer_entries("stream", name, "m.", moments)
         entries += [_Entry(("stream", name, "neg"), (), "sum", 0.0),
                     _Entry(("stream", name, "neg_total"), (), "sum", 0.0)]
         if q_proto is not None:
@@ -419,7 +420,8 @@ def _layout(engine: Engine, merged: dict[str, Any]) -> list[_Entry]:
         units = int(g["units"])
         entries += _scorer_entries("layer", name, "a.", ActivationScorer(
             units, taus=engine.taus, low_activity_rate=engine.low_activity_rate, device=cpu))
-        entries += _scorer_entries("layer", name, "m.", WindowMoments(units, 2, cpu))
+        moments = engine.spectral.resolved(name, units, engine.window).make(name, units, 2, cpu)
+        entries += _scorer_entries("layer", name, "m.", moments)
     return entries
 
 
@@ -444,7 +446,7 @@ def _local_value(engine: Engine, entry: _Entry,
     if part in ("neg", "neg_total"):
         valid = m.ring_valid > 0                                          # (window,)
         if part == "neg":
-            return ((m.ring < 0) & valid[:, None]).sum().to(torch.float64)
+            return m.negative_count()
         return valid.sum().to(torch.float64) * stream.dim
     owner, _, state = part.partition(".")
     if owner == "m":

@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 from monitor.errors import ErrorLog
-from monitor.scorers import CollapseScorer, SpectrumScorer, WindowMoments
+from monitor.scorers import CollapseScorer, SpectrumScorer
+from monitor.scorers.sketch import SpectralPath
+from monitor.scorers.sketch_spectrum import spectrum_scorer_for
 from monitor.snapshot import Histogram
 from monitor.tracking import RunTracker
 
@@ -24,14 +26,15 @@ class Stream:
     """
 
     def __init__(self, name: str, dim: int, window: int, device: torch.device,
-                 spectrum: dict[str, Any] | None = None, qscore: dict[str, Any] | None = None
-                 ) -> None:
+                 spectrum: dict[str, Any] | None = None, qscore: dict[str, Any] | None = None,
+                 spectral: SpectralPath | None = None) -> None:
         self.name = name
         self.dim = dim
         self.window = window
-        self.moments = WindowMoments(dim, window, device)
+        # exact d×d window or, for large d, a Gaussian sketch (monitor/scorers/sketch.py)
+        self.moments = (spectral or SpectralPath()).make(name, dim, window, device)
         self.scorers: list[SpectrumScorer | CollapseScorer] = [
-            SpectrumScorer(**(spectrum or {})), CollapseScorer()]
+            spectrum_scorer_for(self.moments, **(spectrum or {})), CollapseScorer()]
         self.qscore: Any = None
         if qscore is not None:
             from monitor.scorers.qscore import QScoreScorer
@@ -70,6 +73,8 @@ class Stream:
         out: dict[str, Tensor] = {}
         for scorer in self.scorers:
             out.update(scorer.compute(self.moments))
+        if "spectral_sketch_dim" not in out:                    # the exact path
+            out["spectral_sketch_dim"] = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.qscore is not None:
             out.update(self.qscore.compute(calibrate=calibrate))
             out["negative_values_ratio"] = self._negative_share()
@@ -93,7 +98,7 @@ class Stream:
         non-negative (post-ReLU) features (METRICS.md §4 pitfall 2)."""
         m = self.moments
         valid = m.ring_valid > 0                                           # (window,)
-        neg = ((m.ring < 0) & valid[:, None]).sum().to(torch.float64)
+        neg = m.negative_count()                                           # ()
         total = valid.sum().to(torch.float64) * self.dim
         return torch.where(total > 0, neg / total.clamp_min(1.0),
                            torch.full_like(total, math.nan))
@@ -104,15 +109,16 @@ class Layer:
     (conv: channel means per sample) whose spectrum gives the layer's feature rank."""
 
     def __init__(self, name: str, units: int, window: int, device: torch.device,
-                 taus: Sequence[float], low_activity_rate: float) -> None:
+                 taus: Sequence[float], low_activity_rate: float,
+                 spectral: SpectralPath | None = None) -> None:
         from monitor.scorers.activations import ActivationScorer
 
         self.name = name
         self.units = units
         self.activations = ActivationScorer(units, taus=tuple(taus),
                                             low_activity_rate=low_activity_rate, device=device)
-        self.moments = WindowMoments(units, window, device)
-        self.spectrum = SpectrumScorer()
+        self.moments = (spectral or SpectralPath()).make(name, units, window, device)
+        self.spectrum = spectrum_scorer_for(self.moments)
         self.enabled = True
 
     @property
@@ -159,9 +165,10 @@ class Engine:
     def __init__(self, window: int, errors: ErrorLog, spectrum: dict[str, Any] | None = None,
                  spectrum_points: int = 1024, peak_warmup: int = 0,
                  qscore: dict[str, Any] | None = None, max_classes: int = 1000,
-                 taus: Sequence[float] = (0.0, 0.025, 0.1), low_activity_rate: float = 0.01
-                 ) -> None:
+                 taus: Sequence[float] = (0.0, 0.025, 0.1), low_activity_rate: float = 0.01,
+                 spectral: SpectralPath | None = None) -> None:
         self.window = window
+        self.spectral = spectral or SpectralPath()
         self.peak_warmup = peak_warmup
         self.errors = errors
         self.spectrum_kwargs = spectrum or {}
@@ -184,7 +191,7 @@ class Engine:
         stream = self.streams.get(name)
         if stream is None:
             stream = Stream(name, rows.shape[1], self.window, rows.device, self.spectrum_kwargs,
-                            self.qscore_kwargs)
+                            self.qscore_kwargs, self.spectral)
             self.streams[name] = stream
         if rows.shape[1] != stream.dim:
             raise ValueError(f"stream {name!r} has dimension {stream.dim}; got rows of "
@@ -225,7 +232,7 @@ class Engine:
         layer = self.layers.get(name)
         if layer is None:
             layer = Layer(name, rows.shape[1], self.window, rows.device, self.taus,
-                          self.low_activity_rate)
+                          self.low_activity_rate, self.spectral)
             self.layers[name] = layer
         if rows.shape[1] != layer.units:
             raise ValueError(f"layer {name!r} has {layer.units} units; got {rows.shape[1]}")
@@ -385,7 +392,7 @@ class Engine:
         for name, st in state["streams"].items():
             device = device_map(st["device"]) if device_map else torch.device(st["device"])
             stream = Stream(name, int(st["dim"]), self.window, device, self.spectrum_kwargs,
-                            self.qscore_kwargs)
+                            self.qscore_kwargs, self.spectral.for_checkpoint(st["moments"]))
             stream.moments.load_state_dict(st["moments"])
             if "qscore" in st and stream.qscore is not None:
                 stream.qscore.load_state_dict(st["qscore"])
@@ -405,7 +412,7 @@ class Engine:
         for name, st in state.get("layers", {}).items():
             device = device_map(st["device"]) if device_map else torch.device(st["device"])
             layer = Layer(name, int(st["units"]), self.window, device, self.taus,
-                          self.low_activity_rate)
+                          self.low_activity_rate, self.spectral.for_checkpoint(st["moments"]))
             layer.moments.load_state_dict(st["moments"])
             layer.activations.load_state_dict(st["activations"])
             layer.enabled = bool(st["enabled"])

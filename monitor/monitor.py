@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -10,7 +11,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from monitor.capture import (
 from monitor.engine import Engine
 from monitor.errors import ErrorLog
 from monitor.overhead import OverheadBudget
+from monitor.scorers.sketch import SpectralPath
 from monitor.snapshot import Alert, Snapshot
 
 log = logging.getLogger("repwatch")
@@ -64,6 +66,12 @@ def _aligned(kind: str, values: Tensor | None, b: int) -> Tensor | None:
     if values.is_floating_point():
         raise TypeError(f"{kind} must be integer class ids, got dtype {values.dtype}")
     return values.detach()
+
+
+def _shares_memory(a: Tensor, b: Any) -> bool:
+    """Whether ``a`` is (a view of) ``b``'s storage: host pointers only, no device sync."""
+    return isinstance(b, Tensor) and a.untyped_storage().data_ptr() == \
+        b.untyped_storage().data_ptr()
 
 
 class Monitor:
@@ -125,6 +133,27 @@ class Monitor:
             ``repwatch_overhead_ratio`` and ``repwatch_effective_cadence_steps``. Under
             torch.distributed with global reduction (not ``per_rank``) ranks must publish
             together, so the cadence is not adapted there (the ratio is still measured).
+        spectral_path: window state of a stream (and of a watched activation layer):
+            ``"exact"`` (float64 d×d second moment), ``"sketch"`` (a seeded Gaussian projection
+            to ``sketch_dim`` dimensions, :mod:`monitor.scorers.sketch`; APPROXIMATE, validated
+            on synthetic spectra only, errors in docs/performance.md "Large d") or ``"auto"``
+            (sketch when d > ``sketch_above`` or when the exact state, 8·d² + 4·window·d bytes,
+            would exceed ``memory_limit_bytes``). A dict maps stream/layer names to a mode
+            (key ``"*"``: the mode of the others). A sketch is used only when d > sketch_dim;
+            ``repwatch_spectral_sketch_dim`` says which path a stream is on (0: exact).
+            In-process only: the sidecar (``repwatch serve``) always scores exactly.
+        sketch_above: dimension above which ``"auto"`` sketches.
+        sketch_dim: k, the sketch's dimension.
+        memory_limit_bytes: per-stream limit on the exact state for ``"auto"`` (None: none).
+        cuda_stream: on a GPU, score streams on a side CUDA stream of repwatch's own
+            (:meth:`_scoring`): the training stream only records an event and goes on; the
+            window update, Q-Score and neural-collapse sums queue on the side stream behind it,
+            and each publish runs there after waiting for the training stream. What must see
+            the captured tensor as it was (the token/spatial reduction, the subsample, a copy
+            of rows that are a view of the module's output) stays on the training stream, so a
+            later in-place op on the output cannot change what is scored. Activation layers
+            (``watch_activations``: per-unit sums over the whole activation tensor, which a
+            copy would double) are reduced on the training stream.
     """
 
     def __init__(self, run: str = "default", every: int = 10, max_rows: int = 256,
@@ -137,7 +166,10 @@ class Monitor:
                  dormant_taus: Sequence[float] = (0.0, 0.025, 0.1), max_classes: int = 1000,
                  nc1_depth_threshold: float = 0.1, sink: Any = None,
                  token: str | None = None, per_rank: bool = False,
-                 overhead_budget: float | None = None) -> None:
+                 overhead_budget: float | None = None,
+                 spectral_path: str | Mapping[str, str] = "auto", sketch_above: int = 4096,
+                 sketch_dim: int = 2048, memory_limit_bytes: int | None = None,
+                 cuda_stream: bool = True) -> None:
         self.run = _check_name("run", run)
         self.every = _check_int("every", every, 1)
         self.max_rows = _check_int("max_rows", max_rows, 1)
@@ -170,10 +202,15 @@ class Monitor:
         if not taus or any(not 0.0 <= t < 1.0 for t in taus):
             raise ValueError(f"dormant_taus must be levels in [0, 1), got {dormant_taus!r}")
         self.nc1_depth_threshold = float(nc1_depth_threshold)
+        paths = dict(spectral_path) if isinstance(spectral_path, Mapping) else {"*": spectral_path}
+        spectral = SpectralPath(paths.pop("*", "auto"), sketch_above=sketch_above,  # type: ignore[arg-type]
+                                sketch_dim=sketch_dim, memory_limit_bytes=memory_limit_bytes,
+                                seed=seed, streams=paths)  # type: ignore[arg-type]
         self._engine = Engine(self.window, self._errors, {"alpha_centered": alpha_centered},
                               peak_warmup=self.peak_warmup,
                               qscore=(qscore if isinstance(qscore, dict) else {}) if qscore else None,
-                              max_classes=_check_int("max_classes", max_classes, 2), taus=taus)
+                              max_classes=_check_int("max_classes", max_classes, 2), taus=taus,
+                              spectral=spectral)
         self._pending: list[tuple[str, Tensor, Tensor | None, int]] = []
         self._stream_order: list[str] = []
         self._weights: Any = None
@@ -181,6 +218,9 @@ class Monitor:
         self._captures: list[Capture] = []
         self._callbacks: list[Callable[[Alert], Any]] = []
         self._generators: dict[torch.device, torch.Generator] = {}
+        self.cuda_stream = bool(cuda_stream)
+        self._staged: dict[str, Tensor] = {}     # CUDA-graph-captured hooks' static buffers
+        self._side_streams: dict[torch.device, Any] = {}
         self._step = 0
         self._lock = threading.RLock()
         self._latest: Snapshot | None = None
@@ -337,6 +377,7 @@ class Monitor:
     def sample_scores(self, stream: str) -> tuple[Tensor, Tensor]:
         """Q-Scores of the last batch of ``stream`` and the rows' indices in that batch (for
         data triage: low scores are the samples the representation serves worst). Host sync."""
+        self._join_side()
         with self._lock:
             st = self._engine.streams.get(stream)
             if st is None:
@@ -403,6 +444,43 @@ class Monitor:
             self._generators[device] = gen
         return gen
 
+    def _side(self, device: torch.device) -> Any:
+        """repwatch's side CUDA stream on ``device`` (None on the CPU or with
+        ``cuda_stream=False``)."""
+        if device.type != "cuda" or not self.cuda_stream:
+            return None
+        side = self._side_streams.get(device)
+        if side is None:
+            side = torch.cuda.Stream(device=device)
+            self._side_streams[device] = side
+        return side
+
+    @contextlib.contextmanager
+    def _scoring(self, device: torch.device, *handed: Tensor | None) -> Iterator[None]:
+        """Run the block's device work on the side stream of ``device``, after the current
+        (training) stream's work queued so far (``wait_stream``: an event, no host sync).
+        ``handed``: tensors made on the training stream and read on the side stream; their
+        memory is kept from reuse until the side stream is done with them (``record_stream``).
+        On the CPU or without a side stream: runs the block as is."""
+        side = self._side(device)
+        if side is None:
+            yield
+            return
+        side.wait_stream(torch.cuda.current_stream(device))
+        for t in handed:
+            if t is not None and t.is_cuda:
+                t.record_stream(side)
+        with torch.cuda.stream(side):
+            yield
+
+    def _join_side(self) -> None:
+        """Make each device's current stream wait for repwatch's side stream (an event, no
+        host sync): before the training stream or the host reads or replaces repwatch's state
+        (checkpoints, ``sample_scores``), and after a publish, whose new interval states the
+        training stream's activation-layer updates use."""
+        for device, side in self._side_streams.items():
+            torch.cuda.current_stream(device).wait_stream(side)
+
     def _ingest(self, name: str, tensor: Any, tokens: Tokens, labels: Tensor | None = None,
                 predictions: Tensor | None = None, from_hook: bool = False) -> None:
         rows = to_rows(tensor, tokens)                                   # (b, d)
@@ -417,18 +495,41 @@ class Monitor:
         if idx is not None:
             labels = labels.index_select(0, idx) if labels is not None else None
             predictions = predictions.index_select(0, idx) if predictions is not None else None
+        if rows.dtype in (torch.float16, torch.bfloat16):
+            rows = rows.float()             # exact; every sum downstream accumulates in float64
         if self.sink is not None:  # sidecar mode: ship (hook rows wait for step()'s labels)
             if from_hook and not (tensor.dim() == 3 and tokens == "all"):
                 self._pending.append((name, rows.clone(), idx, b))        # async on device
             else:
                 self.sink.submit(name, rows, labels, self._step + 1)
             return
-        with self._lock:
+        if self._side(rows.device) is not None and _shares_memory(rows, tensor):
+            rows = rows.clone()             # the side stream must not see later in-place ops
+        with self._lock, self._scoring(rows.device, rows, idx, labels, predictions):
             if name not in self._stream_order:
                 self._stream_order.append(name)
             self._engine.update(name, rows, idx, labels, predictions)
             if from_hook and not (tensor.dim() == 3 and tokens == "all"):
                 self._pending.append((name, rows, idx, b))   # step(labels=) may label them
+
+    def _stage(self, name: str, rows: Tensor) -> None:
+        """A hook fired while a CUDA graph was being captured: the graph gets a copy of the
+        rows into a buffer of its own memory pool (same address at every replay); after each
+        replay :meth:`step` scores what the buffer holds. Nothing else is recorded into the
+        graph, so its replay costs one copy of ``(b, d)`` rows."""
+        with self._lock:
+            self._staged[name] = rows.detach().clone()
+
+    def _score_staged(self) -> None:
+        """Score the static buffers of graph-captured hooks (one batch per ``step()``)."""
+        for name, buf in list(self._staged.items()):
+            try:
+                with torch.no_grad():
+                    self._ingest(name, buf, "mean", from_hook=True)
+            except Exception as exc:
+                self._errors.record("capture", exc, key=f"capture[{name}]")
+                if self.strict:
+                    raise
 
     def _ingest_activations(self, name: str, h: Tensor) -> None:
         from monitor.functional.plasticity import pooled_unit_rows
@@ -457,6 +558,8 @@ class Monitor:
         """
         t0 = time.perf_counter()
         self._overhead.tick(t0)
+        if self._staged and self._capturing:
+            self._score_staged()
         pending, self._pending = self._pending, []
         if self.sink is not None:
             self._ship_pending(pending, labels)
@@ -506,7 +609,7 @@ class Monitor:
                 lab = lab.to(rows.device)
                 if idx is not None:
                     lab = lab.index_select(0, idx)
-                with self._lock:
+                with self._lock, self._scoring(rows.device, lab):
                     self._engine.update_labels(name, rows, lab)
 
     def _ship_pending(self, pending: list[tuple[str, Tensor, Tensor | None, int]],
@@ -536,7 +639,9 @@ class Monitor:
     def publish(self) -> Snapshot:
         """Compute every stream now (one host sync), evaluate alerts, notify, export."""
         t0 = time.perf_counter()
-        with self._lock:
+        with self._lock, contextlib.ExitStack() as on_side:
+            for device in list(self._side_streams):   # publish behind the queued updates
+                on_side.enter_context(self._scoring(device))
             try:
                 if self.per_rank or self.sink is not None:
                     result = self._engine.compute(step=self._step)
@@ -573,6 +678,7 @@ class Monitor:
                             rank=self._rank_label())
             self._latest = snap
             self._history.append(snap)
+        self._join_side()
         for alert in fired:
             log.warning("ALERT %s [%s] firing on %s/%s at step %d: %s", alert.name,
                         alert.severity, self.run, alert.stream, self._step, alert.description)
@@ -643,6 +749,7 @@ class Monitor:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: step, windows, peaks, alert states, RNG, errors."""
+        self._join_side()
         with self._lock:
             return {
                 "version": 1, "run": self.run, "step": self._step,
@@ -656,6 +763,7 @@ class Monitor:
         """Restore a :meth:`state_dict` (streams on CUDA load on the CPU when CUDA is absent)."""
         if not isinstance(state, dict) or state.get("version") != 1:
             raise ValueError("not a repwatch Monitor state_dict (version 1)")
+        self._join_side()
 
         def device_map(name: str) -> torch.device:
             dev = torch.device(name)
@@ -664,6 +772,7 @@ class Monitor:
         with self._lock:
             self._step = int(state["step"])
             self._engine.load_state_dict(state["engine"], device_map)
+            self._hand_streams_to_side()
             self._alerts.load_state_dict(state["alerts"])
             self._errors.load(state.get("errors", {}))
             self._generators.clear()
@@ -671,6 +780,17 @@ class Monitor:
                 dev = device_map(name)
                 if dev.type == torch.device(name).type:
                     self._generator(dev).set_state(gstate)
+
+    def _hand_streams_to_side(self) -> None:
+        """Loaded stream states were made on the current stream but live on the side stream:
+        keep their memory from reuse until the side stream's work on them is done."""
+        from monitor.memory import device_tensors
+
+        for stream in self._engine.streams.values():
+            side = self._side(stream.device)
+            if side is not None:
+                for t in device_tensors(stream):
+                    t.record_stream(side)
 
     # ------------------------------------------------------------------ lifecycle
 

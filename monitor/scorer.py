@@ -9,7 +9,7 @@ for rank-local state such as a ring buffer of raw rows).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -18,16 +18,30 @@ Reduce = Literal["sum", "max", "min", "none"]
 _REDUCTIONS: frozenset[str] = frozenset({"sum", "max", "min", "none"})
 
 
+class Filled(NamedTuple):
+    """A state default kept as its description, not as a second copy of the tensor."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    value: float
+
+
 class Scorer:
     """Base class for streaming scorers with declared, reducible state."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self._defaults: dict[str, Tensor] = {}
+        self._defaults: dict[str, Tensor | Filled] = {}
         self._reductions: dict[str, Reduce] = {}
 
-    def add_state(self, name: str, default: Tensor, reduce: Reduce) -> None:
-        """Declare a state tensor ``name`` with its initial value and cross-rank reduction."""
+    def add_state(self, name: str, default: Tensor, reduce: Reduce, *,
+                  fill: float | None = None) -> None:
+        """Declare a state tensor ``name`` with its initial value and cross-rank reduction.
+
+        ``fill``: the value every element of ``default`` holds (``torch.zeros`` → 0.0). Then
+        only the shape, dtype and value are kept for :meth:`reset` instead of a copy of the
+        tensor, which for a d×d second moment or a window of rows would double the memory.
+        (Not checked against ``default``'s values: that would synchronise the device.)"""
         if reduce not in _REDUCTIONS:
             raise ValueError(f"reduce must be one of {sorted(_REDUCTIONS)}, got {reduce!r}")
         if not isinstance(default, Tensor):
@@ -35,9 +49,17 @@ class Scorer:
         if name in self._defaults or hasattr(self, name):
             raise ValueError(f"state {name!r} is already defined on {type(self).__name__}")
         default = default.detach().to(self.device)  # create defaults on self.device: no copy
-        self._defaults[name] = default.clone()
+        self._defaults[name] = (default.clone() if fill is None
+                                else Filled(default.shape, default.dtype, float(fill)))
         self._reductions[name] = reduce
         setattr(self, name, default)
+
+    def default(self, name: str) -> Tensor:
+        """A fresh tensor holding state ``name``'s default, on this scorer's device."""
+        spec = self._defaults[name]
+        if isinstance(spec, Filled):
+            return torch.full(spec.shape, spec.value, dtype=spec.dtype, device=self.device)
+        return spec.clone()
 
     @property
     def reductions(self) -> dict[str, Reduce]:
@@ -46,8 +68,8 @@ class Scorer:
 
     def reset(self) -> None:
         """Restore every state to its default."""
-        for name, default in self._defaults.items():
-            setattr(self, name, default.clone())
+        for name in self._defaults:
+            setattr(self, name, self.default(name))
 
     def state_dict(self) -> dict[str, Tensor]:
         """Copies of the states on the CPU (host transfer: call at publish/checkpoint only)."""

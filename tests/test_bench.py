@@ -29,9 +29,10 @@ def _rows(result: dict, name: str) -> list[dict]:
 
 def test_update_throughput_near_gemm(quick: dict) -> None:
     for row in _rows(quick, "update_throughput"):
-        # The update contains a (2b×d)ᵀ(2b×d) float64 product: it cannot beat that GEMM by
-        # much (a broken timer could), and must not fall far below it (a per-row loop would).
-        assert row["details"]["ratio_vs_2b_gemm"] < 1.5, row
+        # The update contains a (b×d)ᵀ(b×d) float64 product: it cannot beat that GEMM by
+        # much (a broken timer could), and must not fall far below it (a per-row loop or the
+        # old 2b-row product with a d×d temporary per batch would fall lower at large d).
+        assert row["ratio"] < 1.5, row
         assert row["ratio"] > 0.03, row
 
 
@@ -46,6 +47,32 @@ def test_naive_baselines(quick: dict) -> None:
     assert svd["ratio"] > 0.1, svd       # on the CPU svdvals at publish is about as fast
     (item,) = _rows(quick, "naive_item")
     assert item["ratio"] > 1.0, item     # every metric at every step costs more
+
+
+def test_training_overhead_is_measured_on_both_sides(quick: dict) -> None:
+    (row,) = _rows(quick, "training_overhead")
+    # Quick sizes on a shared machine: only "not a multiple of the step" is asserted; the
+    # ≤ 1.03 target is for the full run (docs/performance.md).
+    assert 0.8 < row["ratio"] < 2.0, row
+    assert row["details"]["repwatch_overhead_ratio"] < 1.0, row    # its own measurement
+
+
+def test_sidecar_scores_every_batch_it_was_sent(quick: dict) -> None:
+    rows = _rows(quick, "sidecar_ingest")
+    assert {r["details"]["client"] for r in rows} == {"raw", "shm"}
+    for row in rows:
+        d = row["details"]
+        assert d["scored"] == d["batches"] * d["rows"] and d["dropped"] == 0, row   # rows
+        assert row["ratio"] > 0.1, row
+        assert d["body_bytes_per_second"] > 0, row
+
+
+def test_memory_matches_the_formula(quick: dict) -> None:
+    # Not a timing: the bytes a stream and a layer hold are deterministic. A state kept twice
+    # (e.g. a default copy of the d×d moment or of the ring) would give ≈ 2.
+    for name in ("memory_per_stream", "memory_per_layer"):
+        for row in _rows(quick, name):
+            assert row["ratio"] == pytest.approx(1.0, abs=0.02), row
 
 
 def test_cli_writes_json(tmp_path: Path) -> None:

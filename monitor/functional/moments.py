@@ -10,6 +10,13 @@ the sidecar's ONNX Runtime backend runs the same functions exported to ONNX
   rows ``old`` leave: ``ΔS = newᵀnew − oldᵀold``, ``Δ Σz``, and the sums of L2-normalised rows
   ``Δ Σẑ``, ``Δ Σẑ²`` (SimSiam's std needs them). One matrix product of ``[new; old]`` with
   signs ±1. Products of float32 values are exact in float64.
+* :func:`add_window_delta_` — the same change added in place when as many rows leave as
+  enter (a sliding window: each new row overwrites one old row), with one product of ``b``
+  rows instead of ``2b``: ``newᵀnew − oldᵀold = sym((new + old)ᵀ(new − old))``, where
+  ``sym(A) = (A + Aᵀ)/2`` (the cross terms ``oldᵀnew − newᵀold`` are antisymmetric and cancel),
+  accumulated by the GEMM into the unsymmetrised sum and symmetrised once per read. Half the
+  flops of :func:`window_delta`; not exact product by product (``new ± old`` rounds in float64
+  when the two exponents are far apart), so it carries float64 round-off like any sum.
 """
 
 from __future__ import annotations
@@ -41,3 +48,36 @@ def window_delta(new: Tensor, old: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     normed = normalize_rows(both)
     return (signed.T @ both, signed.sum(0), (normed * sign[:, None]).sum(0),
             (normed * normed * sign[:, None]).sum(0))
+
+
+
+def add_window_delta_(s: Tensor, zsum: Tensor, nsum: Tensor, nsq: Tensor, new: Tensor,
+                      old: Tensor) -> None:
+    """Add :func:`window_delta` of ``new`` and ``old`` (same shape (b, d), clean) into the
+    float64 sums in place, with one ``b``-row product accumulated into ``s`` by the GEMM
+    itself (``s += (new + old)ᵀ(new − old)``, no d×d temporary).
+
+    ``s`` is left **unsymmetrised**: its symmetric part ``(s + sᵀ)/2`` is the window's
+    ``Σ z zᵀ`` (the cross terms ``oldᵀnew − newᵀold`` are antisymmetric); symmetrise it once
+    before reading (:func:`symmetrize_`). The normalised-row sums are matrix–vector products
+    with the rows' inverse norms: ``Σẑ = wᵀZ``, ``Σẑ² = (w²)ᵀ(Z∘Z)``, ``w = 1/‖z‖``.
+    """
+    if new.shape != old.shape:
+        raise ValueError(f"paired rows must have one shape, got {tuple(new.shape)} and "
+                         f"{tuple(old.shape)}")
+    x = new.to(torch.float64)                                            # (b, d)
+    o = old.to(torch.float64)                                            # (b, d)
+    diff = x - o
+    s.addmm_((x + o).T, diff)                                            # (d, d), in place
+    zsum.add_(diff.sum(0))
+    for rows, sign in ((x, 1.0), (o, -1.0)):
+        sq = rows * rows                                                 # (b, d)
+        w2 = 1.0 / sq.sum(1).clamp_min(1e-24)                            # (b,) 1/‖z‖²
+        nsum.addmv_(rows.T, w2.sqrt(), alpha=sign)
+        nsq.addmv_(sq.T, w2, alpha=sign)
+
+
+def symmetrize_(s: Tensor) -> Tensor:
+    """``s ← (s + sᵀ)/2`` in place (the window sum after :func:`add_window_delta_`)."""
+    s.copy_((s + s.T) * 0.5)
+    return s

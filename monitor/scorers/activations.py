@@ -74,12 +74,12 @@ class ActivationScorer(Scorer):
         self.low_activity_rate = float(low_activity_rate)
         self._keys = keys
         f64 = {"dtype": torch.float64, "device": self.device}
-        self.add_state("abs_sum", torch.zeros(units, **f64), reduce="sum")
-        self.add_state("nonzero", torch.zeros(units, **f64), reduce="sum")
-        self.add_state("count", torch.zeros((), **f64), reduce="sum")
-        self.add_state("ever_active", torch.zeros(units, **f64), reduce="max")
-        self.add_state("seen", torch.zeros((), **f64), reduce="sum")
-        self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum")
+        self.add_state("abs_sum", torch.zeros(units, **f64), reduce="sum", fill=0.0)
+        self.add_state("nonzero", torch.zeros(units, **f64), reduce="sum", fill=0.0)
+        self.add_state("count", torch.zeros((), **f64), reduce="sum", fill=0.0)
+        self.add_state("ever_active", torch.zeros(units, **f64), reduce="max", fill=0.0)
+        self.add_state("seen", torch.zeros((), **f64), reduce="sum", fill=0.0)
+        self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum", fill=0.0)
 
     @property
     def signals(self) -> tuple[str, ...]:
@@ -90,7 +90,7 @@ class ActivationScorer(Scorer):
     def reset_interval(self) -> None:
         """Start a new publish interval: clear Σ|h|, Σ1[h≠0] and the count (not ``ever_active``)."""
         for name in _INTERVAL_STATES:
-            setattr(self, name, self._defaults[name].clone())
+            setattr(self, name, self.default(name))
 
     def update(self, h: Tensor) -> None:
         """Add a batch of activations: ``(b, units)``, ``(b, T, units)`` or ``(b, C, *spatial)``."""

@@ -68,9 +68,9 @@ class PairScorer(Scorer):
         f32 = {"dtype": torch.float32, "device": self.device}
         f64 = {"dtype": torch.float64, "device": self.device}
         for side in ("fake", "real"):
-            self.add_state(f"{side}_rows", torch.zeros(reservoir, dim, **f32), reduce="none")
-            self.add_state(f"{side}_valid", torch.zeros(reservoir, **f64), reduce="none")
-        self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum")
+            self.add_state(f"{side}_rows", torch.zeros(reservoir, dim, **f32), reduce="none", fill=0.0)
+            self.add_state(f"{side}_valid", torch.zeros(reservoir, **f64), reduce="none", fill=0.0)
+        self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum", fill=0.0)
         self._pos = {"fake": 0, "real": 0}
         self._fill = {"fake": 0, "real": 0}   # host ints: slots written (from shapes, no sync)
 

@@ -6,16 +6,18 @@ column sum ``Σ z``, the sums of L2-normalised rows ``Σ ẑ`` and ``Σ ẑ²`` 
 all in float64 (METRICS.md §1 "Streaming"), over the last ``window`` rows.
 
 The window is exact: a ring buffer keeps the rows in float32; each update adds the new rows'
-contributions and subtracts those of the rows they overwrite, in one matrix product
-``[new; old]ᵀ diag(±1) [new; old]``. Products of float32 values are exact in float64, so the
-only drift is float64 summation round-off; the sums are rebuilt from the ring every
-``rebuild_every_wraps`` passes to keep it bounded.
+contributions and subtracts those of the rows they overwrite, with one ``b``-row matrix product
+accumulated in place, ``S += (new + old)ᵀ(new − old)``, whose symmetric part is the change
+(:func:`~monitor.functional.moments.add_window_delta_`; ``2·b·d²`` flops, the cost of the
+batch's own GEMM). ``S`` is symmetrised once in :meth:`settle`. The drift is float64
+round-off; the sums are rebuilt from the ring every ``rebuild_every_wraps`` passes to keep it
+bounded.
 
-Incremental updates cost ``2·b·d²`` per batch, a rebuild from the ring ``window·d²``. When more
-than half a window of rows arrives between two reads, the incremental updates stop for the rest
-of that interval (rows still go into the ring) and :meth:`settle`, which every reader calls
-first, rebuilds the sums from the ring once. So the cost between reads is at most about twice
-the cheaper of the two, whatever the publish cadence and batch size.
+Incremental updates cost ``2·b·d²`` flops per batch, a rebuild from the ring ``2·window·d²``.
+When more than a window of rows arrives between two reads, the incremental updates stop for
+the rest of that interval (rows still go into the ring) and :meth:`settle`, which every reader
+calls first, rebuilds the sums from the ring once. So the cost between reads is at most about
+twice the cheaper of the two, whatever the publish cadence and batch size.
 
 Rows with a NaN/Inf are counted (``nonfinite`` counts values) and stored as zero rows with a
 zero validity weight, so they never reach a score. Nothing here synchronises the device:
@@ -27,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from monitor.functional.moments import clean_rows, window_delta
+from monitor.functional.moments import add_window_delta_, clean_rows, symmetrize_
 from monitor.functional.spectral import normalize_rows
 from monitor.scorer import Scorer
 
@@ -47,20 +49,24 @@ class WindowMoments(Scorer):
         self.rebuild_every_wraps = rebuild_every_wraps
         # Created on the device directly: a host→device copy here would sync on first use.
         f64 = {"dtype": torch.float64, "device": self.device}
-        self.add_state("s", torch.zeros(dim, dim, **f64), reduce="sum")
-        self.add_state("zsum", torch.zeros(dim, **f64), reduce="sum")
-        self.add_state("nsum", torch.zeros(dim, **f64), reduce="sum")
-        self.add_state("nsq", torch.zeros(dim, **f64), reduce="sum")
-        self.add_state("n", torch.zeros((), **f64), reduce="sum")
-        self.add_state("seen", torch.zeros((), **f64), reduce="sum")
-        self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum")
+        self.add_state("s", torch.zeros(dim, dim, **f64), reduce="sum", fill=0.0)
+        self.add_state("zsum", torch.zeros(dim, **f64), reduce="sum", fill=0.0)
+        self.add_state("nsum", torch.zeros(dim, **f64), reduce="sum", fill=0.0)
+        self.add_state("nsq", torch.zeros(dim, **f64), reduce="sum", fill=0.0)
+        self.add_state("n", torch.zeros((), **f64), reduce="sum", fill=0.0)
+        self.add_state("seen", torch.zeros((), **f64), reduce="sum", fill=0.0)
+        self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum", fill=0.0)
         self.add_state("ring", torch.zeros(window, dim, dtype=torch.float32, device=self.device),
-                       reduce="none")
-        self.add_state("ring_valid", torch.zeros(window, **f64), reduce="none")
+                       reduce="none", fill=0.0)
+        self.add_state("ring_valid", torch.zeros(window, **f64), reduce="none", fill=0.0)
+        # negative entries per ring row (Q-Score's non-negativity check): O(b·d) per batch
+        # instead of a pass over the whole window × d ring at every publish
+        self.add_state("ring_neg", torch.zeros(window, **f64), reduce="none", fill=0.0)
         self._pos = 0
         self._wraps = 0
         self._pending = 0        # rows since the last settle (host int: from shapes, no sync)
         self._stale = False      # sums lag the ring; settle() rebuilds them
+        self._asym = False       # s holds an unsymmetrised sum; settle() symmetrises it
 
     def reset(self) -> None:
         super().reset()
@@ -68,12 +74,16 @@ class WindowMoments(Scorer):
         self._wraps = 0
         self._pending = 0
         self._stale = False
+        self._asym = False
 
     def settle(self) -> None:
         """Bring the window sums up to date with the ring; call before reading them."""
         if self._stale:
             self.rebuild()
+        elif self._asym:
+            symmetrize_(self.s)
         self._stale = False
+        self._asym = False
         self._pending = 0
 
     def update(self, rows: Tensor) -> None:
@@ -82,16 +92,31 @@ class WindowMoments(Scorer):
             raise ValueError(f"expected rows of shape (b, {self.dim}), got {tuple(rows.shape)}")
         if rows.shape[0] > self.window:
             rows = rows[-self.window:]
-        b = rows.shape[0]
-        if b == 0:
+        if rows.shape[0] == 0:
             return
-        x, valid, nonfinite = clean_rows(rows.detach().to(self.device))     # (b, d), (b,), ()
+        x, valid, nonfinite = clean_rows(rows.detach().to(self.device))    # (b, d), (b,), ()
+        self._note_negatives(x)
+        self._add_clean(x, valid, nonfinite)
+
+    def _note_negatives(self, x: Tensor) -> None:
+        """Record the negative entries of each clean row ``x`` (b, d) about to enter the ring
+        (call before :meth:`_add_clean`, which advances the ring position)."""
+        self.ring_neg.index_copy_(0, self._next_positions(x.shape[0]),
+                                  (x < 0).sum(1).to(torch.float64))          # (b,)
+
+    def _next_positions(self, b: int) -> Tensor:
+        """Ring slots ``(b,)`` the next ``b`` rows go to (from host integers: no sync)."""
+        return (torch.arange(b, device=self.device) + self._pos) % self.window
+
+    def _add_clean(self, x: Tensor, valid: Tensor, nonfinite: Tensor) -> None:
+        """Add clean float32 rows ``x`` (b, dim) with validity ``valid`` (b,) (1 ≤ b ≤ window)."""
+        b = x.shape[0]
         self.nonfinite += nonfinite
         self.seen += valid.sum()
 
-        idx = (torch.arange(b, device=self.device) + self._pos) % self.window
+        idx = self._next_positions(b)
         self._pending += b
-        self._stale = self._stale or 2 * self._pending > self.window
+        self._stale = self._stale or self._pending > self.window
         if self._stale:                                                     # settle() rebuilds
             self.ring.index_copy_(0, idx, x)
             self.ring_valid.index_copy_(0, idx, valid)
@@ -102,11 +127,8 @@ class WindowMoments(Scorer):
         self.ring.index_copy_(0, idx, x)
         self.ring_valid.index_copy_(0, idx, valid)
 
-        ds, dz, dn, dnsq = window_delta(x, old)
-        self.s += ds                                                        # (d, d)
-        self.zsum += dz
-        self.nsum += dn
-        self.nsq += dnsq
+        add_window_delta_(self.s, self.zsum, self.nsum, self.nsq, x, old)  # one b-row GEMM
+        self._asym = True                                                   # settle() symmetrises
         self.n += valid.sum() - old_valid.sum()
         self._advance(b, rebuild=True)
 
@@ -127,6 +149,12 @@ class WindowMoments(Scorer):
         self.nsum = normed.sum(0)
         self.nsq = (normed * normed).sum(0)
         self.n = self.ring_valid.sum()
+        self._asym = False
+
+    def negative_count(self) -> Tensor:
+        """Negative entries among the window's valid rows, () float64 (Q-Score assumes
+        non-negative features; METRICS.md §4 pitfall 2)."""
+        return (self.ring_neg * (self.ring_valid > 0)).sum()
 
     def state_dict(self) -> dict[str, Tensor]:
         self.settle()
@@ -141,3 +169,4 @@ class WindowMoments(Scorer):
         self._wraps = int(state.get("_wraps", torch.tensor(0)))
         self._pending = 0
         self._stale = False
+        self._asym = False

@@ -79,12 +79,12 @@ class NeuralCollapseScorer(Scorer):
         self.window = window
         f64 = {"dtype": torch.float64, "device": self.device}
         self.add_state("ring", torch.zeros(window, dim, dtype=torch.float32, device=self.device),
-                       reduce="none")
+                       reduce="none", fill=0.0)
         self.add_state("ring_labels", torch.zeros(window, dtype=torch.long, device=self.device),
-                       reduce="none")
-        self.add_state("ring_valid", torch.zeros(window, **f64), reduce="none")
-        self.add_state("out_of_range", torch.zeros((), **f64), reduce="sum")
-        self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum")
+                       reduce="none", fill=0.0)
+        self.add_state("ring_valid", torch.zeros(window, **f64), reduce="none", fill=0.0)
+        self.add_state("out_of_range", torch.zeros((), **f64), reduce="sum", fill=0.0)
+        self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum", fill=0.0)
         self._pos = 0                       # next ring slot (host int, from shapes only)
 
     def reset(self) -> None:

@@ -108,13 +108,13 @@ class QScoreScorer(Scorer):
         self.bucket_edges = edges
         f64 = {"dtype": torch.float64, "device": self.device}
         nan = math.nan
-        self.add_state("ring_q", torch.full((window,), nan, **f64), reduce="none")
-        self.add_state("eval_q", torch.full((eval_window,), nan, **f64), reduce="none")
-        self.add_state("eval_wrong", torch.zeros(eval_window, **f64), reduce="none")
-        self.add_state("hist_counts", torch.zeros(edges.shape[0] + 1, **f64), reduce="sum")
-        self.add_state("hist_sum", torch.zeros((), **f64), reduce="sum")
-        self.add_state("hist_count", torch.zeros((), **f64), reduce="sum")
-        self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum")
+        self.add_state("ring_q", torch.full((window,), nan, **f64), reduce="none", fill=nan)
+        self.add_state("eval_q", torch.full((eval_window,), nan, **f64), reduce="none", fill=nan)
+        self.add_state("eval_wrong", torch.zeros(eval_window, **f64), reduce="none", fill=0.0)
+        self.add_state("hist_counts", torch.zeros(edges.shape[0] + 1, **f64), reduce="sum", fill=0.0)
+        self.add_state("hist_sum", torch.zeros((), **f64), reduce="sum", fill=0.0)
+        self.add_state("hist_count", torch.zeros((), **f64), reduce="sum", fill=0.0)
+        self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum", fill=0.0)
         thr = nan if threshold is None else float(threshold)
         self.add_state("threshold_q", torch.full((), thr, **f64), reduce="none")
         self._init_host()

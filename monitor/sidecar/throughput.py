@@ -1,0 +1,201 @@
+"""Sidecar ingest+score throughput against score-only throughput (``repwatch bench`` figure 5
+and ``benchmarks/sidecar_throughput.py``), torch-free.
+
+Score-only: the backend's ``ingest`` called directly on pre-built batches. Ingest+score: the same
+batches POSTed by client *processes* (as trainers are) to a real uvicorn serving the sidecar app
+on 127.0.0.1, until the service has scored them all (429s are retried, so every batch is scored
+once), or written into the shared-memory ring of ``repwatch serve --shm`` by one producer. The
+CPU time this process (server + scorer; the clients are other processes) spends per batch in
+each gives the share of the sidecar's CPU that goes to scoring, which does not depend on how
+many cores the load generator leaves free.
+
+Clients: ``httpx`` (what ``Monitor(sink=...)`` uses); ``raw`` (pre-built HTTP/1.1 requests on a
+keep-alive socket, a minimal load generator like wrk, so the clients take as little of the
+machine as possible); ``shm`` (one producer process, waiting while the ring is full).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from monitor.server import BackgroundServer
+from monitor.sidecar.protocol import encode_batch
+from monitor.sidecar.service import (BACKENDS, Sidecar, SidecarConfig, create_sidecar_app)
+
+
+def make_batches(n: int, rows: int, dim: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [np.maximum(rng.standard_normal((rows, dim)), 0).astype(np.float32) for _ in range(n)]
+
+
+def _cpu() -> float:
+    """CPU seconds of this process (all threads: the server, the scorer)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def score_only(config: SidecarConfig, batches: list[np.ndarray]) -> tuple[float, float]:
+    """(rows/s, CPU ms per batch) of the backend called directly."""
+    backend = BACKENDS[config.backend](config)
+    c0, t0 = _cpu(), time.perf_counter()
+    for i, rows in enumerate(batches, 1):
+        backend.ingest("bench", "enc", rows, None, i)
+    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+    backend.close()
+    return sum(b.shape[0] for b in batches) / seconds, 1e3 * cpu / len(batches)
+
+
+def _ping(url: str) -> None:
+    httpx.get(f"{url}/healthz", timeout=30)
+
+
+def _client(part: tuple[str, list[tuple[dict[str, str], bytes]]]) -> int:
+    url, bodies = part
+    retries = 0
+    with httpx.Client(timeout=30) as http:
+        for headers, body in bodies:
+            while True:
+                r = http.post(url, content=body, headers=headers)
+                if r.status_code != 429:
+                    r.raise_for_status()
+                    break
+                retries += 1
+                time.sleep(0.01)
+    return retries
+
+
+def _raw_request(host: str, port: int, path: str, headers: dict[str, str], body: bytes) -> bytes:
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}",
+            *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _read_status(sock: socket.socket, buf: bytes) -> tuple[int, bytes]:
+    """Read one response (Content-Length framed); return its status and the bytes after it."""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buf += chunk
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    length = next((int(v) for k, v in (ln.split(b":", 1) for ln in lines[1:])
+                   if k.strip().lower() == b"content-length"), 0)
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(lines[0].split(b" ", 2)[1]), rest[length:]
+
+
+def _raw_client(part: tuple[str, int, list[bytes]]) -> int:
+    host, port, requests = part
+    retries, buf = 0, b""
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for request in requests:
+            while True:
+                sock.sendall(request)
+                status, buf = _read_status(sock, buf)
+                if status != 429:
+                    if status != 202:
+                        raise RuntimeError(f"POST answered {status}")
+                    break
+                retries += 1
+                time.sleep(0.01)
+    return retries
+
+
+def _shm_client(part: tuple[str, list[tuple[dict[str, str], bytes]]]) -> int:
+    from monitor.shm import ShmRing
+
+    name, bodies = part
+    ring = ShmRing.attach(name)
+    ring.claim_producer()
+    waits = 0
+    try:
+        for headers, body in bodies:
+            while not ring.write("bench", "enc", headers, body):
+                waits += 1
+                time.sleep(0.0005)
+    finally:
+        ring.close()
+    return waits
+
+
+def parse_cores(spec: str | None) -> set[int] | None:
+    """'0,1' or '2-5' → a CPU set (None: no pinning)."""
+    if not spec:
+        return None
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out |= set(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def pin(cores: set[int] | None) -> None:
+    if cores:
+        os.sched_setaffinity(0, cores)
+
+
+@dataclass
+class IngestResult:
+    """What :func:`ingest_and_score` measured."""
+
+    rows_per_second: float
+    cpu_ms_per_batch: float
+    body_bytes_per_second: float
+    scored: int
+    dropped: int
+    retries: int
+
+
+def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: int,
+                     client: str = "httpx", client_cores: set[int] | None = None
+                     ) -> IngestResult:
+    """Rows/s, CPU ms per batch of this process and request-body bytes/s through a real
+    uvicorn on 127.0.0.1 (``client="shm"``: through the shared-memory ring)."""
+    sidecar = Sidecar(config)
+    server = BackgroundServer(create_sidecar_app(config, sidecar), "127.0.0.1", 0)
+    server.start()
+    path = "/v1/runs/bench/streams/enc/batches"
+    bodies = [encode_batch(rows, step=i) for i, rows in enumerate(batches, 1)]
+    reader = None
+    if client == "shm":
+        from monitor.shm import ShmReader
+
+        name = f"rwbench-{os.getpid()}"
+        slot_mb = max(1, -(-len(bodies[0][1]) // (1 << 20)))
+        reader = ShmReader(f"{name}?slots=64&slot_mb={slot_mb}", sidecar).start()
+        clients, work, parts = 1, _shm_client, [(name, bodies)]
+    elif client == "raw":
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        requests = [_raw_request(host, int(port), path, h, b) for h, b in bodies]
+        work, parts = _raw_client, [(host, int(port), requests[k::clients]) for k in range(clients)]
+    else:
+        work, parts = _client, [(server.url + path, bodies[k::clients]) for k in range(clients)]
+    with mp.get_context("spawn").Pool(clients, initializer=pin, initargs=(client_cores,)) as pool:
+        pool.map(_ping, [server.url] * clients)                         # start-up off the clock
+        c0, t0 = _cpu(), time.perf_counter()
+        retries = sum(pool.map(work, parts))
+    if reader is not None:
+        while reader.ring is not None and reader.ring.pending():
+            time.sleep(0.001)
+    sidecar.wait_idle(600)
+    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+    if reader is not None:
+        reader.stop()
+    acc = sidecar.accounting()
+    server.stop()
+    sidecar.close()
+    scored = sum(acc["scored"].values())
+    dropped = sum(acc["dropped"].values())
+    sent = sum(len(body) for _, body in bodies)
+    return IngestResult(scored / seconds, 1e3 * cpu / len(batches), sent / seconds, scored,
+                        dropped, retries)
