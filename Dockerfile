@@ -18,7 +18,7 @@ COPY exporters ./exporters
 # The package's own dependency list includes torch (for the trainer side); the sidecar needs
 # only these, so the package is installed without its dependencies.
 RUN pip install "numpy>=1.24" "prometheus-client>=0.20" "fastapi>=0.110" "uvicorn[standard]>=0.29" \
-        "rich>=13" "httpx>=0.27" "onnxruntime>=1.17" "threadpoolctl>=3.1" \
+        "rich>=13" "httpx>=0.27" "markdown-it-py>=3" "onnxruntime>=1.17" "threadpoolctl>=3.1" \
     && pip install --no-deps . \
     && useradd --system --uid 10001 --no-create-home repwatch
 

@@ -64,12 +64,12 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {"update_dims": (256, 1024), "update_rows": 256, "publish_dims": (256, 1024, 2048, 4096),
              "window": 8192, "rows": 256, "naive_dims": (256, 1024), "every": 10,
              "item_dim": 256, "repeats": 5, "workloads": ("cnn", "transformer"),
-             "gpu_workloads": ("resnet50", "vit_b"), "train_steps": 30, "train_repeats": 5,
+             "gpu_workloads": ("resnet50", "vit_b"), "train_blocks": 16,
              "sidecar_batches": 300, "memory_dims": (256, 1024, 2048, 8192)},
     "quick": {"update_dims": (256,), "update_rows": 256, "publish_dims": (1024,),
               "window": 1024, "rows": 128, "naive_dims": (256,), "every": 10, "item_dim": 256,
               "repeats": 5, "workloads": ("cnn",), "gpu_workloads": ("cnn",),
-              "train_steps": 20, "train_repeats": 3, "sidecar_batches": 60,
+              "train_blocks": 4, "sidecar_batches": 60,
               "memory_dims": (256,)},
 }
 
@@ -336,73 +336,77 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
-def _train(workload_name: str, device: torch.device, steps: int, warmup: int, monitored: bool,
-           quick: bool) -> tuple[float, float, float, float]:
-    """Seconds (wall, CPU) of ``steps`` training steps after ``warmup`` untimed ones, with
-    repwatch at its defaults watching the workload's representation (``monitored``) or not;
-    and repwatch's own overhead ratio and cadence from its last snapshot (NaN without it)."""
-    from monitor.bench_models import build
-
-    w = build(workload_name, device, quick=quick)
-    mon = Monitor(run="bench", port=None) if monitored else None       # the defaults
-    try:
+def _timed_steps(step: Callable[[], Any], mon: Monitor | None, count: int,
+                 device: torch.device) -> tuple[float, float]:
+    """Wall and CPU seconds of ``count`` training steps (each followed by ``mon.step()``)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)                # the benchmark's, outside repwatch
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    for _ in range(count):
+        step()
         if mon is not None:
-            mon.watch(w.watched, name="features")
-        for _ in range(warmup):                       # state allocation, first publish, caches
-            w.step()
-            if mon is not None:
-                mon.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)            # the benchmark's, outside repwatch
-        c0, t0 = _cpu_seconds(), time.perf_counter()
-        for _ in range(steps):
-            w.step()
-            if mon is not None:
-                mon.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-        snap = mon.latest if mon is not None else None
-        own = snap.overhead_ratio if snap is not None else math.nan
-        cadence = snap.effective_cadence_steps if snap is not None else math.nan
-        if mon is not None and snap is not None and sum(snap.errors.values()):
-            raise AssertionError(f"repwatch counted errors while watching {workload_name}: "
-                                 f"{snap.errors}")
-    finally:
-        if mon is not None:
-            mon.close()
-    return wall, cpu, own, cadence
+            mon.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, _cpu_seconds() - c0
 
 
-def training_overhead(device: torch.device, workloads: Sequence[str], steps: int, repeats: int,
+def training_overhead(device: torch.device, workloads: Sequence[str], blocks: int,
                       quick: bool = False) -> list[Row]:
     """(1) Training time with repwatch attached at its defaults (capture every step, publish
-    every 10, window 8192, Q-Score on) ÷ without, per workload; runs alternate (off, on, ...)
-    and the medians are compared. ``details`` adds the CPU-time ratio and repwatch's own
-    measurement of its overhead (``repwatch_overhead_ratio``)."""
-    out: list[Row] = []
-    warmup = 12                       # past the first publish (step 10): its one-off costs
-    for name in workloads:
-        runs: dict[bool, list[tuple[float, float, float, float]]] = {False: [], True: []}
-        _train(name, device, 2, 2, True, quick)                             # imports, caches
-        for _ in range(repeats):
-            for monitored in (False, True):
-                runs[monitored].append(_train(name, device, steps, warmup, monitored, quick))
-        off = statistics.median(r[0] for r in runs[False])
-        on = statistics.median(r[0] for r in runs[True])
-        cpu_off = statistics.median(r[1] for r in runs[False])
-        cpu_on = statistics.median(r[1] for r in runs[True])
-        from monitor.bench_models import build
+    every 10, window 8192, Q-Score on) ÷ without, per workload.
 
-        w = build(name, torch.device("cpu"), quick=quick)
+    Two copies of the workload (same seed, same batch) train in one process; one is watched.
+    They take turns in blocks of one publish interval (10 steps; the order alternates per
+    block), so a change in the machine's speed during the run hits both sides of each block's
+    ratio alike; the figure is the median of the block ratios (``details`` adds the ratio of
+    the summed times, the CPU-time ratio and repwatch's own measurement of its overhead,
+    ``repwatch_overhead_ratio``)."""
+    from monitor.bench_models import build
+
+    out: list[Row] = []
+    for name in workloads:
+        plain, watched = build(name, device, quick=quick), build(name, device, quick=quick)
+        mon = Monitor(run="bench", port=None)                              # the defaults
+        try:
+            mon.watch(watched.watched, name="features")
+            every = mon.every
+            _timed_steps(plain.step, None, 2 * every + 2, device)          # warm-up, past the
+            _timed_steps(watched.step, mon, 2 * every + 2, device)         # first publishes
+            ratios: list[float] = []
+            sums = {"off": 0.0, "on": 0.0, "cpu_off": 0.0, "cpu_on": 0.0}
+            for b in range(blocks):
+                order = (False, True) if b % 2 == 0 else (True, False)
+                for monitored in order:
+                    w, c = (_timed_steps(watched.step, mon, every, device) if monitored
+                            else _timed_steps(plain.step, None, every, device))
+                    key = "on" if monitored else "off"
+                    sums[key] += w
+                    sums["cpu_" + key] += c
+                    if monitored:
+                        on_w = w
+                    else:
+                        off_w = w
+                ratios.append(on_w / off_w)
+            snap = mon.latest
+            if snap is not None and sum(snap.errors.values()):
+                raise AssertionError(f"repwatch counted errors while watching {name}: "
+                                     f"{snap.errors}")
+            own = snap.overhead_ratio if snap is not None else math.nan
+            cadence = snap.effective_cadence_steps if snap is not None else math.nan
+        finally:
+            mon.close()
+        steps = blocks * every
         target = "<= 1.01 (GPU)" if device.type == "cuda" else "<= 1.03"
-        out.append(_row("training_overhead", on / steps, off / steps, on / off, target, "s/step",
-                        {"workload": name, "d": w.dim, "batch": w.batch, "params": w.params,
-                         "steps": steps, "repeats": repeats, "cpu_ratio": cpu_on / cpu_off,
-                         "repwatch_overhead_ratio": statistics.median(
-                             r[2] for r in runs[True]),
-                         "effective_cadence_steps": statistics.median(
-                             r[3] for r in runs[True]),
+        out.append(_row("training_overhead", sums["on"] / steps, sums["off"] / steps,
+                        statistics.median(ratios), target, "s/step",
+                        {"workload": name, "d": watched.dim, "batch": watched.batch,
+                         "params": watched.params, "blocks": blocks, "steps_per_block": every,
+                         "ratio_of_sums": sums["on"] / sums["off"],
+                         "cpu_ratio": sums["cpu_on"] / sums["cpu_off"],
+                         "block_ratio_quartiles": statistics.quantiles(ratios, n=4)
+                         if len(ratios) >= 2 else ratios,
+                         "repwatch_overhead_ratio": own, "effective_cadence_steps": cadence,
                          "amp": "bf16 autocast" if device.type == "cuda" else "float32"}))
     return out
 
@@ -548,7 +552,7 @@ def _run_figures(dev: torch.device, p: dict[str, Any], chosen: Sequence[str], qu
     for name in chosen:
         if name == "training_overhead":
             loads = p["gpu_workloads"] if dev.type == "cuda" else p["workloads"]
-            rows += training_overhead(dev, loads, p["train_steps"], p["train_repeats"], quick)
+            rows += training_overhead(dev, loads, p["train_blocks"], quick)
         elif name == "sidecar_ingest":
             rows += sidecar_ingest(p["sidecar_batches"], 256, 128)
         elif name == "memory":

@@ -11,6 +11,7 @@ Torch-free: the sidecar image imports it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from functools import cache
 from importlib import resources
@@ -50,12 +51,42 @@ def index_html() -> str:
     return web_dir().joinpath("index.html").read_text(encoding="utf-8")
 
 
+def _slug(text: str) -> str:
+    """GitHub's heading anchor: lower case, spaces → '-', other punctuation dropped."""
+    return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+
+
+@cache
+def runbooks_html() -> str:
+    """docs/runbooks.md (packaged as ``monitor/web/runbooks.md``) as a page whose headings
+    carry GitHub's anchors, so the alerts' default ``runbook_url``
+    (``docs/runbooks.md#repwatchrepresentationcollapse``) resolves to ``/runbooks#…``."""
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = md.parse(web_dir().joinpath("runbooks.md").read_text(encoding="utf-8"))
+    for i, tok in enumerate(tokens):
+        if tok.type == "heading_open" and i + 1 < len(tokens):
+            tok.attrSet("id", _slug(tokens[i + 1].content))
+    body = md.renderer.render(tokens, md.options, {})
+    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            "<title>repwatch runbooks</title>"
+            f"<link rel=\"stylesheet\" href=\"ui/app.css\"></head>"
+            f"<body><main class=\"runbooks\">{body}</main></body></html>")
+
+
 def mount_dashboard(app: FastAPI) -> None:
-    """Serve the dashboard at ``/`` (``?run=NAME`` preselects a run) and its assets at /ui."""
+    """Serve the dashboard at ``/`` (``?run=NAME`` preselects a run), its assets at /ui and
+    the runbooks at ``/runbooks``."""
 
     @app.get("/", response_class=HTMLResponse, summary="Live dashboard (HTML page)")
     def dashboard() -> HTMLResponse:
         return HTMLResponse(index_html(), headers=_NO_CACHE)
+
+    @app.get("/runbooks", response_class=HTMLResponse, summary="Alert runbooks (HTML page)")
+    def runbooks() -> HTMLResponse:
+        return HTMLResponse(runbooks_html())
 
     app.mount(ASSET_PREFIX, StaticFiles(packages=[("monitor", "web")]), name="dashboard-assets")
 

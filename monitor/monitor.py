@@ -87,7 +87,7 @@ class Monitor:
         every: publish every ``every`` calls of :meth:`step`.
         max_rows: at most this many rows per captured batch (uniform subsample, own RNG).
         window: rows in each stream's sliding scoring window.
-        port: HTTP port for ``/metrics`` and the status page (0: any free port; None: no server).
+        port: HTTP port for ``/metrics`` and the dashboard at ``/`` (0: any free port; None: no server).
             Only local rank 0 (``LOCAL_RANK``, else ``rank % LOCAL_WORLD_SIZE``) serves.
         host: address to bind (loopback by default).
         tokens: default reduction of ``(b, T, d)`` token outputs: ``"mean"``, ``"cls"``, ``"all"``.

@@ -164,3 +164,21 @@ def test_spectra_endpoint_gives_latest_and_peak_spectrum() -> None:
         assert httpx.get(f"{mon.url}/v1/runs/nope/spectra", timeout=10).status_code == 404
     finally:
         mon.close()
+
+
+def test_runbooks_page_has_an_anchor_for_every_alert() -> None:
+    """The alerts' default runbook links (docs/runbooks.md#anchor) resolve on /runbooks,
+    whose heading ids are GitHub's anchors of docs/runbooks.md's headings."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from monitor.alerts import DEFAULT_RULES
+    from monitor.server import create_app
+
+    page = TestClient(create_app(lambda: None, lambda: [], DEFAULT_RULES)).get("/runbooks")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    ids = set(re.findall(r'<h2 id="([^"]+)"', page.text))
+    for rule in DEFAULT_RULES:
+        anchor = rule.runbook_url.split("#", 1)[1]
+        assert anchor in ids, (rule.name, anchor, sorted(ids))

@@ -369,6 +369,11 @@
     if (/^https?:\/\//.test(a.runbook_url)) {
       const link = el("a", { href: a.runbook_url, target: "_blank", rel: "noopener" }, "runbook");
       p.append(link);
+    } else if (/^docs\/runbooks\.md#/.test(a.runbook_url)) {
+      // the default runbook base: the runbooks this server serves at ./runbooks
+      const link = el("a", { href: "runbooks#" + a.runbook_url.split("#")[1], target: "_blank",
+        rel: "noopener" }, "runbook");
+      p.append(link);
     } else if (a.runbook_url) {
       p.append(document.createTextNode("Runbook: "), el("code", {}, a.runbook_url));
     }

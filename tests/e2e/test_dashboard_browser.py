@@ -109,6 +109,11 @@ def test_demo_dashboard_shows_collapse_live(browser: Any, demo_url: str) -> None
         text = alert.inner_text()
         assert "projector" in text and "since step" in text and "critical" in text.lower()
         assert "runbook" in text.lower()
+        # the runbook link opens the runbooks this server serves, at the alert's section
+        href = alert.locator("a", has_text="runbook").get_attribute("href")
+        assert href == f"runbooks#{COLLAPSE.lower()}", href
+        runbook = page.request.get(f"{demo_url}/{href.split('#')[0]}")
+        assert runbook.ok and f'id="{COLLAPSE.lower()}"' in runbook.text()
         rank_chart = "stream:projector:effective_rank"
         page.wait_for_function(
             f"() => +document.querySelector('svg[data-chart=\"{rank_chart}\"]')"
