@@ -133,67 +133,59 @@ class ViT(nn.Module):
         return self.head(z[:, 0])
 
 
-def _classifier_step(model: nn.Module, x: Tensor, y: Tensor, device: torch.device,
-                     amp: bool) -> Callable[[], Tensor]:
+@dataclass(frozen=True)
+class _Spec:
+    make: Callable[[], nn.Module]
+    batch: int                     # full size (quick: ``quick_batch``)
+    quick_batch: int
+    inputs: Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
+    watched: Callable[[nn.Module], nn.Module]
+    dim: int
+
+
+def _images(size: int, classes: int) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor]]:
+    return lambda b, gen: (torch.randn(b, 3, size, size, generator=gen),
+                           torch.randint(0, classes, (b,), generator=gen))
+
+
+def _tokens(b: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    x = torch.randint(0, 1000, (b, 64), generator=gen)
+    return x, torch.randint(0, 1000, (b * 64,), generator=gen)     # next-token-like targets
+
+
+WORKLOADS: dict[str, _Spec] = {
+    "cnn": _Spec(SmallCNN, 128, 32, _images(32, 10), lambda m: m.features, 128),
+    "transformer": _Spec(SmallTransformer, 32, 8, _tokens, lambda m: m.encoder, 128),
+    "resnet50": _Spec(ResNet50, 64, 8, _images(224, 1000), lambda m: m.features, 2048),
+    "vit_b": _Spec(ViT, 64, 8, _images(224, 1000), lambda m: m.norm, 768),
+}
+"""The figure's workloads: model, batch (full, quick), synthetic inputs, watched module, d."""
+
+
+def build(name: str, device: torch.device, seed: int = 0, quick: bool = False) -> Workload:
+    """The workload ``name`` (a key of :data:`WORKLOADS`) on ``device``; ``quick``: a smaller
+    batch (the test's sizes). GPU workloads train under bf16 autocast."""
+    spec = WORKLOADS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)            # parameter initialisation (the bench owns this process)
+    b = spec.quick_batch if quick else spec.batch
+    x, y = spec.inputs(b, gen)
+    model = spec.make().to(device)
+    x, y = x.to(device), y.to(device)
+    amp = device.type == "cuda"
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step() -> Tensor:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = nn.functional.cross_entropy(model(x), y)
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits.flatten(0, -2) if logits.dim() > 2
+                                               else logits, y)
         loss.backward()
         opt.step()
         return loss.detach()
 
-    return step
-
-
-def build(name: str, device: torch.device, seed: int = 0, quick: bool = False) -> Workload:
-    """The workload ``name`` (``cnn``, ``transformer``, ``resnet50``, ``vit_b``) on ``device``;
-    ``quick``: a smaller batch (the test's sizes). GPU workloads train under bf16 autocast."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)            # parameter initialisation (the bench owns this process)
-    amp = device.type == "cuda"
-    if name == "cnn":
-        b = 32 if quick else 128
-        model: nn.Module = SmallCNN()
-        x = torch.randn(b, 3, 32, 32, generator=gen)
-        y = torch.randint(0, 10, (b,), generator=gen)
-        watched, dim = model.features, 128
-    elif name == "transformer":
-        b = 8 if quick else 32
-        model = SmallTransformer()
-        x = torch.randint(0, 1000, (b, 64), generator=gen)
-        y = torch.randint(0, 1000, (b * 64,), generator=gen)
-        watched, dim = model.encoder, 128
-    elif name == "resnet50":
-        b = 8 if quick else 64
-        model = ResNet50()
-        x = torch.randn(b, 3, 224, 224, generator=gen)
-        y = torch.randint(0, 1000, (b,), generator=gen)
-        watched, dim = model.features, 2048
-    elif name == "vit_b":
-        b = 8 if quick else 64
-        model = ViT()
-        x = torch.randn(b, 3, 224, 224, generator=gen)
-        y = torch.randint(0, 1000, (b,), generator=gen)
-        watched, dim = model.norm, 768
-    else:
-        raise ValueError(f"unknown workload {name!r}; choose cnn, transformer, resnet50, vit_b")
-    model = model.to(device)
-    x, y = x.to(device), y.to(device)
-    if name == "transformer":
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-        def step() -> Tensor:
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-                loss = nn.functional.cross_entropy(logits.flatten(0, 1), y)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-    else:
-        step = _classifier_step(model, x, y, device, amp)
     params = sum(p.numel() for p in model.parameters())
-    return Workload(name, model, watched, step, b, params, dim)
+    return Workload(name, model, spec.watched(model), step, b, params, spec.dim)

@@ -20,6 +20,7 @@ import pytest
 from rich.console import Console
 
 from monitor.watch import SPARK_CHARS, build_table, resample, sparkline
+from tests.subproc import run_python
 from tests.torchless_serve import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,7 +291,6 @@ def test_the_module_imports_without_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
             "import monitor.watch, monitor.cli\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['torch']"            # only the blocked entry itself
