@@ -6,12 +6,12 @@ Q-Score on with its default evaluation window ``E = W``)::
 
     8·d²            float64 second moment S (d×d)
   + 4·W·d           float32 ring of the window's rows
-  + 16·W            float64 row validity and negative-entry count of each ring row
+  + 8·W             float64 row validity of the ring
   + 8·W + 16·E      float64 Q-Score ring, evaluation ring and its misclassified flags
   + 24·d + O(1)     float64 Σz, Σẑ, Σẑ², scalars and the Q-Score histogram
 
 Per watched activation layer of ``u`` units: the same window state over units
-(``8·u² + 4·W·u + 16·W + 24·u``) plus ``24·u`` for the dormancy sums. For d = 2048 and
+(``8·u² + 4·W·u + 8·W + 24·u``) plus ``24·u`` for the dormancy sums. For d = 2048 and
 W = 8192: 32 MiB + 64 MiB + a few hundred KiB. Transient memory at publish (the
 eigendecomposition's d×d workspace and output) comes on top and is freed after it. The large-d
 sketched path (``spectral_path``) holds the same state at the sketch dimension plus the

@@ -99,14 +99,13 @@ def second_moment_eigenvalues(rows: Tensor) -> Tensor:
 
 def exact_state_bytes(dim: int, window: int) -> int:
     """Resident bytes of the exact window state (:class:`~monitor.scorers.moments.WindowMoments`):
-    float64 ``S`` (8d²), float32 ring (4·window·d), float64 sums, and per ring row a float64
-    validity and negative-entry count (a rebuild from the ring briefly needs the ring in
-    float64 too)."""
-    return 8 * dim * dim + 4 * window * dim + 16 * window + 24 * dim + 24
+    float64 ``S`` (8d²), float32 ring (4·window·d), float64 sums and validity (a rebuild from
+    the ring briefly needs the ring in float64 too)."""
+    return 8 * dim * dim + 4 * window * dim + 8 * window + 24 * dim + 24
 
 
 def sketch_state_bytes(dim: int, window: int, sketch_dim: int) -> int:
     """Resident bytes of the sketched state (:class:`~monitor.scorers.sketch.SketchedMoments`):
-    float32 ``Ω`` (4dk) plus the exact state of k dimensions (whose per-row negative counts are
-    those of the original rows)."""
-    return 4 * dim * sketch_dim + exact_state_bytes(sketch_dim, window)
+    float32 ``Ω`` (4dk) plus the exact state of k dimensions and a per-row negative count of
+    the original rows."""
+    return 4 * dim * sketch_dim + exact_state_bytes(sketch_dim, window) + 8 * window

@@ -59,9 +59,6 @@ class WindowMoments(Scorer):
         self.add_state("ring", torch.zeros(window, dim, dtype=torch.float32, device=self.device),
                        reduce="none", fill=0.0)
         self.add_state("ring_valid", torch.zeros(window, **f64), reduce="none", fill=0.0)
-        # negative entries per ring row (Q-Score's non-negativity check): O(b·d) per batch
-        # instead of a pass over the whole window × d ring at every publish
-        self.add_state("ring_neg", torch.zeros(window, **f64), reduce="none", fill=0.0)
         self._pos = 0
         self._wraps = 0
         self._pending = 0        # rows since the last settle (host int: from shapes, no sync)
@@ -94,15 +91,7 @@ class WindowMoments(Scorer):
             rows = rows[-self.window:]
         if rows.shape[0] == 0:
             return
-        x, valid, nonfinite = clean_rows(rows.detach().to(self.device))    # (b, d), (b,), ()
-        self._note_negatives(x)
-        self._add_clean(x, valid, nonfinite)
-
-    def _note_negatives(self, x: Tensor) -> None:
-        """Record the negative entries of each clean row ``x`` (b, d) about to enter the ring
-        (call before :meth:`_add_clean`, which advances the ring position)."""
-        self.ring_neg.index_copy_(0, self._next_positions(x.shape[0]),
-                                  (x < 0).sum(1).to(torch.float64))          # (b,)
+        self._add_clean(*clean_rows(rows.detach().to(self.device)))        # (b, d), (b,), ()
 
     def _next_positions(self, b: int) -> Tensor:
         """Ring slots ``(b,)`` the next ``b`` rows go to (from host integers: no sync)."""
@@ -153,8 +142,10 @@ class WindowMoments(Scorer):
 
     def negative_count(self) -> Tensor:
         """Negative entries among the window's valid rows, () float64 (Q-Score assumes
-        non-negative features; METRICS.md §4 pitfall 2)."""
-        return (self.ring_neg * (self.ring_valid > 0)).sum()
+        non-negative features; METRICS.md §4 pitfall 2). Invalid and unfilled ring rows are
+        zero rows, so one ``count_nonzero`` over the ring counts only valid entries (one pass
+        at publish; no per-batch work)."""
+        return torch.count_nonzero(self.ring < 0).to(torch.float64)
 
     def state_dict(self) -> dict[str, Tensor]:
         self.settle()

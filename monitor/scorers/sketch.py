@@ -60,6 +60,9 @@ class SketchedMoments(WindowMoments):
         self.input_dim = dim
         self.sketch_dim = sketch_dim
         self.seed = seed
+        # negative entries per original row (the ring holds projected rows)
+        self.add_state("ring_neg", torch.zeros(window, dtype=torch.float64, device=self.device),
+                       reduce="none", fill=0.0)
         self._omega: Tensor | None = None
 
     @property
@@ -83,8 +86,13 @@ class SketchedMoments(WindowMoments):
         if b == 0:
             return
         x, valid, nonfinite = clean_rows(rows.detach().to(self.device))    # (b, d), (b,), ()
-        self._note_negatives(x)                                             # original rows
+        self.ring_neg.index_copy_(0, self._next_positions(b),
+                                  (x < 0).sum(1).to(torch.float64))          # (b,) original
         self._add_clean(project_rows(x, self.omega), valid, nonfinite)     # (b, k)
+
+    def negative_count(self) -> Tensor:
+        """Negative entries of the window's valid original rows, () float64 (exact)."""
+        return (self.ring_neg * (self.ring_valid > 0)).sum()
 
     def state_dict(self) -> dict[str, Tensor]:
         state = super().state_dict()
