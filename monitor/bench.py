@@ -54,6 +54,7 @@ from monitor import Monitor
 from monitor.bench_cli import FIGURES
 from monitor.functional.spectral import rankme_from_singular_values
 from monitor.scorers import CollapseScorer, SpectrumScorer, WindowMoments
+from monitor.sidecar.throughput import cpu_seconds
 
 Row = dict[str, Any]
 
@@ -330,25 +331,19 @@ def naive_item(device: torch.device, dim: int, rows: int, window: int, every: in
                   "metrics_per_step": len(last), "qscore": False})]
 
 
-def _cpu_seconds() -> float:
-    """CPU seconds of this process, all threads (user + system)."""
-    t = os.times()
-    return t.user + t.system
-
-
 def _timed_steps(step: Callable[[], Any], mon: Monitor | None, count: int,
                  device: torch.device) -> tuple[float, float]:
     """Wall and CPU seconds of ``count`` training steps (each followed by ``mon.step()``)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)                # the benchmark's, outside repwatch
-    c0, t0 = _cpu_seconds(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     for _ in range(count):
         step()
         if mon is not None:
             mon.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - t0, _cpu_seconds() - c0
+    return time.perf_counter() - t0, cpu_seconds() - c0
 
 
 def training_overhead(device: torch.device, workloads: Sequence[str], blocks: int,

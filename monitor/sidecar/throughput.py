@@ -35,7 +35,7 @@ def make_batches(n: int, rows: int, dim: int) -> list[np.ndarray]:
     return [np.maximum(rng.standard_normal((rows, dim)), 0).astype(np.float32) for _ in range(n)]
 
 
-def _cpu() -> float:
+def cpu_seconds() -> float:
     """CPU seconds of this process (all threads: the server, the scorer)."""
     t = os.times()
     return t.user + t.system
@@ -44,10 +44,10 @@ def _cpu() -> float:
 def score_only(config: SidecarConfig, batches: list[np.ndarray]) -> tuple[float, float]:
     """(rows/s, CPU ms per batch) of the backend called directly."""
     backend = BACKENDS[config.backend](config)
-    c0, t0 = _cpu(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     for i, rows in enumerate(batches, 1):
         backend.ingest("bench", "enc", rows, None, i)
-    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     backend.close()
     return sum(b.shape[0] for b in batches) / seconds, 1e3 * cpu / len(batches)
 
@@ -182,13 +182,13 @@ def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: 
         work, parts = _client, [(server.url + path, bodies[k::clients]) for k in range(clients)]
     with mp.get_context("spawn").Pool(clients, initializer=pin, initargs=(client_cores,)) as pool:
         pool.map(_ping, [server.url] * clients)                         # start-up off the clock
-        c0, t0 = _cpu(), time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         retries = sum(pool.map(work, parts))
     if reader is not None:
         while reader.ring is not None and reader.ring.pending():
             time.sleep(0.001)
     sidecar.wait_idle(600)
-    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     if reader is not None:
         reader.stop()
     acc = sidecar.accounting()
