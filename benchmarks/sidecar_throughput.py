@@ -53,7 +53,8 @@ def main() -> None:
     print(f"score-only {base:,.0f} rows/s   ingest+score {full:,.0f} rows/s   "
           f"ratio {full / base:.2f}")
     print(f"CPU per batch: score-only {base_cpu:.2f} ms   sidecar (HTTP + scoring) "
-          f"{full_cpu:.2f} ms   scoring share {base_cpu / full_cpu:.2f}")
+          f"{full_cpu:.2f} ms   scoring share {base_cpu / full_cpu:.2f}   load generator "
+          f"{res.client_cpu_ms_per_batch:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -496,6 +496,7 @@ def sidecar_ingest(batches: int, rows: int, dim: int, clients: int = 2) -> list[
                              "cpu_ms_per_batch_score_only": base_cpu,
                              "cpu_ms_per_batch_sidecar": res.cpu_ms_per_batch,
                              "scoring_share": base_cpu / res.cpu_ms_per_batch,
+                             "cpu_ms_per_batch_clients": res.client_cpu_ms_per_batch,
                              "scored": res.scored, "dropped": res.dropped,
                              "retries": res.retries}))
     return out

@@ -22,6 +22,7 @@ was got.
 from __future__ import annotations
 
 import io
+import sys
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -125,19 +126,22 @@ def raw_body_size(dtype: str, rows: int, dim: int, has_labels: bool) -> int:
     return rows * dim * _ITEMSIZE[dtype] + (8 * rows if has_labels else 0)
 
 
-def decode_batch(headers: Mapping[str, str], body: bytes | bytearray, *,
-                 max_rows: int | None = None, max_dim: int | None = None
-                 ) -> tuple[np.ndarray, np.ndarray | None, int | None]:
+def decode_batch(headers: Mapping[str, str], body: bytes | bytearray | memoryview, *,
+                 max_rows: int | None = None, max_dim: int | None = None,
+                 owned: bool = False) -> tuple[np.ndarray, np.ndarray | None, int | None]:
     """Parse one batch: ``(rows float32 (b, d), labels int64 (b,) or None, step or None)``.
 
-    ``headers`` is any mapping (names are matched case-insensitively); the result never
-    references ``body`` (the rows are a fresh, aligned, writable copy). Raises
+    ``headers`` is any mapping (names are matched case-insensitively). The result never
+    references ``body`` (the rows are a fresh, aligned, writable copy), unless ``owned``: the
+    caller hands over a ``bytearray`` that nothing else will write, and raw float32 rows are
+    then a view on it (no copy; the HTTP ingest reads each body into its own buffer). Raises
     :class:`ProtocolError` (400/415) naming what was expected and what was got.
     """
     step = parse_step(_lower(headers).get(H_STEP.lower()))
     kind = media_type(headers)
     if kind == CONTENT_TYPE_RAW:
-        rows, labels = _decode_raw(headers, body, max_rows, max_dim)
+        rows, labels = _decode_raw(headers, body, max_rows, max_dim,
+                                   owned and isinstance(body, bytearray))
     elif kind == CONTENT_TYPE_NPY:
         if H_LABELS.lower() in _lower(headers):
             raise ProtocolError(400, f"{H_LABELS} is not supported with {CONTENT_TYPE_NPY}; "
@@ -149,8 +153,9 @@ def decode_batch(headers: Mapping[str, str], body: bytes | bytearray, *,
     return rows, labels, step
 
 
-def _decode_raw(headers: Mapping[str, str], body: bytes | bytearray, max_rows: int | None,
-                max_dim: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _decode_raw(headers: Mapping[str, str], body: bytes | bytearray | memoryview,
+                max_rows: int | None, max_dim: int | None,
+                owned: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     dtype, b, d, has_labels = parse_raw_headers(headers, max_rows=max_rows, max_dim=max_dim)
     expected = raw_body_size(dtype, b, d, has_labels)
     if len(body) != expected:
@@ -158,7 +163,9 @@ def _decode_raw(headers: Mapping[str, str], body: bytes | bytearray, max_rows: i
         raise ProtocolError(400, f"body must be {expected} bytes ({what}), got {len(body)}")
     n = b * d
     buf = memoryview(body)
-    if dtype == "float32":
+    if dtype == "float32" and owned and sys.byteorder == "little":
+        rows = np.frombuffer(body, dtype=np.float32, count=n)     # a view: malloc-aligned
+    elif dtype == "float32":
         rows = np.frombuffer(buf, dtype="<f4", count=n).astype(np.float32)  # own, aligned copy
     elif dtype == "float16":
         rows = np.frombuffer(buf, dtype="<f2", count=n).astype(np.float32)

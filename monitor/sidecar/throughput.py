@@ -5,8 +5,9 @@ Score-only: the backend's ``ingest`` called directly on pre-built batches. Inges
 batches POSTed by client *processes* (as trainers are) to a real uvicorn serving the sidecar app
 on 127.0.0.1, until the service has scored them all (429s are retried, so every batch is scored
 once), or written into the shared-memory ring of ``repwatch serve --shm`` by one producer. The
-CPU time this process (server + scorer; the clients are other processes) spends per batch in
-each gives the share of the sidecar's CPU that goes to scoring, which does not depend on how
+clock starts once every client process holds its data and is connected (a barrier), so moving
+the test data into the clients is not timed. The CPU time this process (server + scorer; the
+clients are other processes) spends per batch in each gives the share of the sidecar's CPU that goes to scoring, which does not depend on how
 many cores the load generator leaves free.
 
 Clients: ``httpx`` (what ``Monitor(sink=...)`` uses); ``raw`` (pre-built HTTP/1.1 requests on a
@@ -19,8 +20,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -52,22 +55,16 @@ def score_only(config: SidecarConfig, batches: list[np.ndarray]) -> tuple[float,
     return sum(b.shape[0] for b in batches) / seconds, 1e3 * cpu / len(batches)
 
 
-def _ping(url: str) -> None:
-    httpx.get(f"{url}/healthz", timeout=30)
-
-
-def _client(part: tuple[str, list[tuple[dict[str, str], bytes]]]) -> int:
-    url, bodies = part
+def _post_all(url: str, bodies: list[tuple[dict[str, str], bytes]], http: httpx.Client) -> int:
     retries = 0
-    with httpx.Client(timeout=30) as http:
-        for headers, body in bodies:
-            while True:
-                r = http.post(url, content=body, headers=headers)
-                if r.status_code != 429:
-                    r.raise_for_status()
-                    break
-                retries += 1
-                time.sleep(0.01)
+    for headers, body in bodies:
+        while True:
+            r = http.post(url, content=body, headers=headers)
+            if r.status_code != 429:
+                r.raise_for_status()
+                break
+            retries += 1
+            time.sleep(0.01)
     return retries
 
 
@@ -93,39 +90,64 @@ def _read_status(sock: socket.socket, buf: bytes) -> tuple[int, bytes]:
     return int(lines[0].split(b" ", 2)[1]), rest[length:]
 
 
-def _raw_client(part: tuple[str, int, list[bytes]]) -> int:
-    host, port, requests = part
+def _send_raw(sock: socket.socket, requests: list[bytes]) -> int:
     retries, buf = 0, b""
-    with socket.create_connection((host, port), timeout=30) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for request in requests:
-            while True:
-                sock.sendall(request)
-                status, buf = _read_status(sock, buf)
-                if status != 429:
-                    if status != 202:
-                        raise RuntimeError(f"POST answered {status}")
-                    break
-                retries += 1
-                time.sleep(0.01)
+    for request in requests:
+        while True:
+            sock.sendall(request)
+            status, buf = _read_status(sock, buf)
+            if status != 429:
+                if status != 202:
+                    raise RuntimeError(f"POST answered {status}")
+                break
+            retries += 1
+            time.sleep(0.01)
     return retries
 
 
-def _shm_client(part: tuple[str, list[tuple[dict[str, str], bytes]]]) -> int:
-    from monitor.shm import ShmRing
-
-    name, bodies = part
-    ring = ShmRing.attach(name)
-    ring.claim_producer()
+def _write_ring(ring: Any, bodies: list[tuple[dict[str, str], bytes]]) -> int:
     waits = 0
-    try:
-        for headers, body in bodies:
-            while not ring.write("bench", "enc", headers, body):
-                waits += 1
-                time.sleep(0.0005)
-    finally:
-        ring.close()
+    for headers, body in bodies:
+        while not ring.write("bench", "enc", headers, body):
+            waits += 1
+            time.sleep(0.0005)
     return waits
+
+
+def _client_process(kind: str, target: Any, work: list[Any], cores: set[int] | None,
+                    start: Any, results: Any) -> None:
+    """One load-generator process: connect (``kind`` httpx/raw: ``target`` the URL or (host,
+    port); shm: the ring's name), wait at ``start`` (a barrier with the parent, which starts its
+    clock when everyone is there), send ``work``, put (retries or full-ring waits, CPU seconds
+    spent sending) on ``results``. The data came with the process's arguments, before the clock."""
+    pin(cores)
+    try:
+        if kind == "shm":
+            from monitor.shm import ShmRing
+
+            ring = ShmRing.attach(target)
+            ring.claim_producer()
+            try:
+                start.wait()
+                c0 = cpu_seconds()
+                results.put((_write_ring(ring, work), cpu_seconds() - c0))
+            finally:
+                ring.close()
+        elif kind == "raw":
+            with socket.create_connection(target, timeout=30) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                start.wait()
+                c0 = cpu_seconds()
+                results.put((_send_raw(sock, work), cpu_seconds() - c0))
+        else:
+            with httpx.Client(timeout=30) as http:
+                http.get(target.split("/v1/", 1)[0] + "/healthz").raise_for_status()
+                start.wait()
+                c0 = cpu_seconds()
+                results.put((_post_all(target, work, http), cpu_seconds() - c0))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        start.abort()
+        results.put(exc)
 
 
 def parse_cores(spec: str | None) -> set[int] | None:
@@ -154,6 +176,7 @@ class IngestResult:
     scored: int
     dropped: int
     retries: int
+    client_cpu_ms_per_batch: float
 
 
 def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: int,
@@ -173,17 +196,40 @@ def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: 
         name = f"rwbench-{os.getpid()}"
         slot_mb = max(1, -(-len(bodies[0][1]) // (1 << 20)))
         reader = ShmReader(f"{name}?slots=64&slot_mb={slot_mb}", sidecar).start()
-        clients, work, parts = 1, _shm_client, [(name, bodies)]
+        clients, target, parts = 1, name, [bodies]
     elif client == "raw":
         host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        target = (host, int(port))
         requests = [_raw_request(host, int(port), path, h, b) for h, b in bodies]
-        work, parts = _raw_client, [(host, int(port), requests[k::clients]) for k in range(clients)]
+        parts = [requests[k::clients] for k in range(clients)]
     else:
-        work, parts = _client, [(server.url + path, bodies[k::clients]) for k in range(clients)]
-    with mp.get_context("spawn").Pool(clients, initializer=pin, initargs=(client_cores,)) as pool:
-        pool.map(_ping, [server.url] * clients)                         # start-up off the clock
+        target, parts = server.url + path, [bodies[k::clients] for k in range(clients)]
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Barrier(clients + 1), ctx.Queue()
+    procs = [ctx.Process(target=_client_process, args=(client, target, part, client_cores,
+                                                       start, results), daemon=True)
+             for part in parts]
+    for p in procs:
+        p.start()
+    try:
+        try:
+            start.wait(timeout=300)               # every client connected, its data in hand
+        except threading.BrokenBarrierError:
+            outcomes = [results.get(timeout=30) for _ in procs if not results.empty()]
+            raise RuntimeError(f"a load-generator process could not start: {outcomes!r}"
+                               ) from None
         c0, t0 = cpu_seconds(), time.perf_counter()
-        retries = sum(pool.map(work, parts))
+        outcomes = [results.get(timeout=600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    if failed:
+        raise RuntimeError(f"a load-generator process failed: {failed[0]!r}") from failed[0]
+    retries = sum(r for r, _ in outcomes)
+    client_cpu = sum(c for _, c in outcomes)
     if reader is not None:
         while reader.ring is not None and reader.ring.pending():
             time.sleep(0.001)
@@ -198,4 +244,4 @@ def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: 
     dropped = sum(acc["dropped"].values())
     sent = sum(len(body) for _, body in bodies)
     return IngestResult(scored / seconds, 1e3 * cpu / len(batches), sent / seconds, scored,
-                        dropped, retries)
+                        dropped, retries, 1e3 * client_cpu / len(batches))

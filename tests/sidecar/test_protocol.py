@@ -62,6 +62,28 @@ def test_float32_round_trip_is_exact_with_labels_and_step() -> None:
     rows[0, 0] = 1.0                                               # a writable copy, not the body
 
 
+def test_owned_float32_bodies_are_decoded_without_a_copy() -> None:
+    """``owned=True`` (the HTTP ingest's own buffer): float32 rows are a view on it; anything
+    else (bytes, a shared memoryview, another dtype) is still copied."""
+    x = _rows()
+    labels = np.arange(7, dtype=np.int64)
+    headers, body = encode_batch(x, labels=labels)
+    buf = bytearray(body)
+    rows, lab, _ = decode_batch(headers, buf, owned=True)
+    np.testing.assert_array_equal(rows, x)
+    np.testing.assert_array_equal(lab, labels)
+    assert np.shares_memory(rows, np.frombuffer(buf, np.uint8))
+    assert rows.flags.writeable and rows.flags.aligned and rows.flags.c_contiguous
+    assert not np.shares_memory(lab, np.frombuffer(buf, np.uint8))     # labels: own copy
+    for other in (bytes(buf), memoryview(buf)):
+        copied, _, _ = decode_batch(headers, other, owned=True)
+        assert not np.shares_memory(copied, np.frombuffer(buf, np.uint8))
+    headers16, body16 = encode_batch(x, dtype="float16")
+    rows16, _, _ = decode_batch(headers16, bytearray(body16), owned=True)
+    assert rows16.dtype == np.float32
+    np.testing.assert_array_equal(rows16, x.astype(np.float16).astype(np.float32))
+
+
 def test_float16_round_trip_matches_numpy_half_rounding() -> None:
     x = _rows(16, 3)
     headers, body = encode_batch(x, dtype="float16")

@@ -16,11 +16,12 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from starlette.middleware import Middleware
 
 from monitor.server import BackgroundServer
 from monitor.sidecar import cli as sidecar_cli
 from monitor.sidecar.protocol import encode_batch
-from monitor.sidecar.service import Sidecar, SidecarConfig, create_sidecar_app
+from monitor.sidecar.service import BatchFastPath, Sidecar, SidecarConfig, create_sidecar_app
 from monitor.snapshot import Snapshot
 
 URL = "/v1/runs/{run}/streams/{stream}/batches"
@@ -409,6 +410,89 @@ def test_reservations_are_returned_on_every_path(make: Factory) -> None:
     for _ in range(5):                                               # places still all usable
         assert _post(client, _rows(3, 4)).status_code == 202
         assert sc.wait_idle()
+
+
+class _RouteSpy:
+    """Innermost ASGI middleware: counts batch POSTs that reach the FastAPI router."""
+
+    def __init__(self, app: Any, seen: list[str]) -> None:
+        self.app, self.seen = app, seen
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and "/batches" in scope["path"]:
+            self.seen.append(scope["path"])
+        await self.app(scope, receive, send)
+
+
+def _route_only(client: TestClient) -> TestClient:
+    """The same app without :class:`BatchFastPath`: every batch through the FastAPI route."""
+    app = client.app
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not BatchFastPath]
+    return client
+
+
+def _batch_requests() -> list[tuple[str, dict[str, str], Any]]:
+    """(path, headers, body) covering the answers of the batch route."""
+    x, lab = _rows(6, 4, seed=1), np.arange(6, dtype=np.int64)
+    raw = encode_batch(x, labels=lab, step=7)
+    npy = io.BytesIO()
+    np.save(npy, _rows(5, 4, seed=2))
+    bf16 = encode_batch(_rows(3, 4, seed=3), dtype="bfloat16", step=9)
+    return [
+        (_url(), *raw),
+        (_url(), {"Content-Type": "application/x-npy"}, npy.getvalue()),
+        (_url("r", "t"), *bf16),
+        (_url(), {"Content-Type": "text/plain"}, b"x"),                      # 415
+        (_url(), {**raw[0], "X-Repwatch-Shape": "6;4"}, raw[1]),              # 400 header
+        (_url(), raw[0], raw[1][:-8]),                                         # 400 length
+        (_url(), {**raw[0], "X-Repwatch-Shape": "6000,4"}, raw[1]),           # 413 shape
+        (_url(), *encode_batch(_rows(2, 5))),                                  # 409 dimension
+        (_url("r", "u"), *encode_batch(_rows(2, 2))),                          # 409 streams
+        (_url("r2"), *encode_batch(_rows(2, 2))),                              # 409 runs
+        (_url("bad name"), *encode_batch(_rows(2, 2))),                        # 422
+        ("/v1/runs/r/streams/s/batches/x", *encode_batch(_rows(2, 2))),        # 404
+    ]
+
+
+@pytest.mark.parametrize("token", [None, "s3cret"])
+def test_fast_path_answers_as_the_route_does(make: Factory, token: str | None) -> None:
+    """Every batch request gets the same status, answer, headers and accounting, and the
+    backend the same rows, with the fast path as through the FastAPI route alone; well-formed
+    authorised batches never reach the route, the rest always do."""
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    kw = {"max_body_bytes": 4096, "max_streams_per_run": 2, "max_runs": 1, "token": token}
+    (fast, fast_sc), (route, route_sc) = make(StubBackend(), **kw), make(StubBackend(), **kw)
+    route = _route_only(route)
+    seen: list[str] = []
+    fast.app.user_middleware.append(Middleware(_RouteSpy, seen=seen))
+    requests = _batch_requests()
+    if token:
+        requests += [(_url(), {**encode_batch(_rows(2, 4))[0], "Authorization": "Bearer no"},
+                      encode_batch(_rows(2, 4))[1])]
+    for path, headers, body in requests:
+        a = fast.post(path, headers={**auth, **headers}, content=body)
+        b = route.post(path, headers={**auth, **headers}, content=body)
+        assert (a.status_code, a.json()) == (b.status_code, b.json()), path
+        for h in ("content-type", "retry-after", "www-authenticate"):
+            assert a.headers.get(h) == b.headers.get(h), (path, h)
+    # chunked, no Content-Length
+    headers, body = encode_batch(_rows(4, 4, seed=4))
+    for client in (fast, route):
+        r = client.post(_url(), headers={**auth, **headers},
+                        content=iter([body[:10], body[10:50], body[50:]]))
+        assert r.status_code == 202 and r.json()["rows"] == 4
+    assert fast_sc.wait_idle() and route_sc.wait_idle()
+    assert fast_sc.accounting() == route_sc.accounting()
+    fed, ref = fast_sc.backend.batches, route_sc.backend.batches
+    assert len(fed) == len(ref) == 4
+    for (*key_a, rows_a, lab_a, step_a), (*key_b, rows_b, lab_b, step_b) in zip(fed, ref):
+        assert key_a == key_b and step_a == step_b
+        np.testing.assert_array_equal(rows_a, rows_b)
+        assert (lab_a is None and lab_b is None) or np.array_equal(lab_a, lab_b)
+    # only the requests the fast path does not vouch for reached the route
+    assert sorted(seen) == sorted(["/v1/runs/bad name/streams/s/batches",
+                                   "/v1/runs/r/streams/s/batches/x"]
+                                  + (["/v1/runs/r/streams/s/batches"] if token else []))
 
 
 def test_worker_survives_backend_errors(make: Factory) -> None:
