@@ -2,6 +2,9 @@
 run); the measurement is :mod:`monitor.sidecar.throughput` (also ``repwatch bench`` figure 5).
 
     .venv/bin/python benchmarks/sidecar_throughput.py --backend onnx --batches 400 --rows 256 --dim 128
+
+``--transport-only``: the sidecar scores nothing (a backend that drops every batch), so the
+figures are the transport's alone: batches/s and the sidecar's CPU ms per batch.
 """
 
 from __future__ import annotations
@@ -9,10 +12,30 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+from typing import Any
 
 from monitor.sidecar.service import BACKENDS, SidecarConfig, limit_native_threads
 from monitor.sidecar.throughput import (ingest_and_score, make_batches, parse_cores, pin,
                                         score_only)
+
+
+class NoScoring:
+    """A backend that accepts every batch and does nothing (``--transport-only``)."""
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+
+    def ingest(self, run: str, stream: str, rows: Any, labels: Any, step: int | None) -> None:
+        return None
+
+    def snapshots(self) -> list[Any]:
+        return []
+
+    def history(self, run: str) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
 def main() -> None:
@@ -31,12 +54,27 @@ def main() -> None:
                         "e.g. 0,1 (a sidecar's share of a node)")
     p.add_argument("--client-cores", default=None, metavar="LIST",
                    help="pin the client processes to these CPUs, e.g. 2-5 (the trainer's)")
+    p.add_argument("--transport-only", action="store_true",
+                   help="score nothing: batches/s and CPU per batch of the transport alone")
     args = p.parse_args()
     pin(parse_cores(args.server_cores))
+    if args.transport_only:
+        BACKENDS["none"] = NoScoring
+        args.backend = "none"
     config = SidecarConfig(backend=args.backend, device="cpu", every=args.every, window=4096,
                            queue_batches=64, admit_wait_seconds=args.admit_wait)
     limit_native_threads(config.threads)                             # as `repwatch serve` does
     batches = make_batches(args.batches, args.rows, args.dim)
+    if args.transport_only:
+        res = ingest_and_score(config, batches, args.clients, args.client,
+                               parse_cores(args.client_cores))
+        print(f"transport only, {args.client} ({1 if args.client == 'shm' else args.clients} "
+              f"client process(es)), {args.batches} batches of {args.rows}×{args.dim} float32: "
+              f"{res.rows_per_second / args.rows:,.0f} batches/s, sidecar "
+              f"{res.cpu_ms_per_batch:.3f} CPU ms per batch, load generator "
+              f"{res.client_cpu_ms_per_batch:.3f}; accounting: scored {res.scored} + dropped "
+              f"{res.dropped}")
+        return
     score_only(config, batches[:20])                                   # warm-up
     base, base_cpu = score_only(config, batches)
     res = ingest_and_score(config, batches, args.clients, args.client,
