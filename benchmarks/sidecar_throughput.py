@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--every", type=int, default=50)
-    p.add_argument("--client", choices=("httpx", "raw", "shm"), default="httpx")
+    p.add_argument("--client", choices=("sink", "raw", "shm"), default="sink")
     p.add_argument("--admit-wait", type=float, default=0.25,
                    help="seconds a POST waits for room in a full queue (the service default)")
     p.add_argument("--server-cores", default=None, metavar="LIST",

@@ -37,6 +37,7 @@ class Received:
     step: int | None
     auth: str | None
     time: float
+    client_port: int = 0
 
 
 @dataclass
@@ -94,7 +95,8 @@ def _app(behaviour: Behaviour) -> FastAPI:
             behaviour.batches.append(Received(run, stream, rows, labels,
                                               int(step) if step is not None else None,
                                               request.headers.get("authorization"),
-                                              time.monotonic()))
+                                              time.monotonic(),
+                                              request.client.port if request.client else 0))
         return JSONResponse({"run": run, "stream": stream, "rows": rows.shape[0],
                              "step": step}, status_code=202)
 
@@ -170,6 +172,33 @@ def test_batches_arrive_intact(server: tuple[str, Behaviour], sinks: list[HttpSi
     np.testing.assert_array_equal(got[3].rows, x.numpy())      # the copy predates fill_
     assert sink.sent_rows == 37 + 9 + 37 + 37 and sink.sent_batches == 4
     assert sink.counts() == {}
+
+
+def test_one_kept_alive_connection_reopened_after_the_sidecar_closes_it(
+        sinks: list[HttpSink]) -> None:
+    """Back-to-back batches share one connection; when the sidecar has closed it while idle
+    (uvicorn's keep-alive timeout), the next batch goes on a new one and nothing is dropped."""
+    behaviour = Behaviour()
+    srv = BackgroundServer(_app(behaviour), "127.0.0.1", 0)
+    srv.config.timeout_keep_alive = 0.3
+    srv.start()
+    try:
+        sink = HttpSink(srv.url + "/", run="r")               # a trailing slash is fine
+        sinks.append(sink)
+        for step in range(3):
+            sink.submit("s", _rows(4, 3, seed=step), None, step)
+        assert sink.flush(10)
+        time.sleep(1.0)                                       # the server drops the connection
+        for step in range(3, 5):
+            sink.submit("s", _rows(4, 3, seed=step), None, step)
+        assert sink.flush(10)
+        ports = [r.client_port for r in behaviour.batches]
+        assert [r.step for r in behaviour.batches] == [0, 1, 2, 3, 4]
+        assert len(set(ports[:3])) == 1 and len(set(ports[3:])) == 1
+        assert ports[3] != ports[0]
+        assert sink.counts() == {} and sink.sent_batches == 5
+    finally:
+        srv.stop()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

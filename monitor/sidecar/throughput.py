@@ -10,7 +10,9 @@ the test data into the clients is not timed. The CPU time this process (server +
 clients are other processes) spends per batch in each gives the share of the sidecar's CPU that goes to scoring, which does not depend on how
 many cores the load generator leaves free.
 
-Clients: ``httpx`` (what ``Monitor(sink=...)`` uses); ``raw`` (pre-built HTTP/1.1 requests on a
+Clients: ``sink`` (``monitor.sink.HttpSink``, what ``Monitor(sink=...)`` uses: the client
+processes import torch; each keeps at most 16 batches in its sink's queue, and batches the sink
+drops are reported as ``retries``); ``raw`` (pre-built HTTP/1.1 requests on a
 keep-alive socket, a minimal load generator like wrk, so the clients take as little of the
 machine as possible); ``shm`` (one producer process, waiting while the ring is full).
 """
@@ -25,7 +27,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import numpy as np
 
 from monitor.server import BackgroundServer
@@ -55,17 +56,24 @@ def score_only(config: SidecarConfig, batches: list[np.ndarray]) -> tuple[float,
     return sum(b.shape[0] for b in batches) / seconds, 1e3 * cpu / len(batches)
 
 
-def _post_all(url: str, bodies: list[tuple[dict[str, str], bytes]], http: httpx.Client) -> int:
-    retries = 0
-    for headers, body in bodies:
-        while True:
-            r = http.post(url, content=body, headers=headers)
-            if r.status_code != 429:
-                r.raise_for_status()
-                break
-            retries += 1
-            time.sleep(0.01)
-    return retries
+def _through_sink(url: str, batches: list[tuple[int, np.ndarray]]) -> int:
+    """Send ``(step, rows)`` through a real :class:`monitor.sink.HttpSink`, keeping its queue
+    short (a trainer's sink is not handed 1000 batches at once); the batches it dropped."""
+    import torch
+
+    from monitor.sink import HttpSink
+
+    sink = HttpSink(url, run="bench", queue_batches=64, timeout=30.0)
+    try:
+        for step, rows in batches:
+            while sink.queued >= 16:
+                time.sleep(0.0005)
+            sink.submit("enc", torch.from_numpy(rows), None, step)
+        if not sink.flush(600):
+            raise RuntimeError("the sink did not drain in 600 s")
+        return sum(sink.counts().values())
+    finally:
+        sink.close()
 
 
 def _raw_request(host: str, port: int, path: str, headers: dict[str, str], body: bytes) -> bytes:
@@ -116,8 +124,8 @@ def _write_ring(ring: Any, bodies: list[tuple[dict[str, str], bytes]]) -> int:
 
 def _client_process(kind: str, target: Any, work: list[Any], cores: set[int] | None,
                     start: Any, results: Any) -> None:
-    """One load-generator process: connect (``kind`` httpx/raw: ``target`` the URL or (host,
-    port); shm: the ring's name), wait at ``start`` (a barrier with the parent, which starts its
+    """One load-generator process: connect (``kind`` sink/raw: ``target`` the base URL or
+    (host, port); shm: the ring's name), wait at ``start`` (a barrier with the parent, which starts its
     clock when everyone is there), send ``work``, put (retries or full-ring waits, CPU seconds
     spent sending) on ``results``. The data came with the process's arguments, before the clock."""
     pin(cores)
@@ -140,11 +148,11 @@ def _client_process(kind: str, target: Any, work: list[Any], cores: set[int] | N
                 c0 = cpu_seconds()
                 results.put((_send_raw(sock, work), cpu_seconds() - c0))
         else:
-            with httpx.Client(timeout=30) as http:
-                http.get(target.split("/v1/", 1)[0] + "/healthz").raise_for_status()
-                start.wait()
-                c0 = cpu_seconds()
-                results.put((_post_all(target, work, http), cpu_seconds() - c0))
+            import monitor.sink  # noqa: F401 - torch's import is not the transport's time
+
+            start.wait()
+            c0 = cpu_seconds()
+            results.put((_through_sink(target, work), cpu_seconds() - c0))
     except BaseException as exc:  # noqa: BLE001 - reported by the parent
         start.abort()
         results.put(exc)
@@ -180,7 +188,7 @@ class IngestResult:
 
 
 def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: int,
-                     client: str = "httpx", client_cores: set[int] | None = None
+                     client: str = "sink", client_cores: set[int] | None = None
                      ) -> IngestResult:
     """Rows/s, CPU ms per batch of this process and request-body bytes/s through a real
     uvicorn on 127.0.0.1 (``client="shm"``: through the shared-memory ring)."""
@@ -203,7 +211,8 @@ def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: 
         requests = [_raw_request(host, int(port), path, h, b) for h, b in bodies]
         parts = [requests[k::clients] for k in range(clients)]
     else:
-        target, parts = server.url + path, [bodies[k::clients] for k in range(clients)]
+        numbered = list(enumerate(batches, 1))
+        target, parts = server.url, [numbered[k::clients] for k in range(clients)]
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(clients + 1), ctx.Queue()
     procs = [ctx.Process(target=_client_process, args=(client, target, part, client_cores,

@@ -22,7 +22,7 @@ def _config() -> SidecarConfig:
     return SidecarConfig(backend="onnx", device="cpu", every=50, window=256, queue_batches=4)
 
 
-@pytest.mark.parametrize("client,clients", [("httpx", 2), ("raw", 2), ("shm", 1)])
+@pytest.mark.parametrize("client,clients", [("sink", 2), ("raw", 2), ("shm", 1)])
 def test_every_batch_is_delivered_and_scored_once(client: str, clients: int) -> None:
     batches = make_batches(24, 16, 8)
     res = ingest_and_score(_config(), batches, clients, client)
