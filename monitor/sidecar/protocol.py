@@ -22,8 +22,8 @@ was got.
 from __future__ import annotations
 
 import io
-import sys
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,8 +56,28 @@ class ProtocolError(ValueError):
         self.message = message
 
 
-def _lower(headers: Mapping[str, str]) -> dict[str, str]:
-    return {str(k).lower(): str(v) for k, v in headers.items()}
+class LowerHeaders(dict[str, str]):
+    """Headers with lower-cased names, looked up case-insensitively (:func:`lowered`)."""
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(key.lower() if isinstance(key, str) else key)
+
+
+def lowered(headers: Mapping[str, str]) -> LowerHeaders:
+    """``headers`` with lower-cased names; given a :class:`LowerHeaders`, that same object (so a
+    request's headers are lowered once, not by every parser)."""
+    if isinstance(headers, LowerHeaders):
+        return headers
+    return LowerHeaders((str(k).lower(), str(v)) for k, v in headers.items())
+
+
+_lower = lowered
 
 
 def media_type(headers: Mapping[str, str]) -> str:

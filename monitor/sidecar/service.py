@@ -735,8 +735,8 @@ def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) ->
 
     async def ingest(run: str, stream: str, headers: Mapping[str, str],
                      chunks: AsyncIterator[bytes]) -> tuple[int, int | None]:
-        """Admit, read, decode and queue one batch; (rows, step), or raise :class:`Rejected`.
-        ``headers``: case-insensitive (Starlette's ``Headers``)."""
+        """Admit, read, decode and queue one batch; (rows, step), or raise :class:`Rejected`."""
+        headers = protocol.lowered(headers)               # once, for every parser below
         kind = protocol.media_type(headers)
         if kind not in protocol.CONTENT_TYPES:
             raise Rejected(415, "unsupported",

@@ -16,6 +16,7 @@ from monitor.sidecar.protocol import (
     decode_batch,
     encode_batch,
     float32_to_bfloat16,
+    lowered,
 )
 
 RAW = "application/octet-stream"
@@ -60,6 +61,20 @@ def test_float32_round_trip_is_exact_with_labels_and_step() -> None:
     np.testing.assert_array_equal(lab, labels)
     assert step == 42
     rows[0, 0] = 1.0                                               # a writable copy, not the body
+
+
+def test_lowered_headers_are_made_once_and_looked_up_case_insensitively() -> None:
+    x = _rows()
+    headers, body = encode_batch(x, step=3)
+    low = lowered({**headers, "X-Extra": "A"})
+    assert lowered(low) is low                                     # not lowered again
+    assert dict(low)["x-repwatch-shape"] == "7,5" and "X-Repwatch-Shape" not in dict(low)
+    assert low.get("X-REPWATCH-SHAPE") == "7,5" and low["X-Extra"] == "A"
+    assert "x-extra" in low and "X-EXTRA" in low and "nope" not in low and 3 not in low
+    assert low.get("missing", "d") == "d"
+    rows, _, step = decode_batch(low, body)
+    np.testing.assert_array_equal(rows, x)
+    assert step == 3
 
 
 def test_owned_float32_bodies_are_decoded_without_a_copy() -> None:
