@@ -778,28 +778,14 @@ def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) ->
                           ) -> tuple[np.ndarray, np.ndarray | None, int | None]:
         """Read the body (its size checked while it streams in) into a buffer of its own and
         decode it (float32 rows: a view on that buffer, no second copy)."""
-        length = headers.get("content-length", "").strip()
-        size = int(length) if length.isascii() and length.isdigit() else 0   # checked ≤ max
-        body = bytearray(size)
-        view, pos = memoryview(body), 0
+        body = bytearray()
         async for chunk in chunks:
-            end = pos + len(chunk)
-            if end > config.max_body_bytes:
-                view.release()
+            body += chunk
+            if len(body) > config.max_body_bytes:
                 raise Rejected(413, "too_large", f"body over the limit of "
                                f"{config.max_body_bytes} bytes")
-            if end <= size:
-                view[pos:end] = chunk
-            else:                                 # no (or a short) Content-Length: grow
-                view.release()
-                del body[pos:]
-                body += chunk
-                view, size = memoryview(body), end
-            pos = end
-        view.release()
-        del body[pos:]                            # a body shorter than Content-Length
         try:
-            if len(body) <= _INLINE_DECODE_BYTES:          # a copy of ≤ 1 MiB: not worth a thread
+            if len(body) <= _INLINE_DECODE_BYTES:          # ≤ 1 MiB: not worth a thread
                 return protocol.decode_batch(headers, body, max_rows=config.max_rows_per_batch,
                                              max_dim=config.max_dim, owned=True)
             return await run_in_threadpool(protocol.decode_batch, headers, body,
