@@ -77,12 +77,10 @@ def lowered(headers: Mapping[str, str]) -> LowerHeaders:
     return LowerHeaders((str(k).lower(), str(v)) for k, v in headers.items())
 
 
-_lower = lowered
-
 
 def media_type(headers: Mapping[str, str]) -> str:
     """The media type of ``Content-Type`` (parameters dropped, lower case; '' when absent)."""
-    return _lower(headers).get("content-type", "").split(";", 1)[0].strip().lower()
+    return lowered(headers).get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 def parse_step(value: str | None) -> int | None:
@@ -103,7 +101,7 @@ def parse_raw_headers(headers: Mapping[str, str], *, max_rows: int | None = None
     Returns ``(dtype, rows, dim, has_labels)``. 415 for an unknown dtype; 400 for a missing or
     malformed header or a shape over ``max_rows`` / ``max_dim``.
     """
-    h = _lower(headers)
+    h = lowered(headers)
     dtype = h.get(H_DTYPE.lower())
     if dtype is None:
         raise ProtocolError(400, f"header {H_DTYPE} is required with {CONTENT_TYPE_RAW}: "
@@ -157,13 +155,13 @@ def decode_batch(headers: Mapping[str, str], body: bytes | bytearray | memoryvie
     then a view on it (no copy; the HTTP ingest reads each body into its own buffer). Raises
     :class:`ProtocolError` (400/415) naming what was expected and what was got.
     """
-    step = parse_step(_lower(headers).get(H_STEP.lower()))
+    step = parse_step(lowered(headers).get(H_STEP.lower()))
     kind = media_type(headers)
     if kind == CONTENT_TYPE_RAW:
         rows, labels = _decode_raw(headers, body, max_rows, max_dim,
                                    owned and isinstance(body, bytearray))
     elif kind == CONTENT_TYPE_NPY:
-        if H_LABELS.lower() in _lower(headers):
+        if H_LABELS.lower() in lowered(headers):
             raise ProtocolError(400, f"{H_LABELS} is not supported with {CONTENT_TYPE_NPY}; "
                                      f"send labels with {CONTENT_TYPE_RAW}")
         rows, labels = _decode_npy(body, max_rows, max_dim), None

@@ -7,8 +7,8 @@ on 127.0.0.1, until the service has scored them all (429s are retried, so every 
 once), or written into the shared-memory ring of ``repwatch serve --shm`` by one producer. The
 clock starts once every client process holds its data and is connected (a barrier), so moving
 the test data into the clients is not timed. The CPU time this process (server + scorer; the
-clients are other processes) spends per batch in each gives the share of the sidecar's CPU that goes to scoring, which does not depend on how
-many cores the load generator leaves free.
+clients are other processes) spends per batch in each gives the share of the sidecar's CPU
+that goes to scoring, which does not depend on how many cores the load generator leaves free.
 
 Clients: ``sink`` (``monitor.sink.HttpSink``, what ``Monitor(sink=...)`` uses: the client
 processes import torch; each keeps at most 16 batches in its sink's queue, and batches the sink
@@ -125,9 +125,15 @@ def _write_ring(ring: Any, bodies: list[tuple[dict[str, str], bytes]]) -> int:
 def _client_process(kind: str, target: Any, work: list[Any], cores: set[int] | None,
                     start: Any, results: Any) -> None:
     """One load-generator process: connect (``kind`` sink/raw: ``target`` the base URL or
-    (host, port); shm: the ring's name), wait at ``start`` (a barrier with the parent, which starts its
-    clock when everyone is there), send ``work``, put (retries or full-ring waits, CPU seconds
-    spent sending) on ``results``. The data came with the process's arguments, before the clock."""
+    (host, port); shm: the ring's name), wait at ``start`` (a barrier with the parent, which
+    starts its clock when everyone is there), send ``work``, put (retries or full-ring waits,
+    CPU seconds spent sending) on ``results``. The data came with the process's arguments."""
+
+    def timed(send: Any, *args: Any) -> None:
+        start.wait()
+        c0 = cpu_seconds()
+        results.put((send(*args), cpu_seconds() - c0))
+
     pin(cores)
     try:
         if kind == "shm":
@@ -136,23 +142,17 @@ def _client_process(kind: str, target: Any, work: list[Any], cores: set[int] | N
             ring = ShmRing.attach(target)
             ring.claim_producer()
             try:
-                start.wait()
-                c0 = cpu_seconds()
-                results.put((_write_ring(ring, work), cpu_seconds() - c0))
+                timed(_write_ring, ring, work)
             finally:
                 ring.close()
         elif kind == "raw":
             with socket.create_connection(target, timeout=30) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                start.wait()
-                c0 = cpu_seconds()
-                results.put((_send_raw(sock, work), cpu_seconds() - c0))
+                timed(_send_raw, sock, work)
         else:
             import monitor.sink  # noqa: F401 - torch's import is not the transport's time
 
-            start.wait()
-            c0 = cpu_seconds()
-            results.put((_through_sink(target, work), cpu_seconds() - c0))
+            timed(_through_sink, target, work)
     except BaseException as exc:  # noqa: BLE001 - reported by the parent
         start.abort()
         results.put(exc)
