@@ -11,14 +11,16 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY monitor ./monitor
 COPY exporters ./exporters
 
 # The package's own dependency list includes torch (for the trainer side); the sidecar needs
-# only these, so the package is installed without its dependencies.
-RUN pip install "numpy>=1.24" "prometheus-client>=0.20" "fastapi>=0.110" "uvicorn[standard]>=0.29" \
-        "rich>=13" "httpx>=0.27" "markdown-it-py>=3" "onnxruntime>=1.17" "threadpoolctl>=3.1" \
+# only the rest of it and the sidecar extra (a test keeps this list equal to pyproject.toml's),
+# so the package is installed without its dependencies.
+RUN pip install "numpy>=1.24" "prometheus-client>=0.20" "fastapi>=0.110" "uvicorn>=0.29" \
+        "rich>=13" "httpx>=0.27" "markdown-it-py>=3" "starlette>=0.36" "pydantic>=2" "pyyaml>=6" \
+        "onnxruntime>=1.17" "uvicorn[standard]>=0.29" "threadpoolctl>=3.1" \
     && pip install --no-deps . \
     && useradd --system --uid 10001 --no-create-home repwatch
 

@@ -4,22 +4,46 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-# The CPU build of torch; override (e.g. TORCH_SPEC=torch) to get a CUDA build from PyPI.
-TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed
+# torch: the CPU build by default, from a local wheel directory when pip has one configured
+# (find-links), else from PyTorch's CPU index. For a CUDA build, e.g.:
+#   make TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128 demo
+# (or TORCH_INDEX=https://pypi.org/simple: PyPI's Linux wheels are CUDA builds).
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# Extra flags for the torch install only (the tests use --dry-run --report FILE).
+TORCH_PIP_FLAGS ?=
 DEMO_ARGS ?= --collapse-at 300 --steps 700 --linger 120
+# pytest-xdist: one worker per CPU core, a test module on one worker (XDIST= : one process).
+XDIST ?= -n auto --dist loadscope
+# More pytest arguments for the test targets, e.g. PYTEST_ARGS='-k sink -x'.
+PYTEST_ARGS ?=
 
-.PHONY: demo demo-plasticity test install ops-tools promtool kernels clean
+TORCH_STAMP := $(VENV)/.torch-installed
+DEMO_STAMP := $(VENV)/.demo-installed
+TEST_STAMP := $(VENV)/.test-installed
 
-install: $(STAMP)
+.PHONY: demo demo-plasticity test test-fast test-shuffled install ops-tools promtool kernels clean
 
-$(STAMP): pyproject.toml Makefile
+install: $(TEST_STAMP)
+
+# pip prints what it collects and installs (no -q): a first install takes minutes.
+$(TORCH_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	# urllib3-future (via grafana-client → niquests) built from source without its .pth hook that
-	# overwrites urllib3 (see pyproject.toml): requests-based tools (schemathesis) keep urllib3.
-	URLLIB3_NO_OVERRIDE=1 $(PY) -m pip install --quiet --no-binary urllib3-future -e '.[demo,test,sidecar]'
-	touch $(STAMP)
+	@echo "installing $(TORCH_SPEC) (a local wheel if pip has one, else $(TORCH_INDEX))"
+	$(PY) -m pip install $(TORCH_PIP_FLAGS) --no-index --no-deps "$(TORCH_SPEC)" 2>/dev/null \
+	  || $(PY) -m pip install $(TORCH_PIP_FLAGS) --no-deps --index-url "$(TORCH_INDEX)" "$(TORCH_SPEC)"
+	touch $@
+
+# The demo needs only the package and scikit-learn (its data set).
+$(DEMO_STAMP): pyproject.toml Makefile $(TORCH_STAMP)
+	$(PY) -m pip install -e '.[demo]'
+	touch $@
+
+# urllib3-future (via grafana-client → niquests) built from source without its .pth hook that
+# overwrites urllib3 (see pyproject.toml): requests-based tools (schemathesis) keep urllib3.
+$(TEST_STAMP): pyproject.toml Makefile $(DEMO_STAMP)
+	URLLIB3_NO_OVERRIDE=1 $(PY) -m pip install --no-binary urllib3-future -e '.[demo,test,sidecar]'
+	touch $@
 
 # Debian's prometheus (promtool, prometheus) and prometheus-alertmanager (alertmanager, amtool)
 # for the rule checks and the end-to-end alerting test, and chromium for the dashboard's browser
@@ -41,18 +65,28 @@ ops-tools:
 
 promtool: ops-tools
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/repwatch demo $(DEMO_ARGS)
 
 # Loss of plasticity on random-label tasks; ReDo wired to RepwatchPlasticityLoss.
-demo-plasticity: $(STAMP)
+demo-plasticity: $(DEMO_STAMP)
 	$(VENV)/bin/repwatch demo --scenario plasticity --redo --linger 60
 
-test: $(STAMP) ops-tools
-	$(PY) -m pytest
+# The whole suite.
+test: $(TEST_STAMP) ops-tools
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
+
+# The fast part: nothing that trains a model or starts another process.
+test-fast: $(TEST_STAMP)
+	$(PY) -m pytest -m "not slow and not e2e" $(XDIST) $(PYTEST_ARGS)
+
+# The whole suite in a random order (pytest-randomly prints the seed it drew; repeat that
+# order with PYTEST_ARGS='--randomly-seed=N').
+test-shuffled: $(TEST_STAMP) ops-tools
+	$(PY) -m pytest -p randomly $(XDIST) $(PYTEST_ARGS)
 
 # Re-export the sidecar's ONNX kernel from the torch scorer code (a test fails when it drifts).
-kernels: $(STAMP)
+kernels: $(TEST_STAMP)
 	$(PY) -m monitor.sidecar.export_kernels
 
 clean:

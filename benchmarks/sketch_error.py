@@ -1,4 +1,4 @@
-"""Error of the sketched spectral path against the exact one on the METRICS.md reference spectra.
+"""Error of the sketched spectral path against the exact one on the docs/metrics.md reference spectra.
 
 For each dimension d and each reference spectrum, one window of n rows goes through the exact
 state (:class:`monitor.scorers.moments.WindowMoments` + ``SpectrumScorer``) and through the

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from monitor._version import __version__
 from monitor.snapshot import Alert, Snapshot
 
 if TYPE_CHECKING:
     from monitor.monitor import Monitor
 
 __all__ = ["Alert", "Monitor", "Snapshot", "__version__"]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

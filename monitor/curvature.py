@@ -1,8 +1,8 @@
 """Optional low-cadence curvature probe: sharpness and the SGD Lyapunov exponent (off by default).
 
-Implements METRICS.md §10 design 1 ("scalar, sampled") — a design of that note, **not code from
+Implements docs/metrics.md §10 design 1 ("scalar, sampled") — a design of that note, **not code from
 the paper** — for Ziyin, Li, Galanti & Ueda (arXiv 2303.13093, "Probabilistic stability of
-stochastic gradient descent"), and the sharpness of Lyle et al. (ICML 2023, METRICS.md §7a):
+stochastic gradient descent"), and the sharpness of Lyle et al. (ICML 2023, docs/metrics.md §7a):
 
 * every ``refresh_every`` steps the top Hessian eigenvector v is refreshed by ``power_iters``
   HVP power iterations on the loss the caller passes (ideally a large batch);

@@ -14,10 +14,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from monitor.demo import linger_serving, pick_device
 from monitor.monitor import Monitor
 from monitor.snapshot import Alert, Snapshot
+
+if TYPE_CHECKING:
+    from monitor.scenarios.plasticity import PlasticitySetup
 
 PLASTICITY_ALERT = "RepwatchPlasticityLoss"
 
@@ -32,6 +36,7 @@ class PlasticityResult:
     recycled: list[tuple[int, int]] = field(default_factory=list)   # (task, units recycled)
     url: str | None = None
     seconds: float = 0.0
+    setup: PlasticitySetup | None = None      # the model, data and optimiser that were trained
 
     def first_fired(self, name: str = PLASTICITY_ALERT) -> int | None:
         """Step at which alert ``name`` first fired, else None."""
@@ -51,7 +56,7 @@ def run_plasticity_demo(tasks: int = 30, steps_per_task: int = 100, redo: bool =
     from monitor.scenarios.plasticity import build_plasticity, run_tasks
 
     setup = build_plasticity(seed=seed, device=pick_device(device))
-    result = PlasticityResult()
+    result = PlasticityResult(setup=setup)
     mon = Monitor(run=run or ("plasticity-redo" if redo else "plasticity"), every=every,
                   max_rows=256, window=window, port=port, host=host, seed=seed,
                   peak_warmup=steps_per_task)

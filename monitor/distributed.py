@@ -1,7 +1,7 @@
 """Exact global metrics across ``torch.distributed`` ranks, reduced once per publish.
 
 Per-rank RankMe on a small local batch is biased and averaging per-rank values is wrong
-(METRICS.md §1 pitfall 1, §4 of "Streaming"). Every scorer therefore declares how its state
+(docs/metrics.md §1, pitfall 1 and "Streaming"). Every scorer therefore declares how its state
 combines across ranks (:meth:`monitor.scorer.Scorer.add_state`), and at each publish
 :class:`GlobalReducer` combines the *sufficient statistics* of every stream and layer, so the
 published values equal what one process computes on all ranks' rows concatenated:

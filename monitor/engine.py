@@ -95,7 +95,7 @@ class Stream:
 
     def _negative_share(self) -> Tensor:
         """Fraction of negative entries among the window's valid rows: Q-Score assumes
-        non-negative (post-ReLU) features (METRICS.md §4 pitfall 2)."""
+        non-negative (post-ReLU) features (docs/metrics.md §4 pitfall 2)."""
         m = self.moments
         valid = m.ring_valid > 0                                           # (window,)
         neg = m.negative_count()                                           # ()

@@ -405,11 +405,11 @@ class Monitor:
 
     def watch_curvature(self, params: Any, *, every: int = 100, power_iters: int = 20,
                         refresh_every: int | None = None) -> None:
-        """Turn on the curvature probe (off by default; METRICS.md §7a, §10): every ``every``
+        """Turn on the curvature probe (off by default; docs/metrics.md §7a, §10): every ``every``
         steps, :meth:`probe_curvature` spends one Hessian-vector product on the current
         minibatch loss (plus ``power_iters`` HVPs when the top eigenvector is refreshed) and
         publishes ``hessian_top_eigenvalue`` and the sampled ``sgd_lyapunov_exponent``
-        (Ziyin et al. 2023; the scalar sampled form is a design of METRICS.md, unverified
+        (Ziyin et al. 2023; the scalar sampled form is a design of docs/metrics.md, unverified
         against the paper). The probe synchronises the device at its cadence."""
         from monitor.curvature import CurvatureProbe
 

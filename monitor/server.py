@@ -18,6 +18,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import Response
 
 from exporters.prometheus import CONTENT_TYPE, make_registry, render
+from monitor._version import __version__
 from monitor.alerts import DEFAULT_RULES, AlertRule
 from monitor.dashboard import (HISTOGRAMS, HISTORY_LIMIT, SINCE_STEP, history_payload,
                                mount_dashboard, spectra_payload)
@@ -26,7 +27,7 @@ from monitor.snapshot import Snapshot
 def create_app(latest: Callable[[], Snapshot | None], history: Callable[[], Sequence[Snapshot]],
                rules: Sequence[AlertRule] = DEFAULT_RULES) -> FastAPI:
     """The repwatch HTTP app over a snapshot source."""
-    app = FastAPI(title="repwatch", version="0.1.0",
+    app = FastAPI(title="repwatch", version=__version__,
                   description="Live representation-health metrics of a training run.")
     registry = make_registry(latest, rules)
 

@@ -20,7 +20,7 @@ class RunTracker:
         return step is None or step >= self.warmup
 
     def track_peak(self, name: str, values: dict[str, float], step: int | None) -> None:
-        """Peak effective rank once the window holds ≥ min(window, 2d) rows (METRICS.md §1) and
+        """Peak effective rank once the window holds ≥ min(window, 2d) rows (docs/metrics.md §1) and
         training is past the warm-up (a random init's rank is not a peak to keep); adds
         ``effective_rank_peak`` and ``effective_rank_peak_ratio`` to ``values``."""
         rank = values.get("effective_rank", math.nan)

@@ -1,14 +1,34 @@
-"""Shared fixtures: CPU threads kept small; helpers for servers on free loopback ports."""
+"""Shared fixtures: CPU threads kept small; the shared trainings; the Debian tools' paths.
+
+Threads: ``REPWATCH_TEST_THREADS`` (default 1) for torch, and for the BLAS/OpenMP pools of this
+process and of the processes the tests start (their environment). The tests' matrices and
+models are small: on a 2-core machine that other processes also load, more threads only spin
+(a 300 × 300 ``eigvalsh`` took 3.5 s instead of 7 ms with two). ``REPWATCH_TEST_THREADS=2 make
+test`` runs the suite with two.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+from typing import Any
 
-import pytest
-import torch
+THREADS = int(os.environ.get("REPWATCH_TEST_THREADS", "1"))
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, str(THREADS))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.trained import plasticity_runs, simsiam_collapsed, simsiam_healthy  # noqa: E402, F401
+
+torch.set_num_threads(THREADS)
+try:                                      # pools already loaded before the variables were set
+    from threadpoolctl import threadpool_limits
+except ImportError:
+    pass
+else:
+    threadpool_limits(limits=THREADS)
 
 
 @pytest.fixture
@@ -66,3 +86,33 @@ def single_thread():  # type: ignore[no-untyped-def]
                 yield
     finally:
         torch.set_num_threads(before)
+
+
+# Modules that take tens of seconds (trainings, stacks of processes), started first under
+# pytest-xdist (`make test`: ``-n auto --dist loadscope``, a module on one worker) so that no
+# worker is left running one of them alone at the end; the rest follow, most tests first.
+SLOW_MODULES_FIRST: tuple[str, ...] = (
+    "tests/scenarios/test_plasticity.py", "tests/test_alerting_e2e.py", "tests/scenarios/",
+    "tests/test_bench.py", "tests/sidecar/test_end_to_end.py", "tests/test_cli.py",
+    "tests/e2e/", "tests/deploy/", "tests/test_distributed.py", "tests/test_makefile.py",
+    "tests/test_watch.py", "tests/test_packaging.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadscope`` with :data:`SLOW_MODULES_FIRST` at the head of the queue."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    def rank(nodeid: str) -> int:
+        return next((i for i, prefix in enumerate(SLOW_MODULES_FIRST)
+                     if nodeid.startswith(prefix)), len(SLOW_MODULES_FIRST))
+
+    class SlowModulesFirst(LoadScopeScheduling):
+        def _assign_work_unit(self, node: Any) -> None:
+            first = min(self.workqueue, key=rank)          # the first of the lowest rank
+            self.workqueue.move_to_end(first, last=False)
+            super()._assign_work_unit(node)
+
+    return SlowModulesFirst(config, log)

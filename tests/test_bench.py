@@ -11,7 +11,7 @@ import pytest
 from monitor.bench import run_bench
 from monitor.cli import main as cli_main
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ from tests.toy_training import toy_mlp
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-BACKENDS = [
-    "eager",
-    "aot_eager",
-    pytest.param("inductor", marks=pytest.mark.skipif(
+BACKENDS = [                                               # compiling takes seconds
+    pytest.param("eager", marks=pytest.mark.slow),
+    pytest.param("aot_eager", marks=pytest.mark.slow),
+    pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(   # compiles C++
         shutil.which("c++") is None and shutil.which("g++") is None,
-        reason="inductor on the CPU needs a C++ compiler (none on PATH)")),
+        reason="inductor on the CPU needs a C++ compiler (none on PATH)")]),
 ]
 
 

@@ -31,6 +31,7 @@ def _scrape_until_alert(url: str, deadline: float) -> str:
     raise AssertionError(f"collapse alert not seen on {url}/metrics; last scrape:\n{text[-2000:]}")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_demo_serves_metrics_that_pass_promtool(promtool: str) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -66,6 +67,7 @@ def test_demo_serves_metrics_that_pass_promtool(promtool: str) -> None:
             proc.wait()
 
 
+@pytest.mark.e2e
 def test_cli_help_and_bad_arguments() -> None:
     out = subprocess.run([sys.executable, "-m", "monitor.cli", "demo", "--help"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -75,6 +77,8 @@ def test_cli_help_and_bad_arguments() -> None:
     assert bad.returncode == 2 and "invalid int value" in bad.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_plasticity_scenario_demo_runs() -> None:
     """`repwatch demo --scenario plasticity` prints per-task accuracy and the dormant fraction;
     on this short run (6 tasks) the plasticity alert fires (it does at step ~400)."""
@@ -88,6 +92,7 @@ def test_plasticity_scenario_demo_runs() -> None:
     assert "first fired at step None" not in out.stdout
 
 
+@pytest.mark.e2e
 def test_building_the_command_line_does_not_load_torch() -> None:
     """`repwatch serve` (the torch-free sidecar image) parses its command line without torch;
     `select`'s ranking code is imported only when `select` runs."""
@@ -97,3 +102,29 @@ def test_building_the_command_line_does_not_load_torch() -> None:
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH"
+
+
+@pytest.mark.parametrize("argv,threads", [([], 1), (["--threads", "2"], 2)])
+def test_demo_trains_on_few_threads(argv: list[str], threads: int,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's models are tiny: it trains on one torch thread unless told otherwise (on a
+    busy 2-core machine the default thread count made 700 steps take 188 s instead of 17 s)."""
+    import torch
+
+    from monitor import demo
+    from monitor.cli import main
+
+    seen: list[int] = []
+
+    def record(**kwargs: object) -> demo.DemoResult:
+        seen.append(torch.get_num_threads())
+        return demo.DemoResult(snapshots=[object()])  # type: ignore[list-item]
+
+    monkeypatch.setattr(demo, "run_demo", record)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert main(["demo", "--steps", "1", "--port", "-1", *argv]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [threads]

@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.e2e
 def test_prometheus_config_is_valid(promtool: str) -> None:
     proc = subprocess.run([promtool, "check", "config",
                            str(ROOT / "deploy/prometheus/prometheus.yml")],

@@ -107,6 +107,7 @@ def test_unwrapped_names() -> None:
         mon.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_global_values_equal_one_process_on_all_rows(tmp_path: Path) -> None:
     ranks = spawn(dw.worker_exact, tmp_path)
@@ -136,6 +137,7 @@ def test_global_values_equal_one_process_on_all_rows(tmp_path: Path) -> None:
     assert dormant["dormant_units_ratio{tau=0.1}"] > dormant["dormant_units_ratio{tau=0}"]
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_failing_rank_does_not_hang_and_is_counted(tmp_path: Path) -> None:
     r0, r1 = spawn(dw.worker_faults, tmp_path)
@@ -169,6 +171,7 @@ def _wrapped_model_reference() -> Any:
         mon.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_ddp_hooks_rank0_server_and_per_rank(tmp_path: Path, promtool: str) -> None:
     r0, r1 = spawn(dw.worker_ddp, tmp_path)
@@ -195,6 +198,7 @@ def test_ddp_hooks_rank0_server_and_per_rank(tmp_path: Path, promtool: str) -> N
         assert check.returncode == 0, check.stderr.decode()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_fsdp_hooks_names_and_global_values(tmp_path: Path) -> None:
     """FSDP2 (each Linear and the root sharded, gloo on the CPU): the watched streams and layers

@@ -5,9 +5,12 @@ no torch, and the exact command it runs starts and becomes ready with torch unim
 from __future__ import annotations
 
 import shlex
+import tomllib
 from pathlib import Path
 
 import httpx
+import pytest
+from packaging.requirements import InvalidRequirement, Requirement
 
 from tests.deploy.manifests import dockerfile_instructions, exec_form
 from tests.torchless_serve import free_port, serve_without_torch
@@ -20,6 +23,43 @@ def _instructions() -> list[tuple[str, str]]:
 
 
 _exec_form = exec_form
+
+
+def _pip_requirements(run: str) -> dict[str, Requirement]:
+    """The requirements named on the `pip install` command lines of a RUN instruction."""
+    found: dict[str, Requirement] = {}
+    for command in run.split("&&"):
+        words = shlex.split(command)                   # continuation lines are joined
+        if words[:2] != ["pip", "install"]:
+            continue
+        for word in words[2:]:
+            if word.startswith("-") or word == ".":
+                continue
+            try:
+                req = Requirement(word)
+            except InvalidRequirement:
+                continue
+            found[f"{req.name.lower()}{sorted(req.extras)}"] = req
+    return found
+
+
+def test_image_installs_the_core_dependencies_but_torch_and_the_sidecar_extra() -> None:
+    """The image installs the package with --no-deps, so its RUN line must name every core
+    dependency (torch excepted: the sidecar scores on ONNX Runtime) and the sidecar extra,
+    with pyproject.toml's version ranges."""
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        project = tomllib.load(f)["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]
+              + project["optional-dependencies"]["sidecar"]]
+    run = " && ".join(rest for word, rest in _instructions() if word == "RUN")
+    got = _pip_requirements(run)
+    for req in wanted:
+        if req.name == "torch":
+            assert f"{req.name}[]" not in got, "the sidecar image installs no torch"
+            continue
+        key = f"{req.name.lower()}{sorted(req.extras)}"
+        assert key in got, f"the Dockerfile does not install {req} (pyproject.toml)"
+        assert got[key].specifier == req.specifier, (str(got[key]), str(req))
 
 
 def test_structure() -> None:
@@ -40,6 +80,7 @@ def test_structure() -> None:
     assert "torch" not in installs and "onnxruntime" in installs and "--no-deps ." in installs
 
 
+@pytest.mark.e2e
 def test_the_image_command_starts_without_torch(tmp_path: Path) -> None:
     """Run the image's ENTRYPOINT + CMD (with the port and token path swapped for free ones)."""
     ins = _instructions()

@@ -201,6 +201,7 @@ def test_weight_signals() -> None:
     assert math.isfinite(snap.get("earlybird_mask_distance", sparsity=0.5))
 
 
+@pytest.mark.e2e
 def test_everything_exports_and_passes_promtool(promtool: str) -> None:
     net = _half_dead_mlp()
     mon = Monitor(port=None, every=1000, window=512, max_rows=128)

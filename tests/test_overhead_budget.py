@@ -187,6 +187,7 @@ def test_constructor_rejects_bad_budget(bad: object) -> None:
         Monitor(port=None, overhead_budget=bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_real_timers_tight_budget_lowers_ratio_and_exports(monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
     """Real host timers (no fake clock): a 2 ms capture against a 2 ms training step."""

@@ -30,6 +30,7 @@ def _feed(mon: Monitor, collapsed: bool, steps: int = 3) -> None:
         mon.step()
 
 
+@pytest.mark.e2e
 def test_metrics_endpoint_passes_promtool(mon: Monitor, promtool: str) -> None:
     _feed(mon, collapsed=True)
     r = httpx.get(f"{mon.url}/metrics", timeout=10)

@@ -122,6 +122,7 @@ def _check_sparkline(row: str, series: Sequence[float]) -> None:
     assert spark[series.index(max(series))] == "█"
 
 
+@pytest.mark.slow
 def test_table_shows_the_values_of_a_collapse_run(demo: Any) -> None:
     history = [s.to_dict() for s in demo.snapshots]
     last = history[-1]
@@ -164,6 +165,7 @@ def test_table_shows_dormant_and_low_quality_fractions(tiny: list[dict[str, Any]
     _check_sparkline(_row(text, "head"), [h["streams"]["head"]["effective_rank"] for h in tiny])
 
 
+@pytest.mark.slow
 def test_table_of_several_runs_has_a_run_column_and_a_note(demo: Any,
                                                             tiny: list[dict[str, Any]]) -> None:
     a = demo.snapshots[-1].to_dict()
@@ -198,6 +200,7 @@ def _watch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
                           env={**os.environ, "COLUMNS": "160"})
 
 
+@pytest.mark.e2e
 def test_watch_once_prints_the_run_and_its_alert_without_torch(served: str, demo: Any) -> None:
     last = demo.snapshots[-1]
     out = _watch(served, "--once", "--run", last.run)
@@ -210,6 +213,7 @@ def test_watch_once_prints_the_run_and_its_alert_without_torch(served: str, demo
     assert missing.returncode == 2 and "no run 'no-such-run'" in missing.stderr
 
 
+@pytest.mark.e2e
 def test_watch_unreachable_url_is_one_line_and_exit_2() -> None:
     out = _watch(f"http://127.0.0.1:{free_port()}", "--once", timeout=60)
     assert out.returncode == 2
@@ -218,6 +222,7 @@ def test_watch_unreachable_url_is_one_line_and_exit_2() -> None:
     assert len(lines) == 1 and lines[0].startswith("repwatch watch: error: cannot reach")
 
 
+@pytest.mark.e2e
 def test_watch_non_json_answer_is_one_line_and_exit_2() -> None:
     class Html(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
@@ -277,6 +282,7 @@ def _run_in_pty(cmd: list[str], timeout: float) -> tuple[int, str]:
     return rc, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode("utf-8", "replace"))
 
 
+@pytest.mark.e2e
 def test_demo_in_a_terminal_shows_the_live_table() -> None:
     rc, text = _run_in_pty([sys.executable, "-m", "monitor.cli", "demo", "--steps", "20",
                             "--every", "10", "--port", "-1", "--device", "cpu"], timeout=240)
@@ -287,6 +293,7 @@ def test_demo_in_a_terminal_shows_the_live_table() -> None:
     assert "RankMe backbone" not in text                # no per-publish lines in a terminal
 
 
+@pytest.mark.e2e
 def test_the_module_imports_without_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
             "import monitor.watch, monitor.cli\n"

@@ -2,13 +2,13 @@
 
 * :func:`hvp` — ``H v`` by double backward (Pearlmutter 1994): ``∇_θ ⟨∇_θ L, v⟩``.
 * :func:`top_hessian_eigenvalue` — power iteration on HVPs: the sharpness tracked by Lyle et al.
-  (ICML 2023, "Understanding plasticity in neural networks"; METRICS.md §7a).
+  (ICML 2023, "Understanding plasticity in neural networks"; docs/metrics.md §7a).
 * :func:`lyapunov_exponent` — ``Λ = mean_t log|1 − η ĥ_t − η λ_wd|`` for sampled minibatch
   curvatures ``ĥ_t = vᵀ Ĥ_{B_t} v`` along a fixed direction v. In the rank-1 / commuting
   linearisation of SGD around a fixed point (Ziyin, Li, Galanti & Ueda, arXiv 2303.13093,
   "Probabilistic stability of stochastic gradient descent"), ``δ_{t+1} = (1 − η ĥ_t) δ_t`` and
   SGD is stable *in probability* iff ``Λ < 0``, while L2 stability needs
-  ``E[(1 − η ĥ)²] < 1``. **This scalar, sampled estimator is a design of METRICS.md §10 [D],
+  ``E[(1 − η ĥ)²] < 1``. **This scalar, sampled estimator is a design of docs/metrics.md §10 [D],
   not code from the paper** (which has none): η, the weight-decay term and an optional
   preconditioner factor are parameters; it is only meaningful near a (quasi-)fixed point.
 
@@ -125,10 +125,10 @@ def lyapunov_exponent(curvatures: Tensor, lr: float | Tensor, weight_decay: floa
     """``Λ = mean_t log|1 − η p ĥ_t − η λ_wd|`` of sampled curvatures ``ĥ_t`` (0-d float64).
 
     Ziyin et al. (arXiv 2303.13093): SGD is stable in probability along the direction iff
-    ``Λ < 0``. The scalar sampled form is METRICS.md §10 design 1 **[D, unverified against the
+    ``Λ < 0``. The scalar sampled form is docs/metrics.md §10 design 1 **[D, unverified against the
     paper]**; ``lr`` may be a tensor of per-sample learning rates, ``preconditioner`` p is the
     optimiser's effective scaling along the direction (1 for SGD). ``|·| = 0`` gives ``−inf``.
-    Check values (METRICS.md §10): ĥ = 0.5 w.p. 0.7, 4.0 w.p. 0.3, η = 1 → Λ = −0.156;
+    Check values (docs/metrics.md §10): ĥ = 0.5 w.p. 0.7, 4.0 w.p. 0.3, η = 1 → Λ = −0.156;
     with w.p. 0.55 / 0.45 → +0.113.
     """
     h = torch.as_tensor(curvatures).to(torch.float64).reshape(-1)

@@ -1,21 +1,21 @@
-"""Mode-collapse statistics of a generator's outputs as pure functions (METRICS.md §9).
+"""Mode-collapse statistics of a generator's outputs as pure functions (docs/metrics.md §9).
 
 All distances are Euclidean, computed in float64 from a Gram matrix of the *column-centred*
 rows (``‖xᵢ − xⱼ‖² = ‖xᵢ‖² + ‖xⱼ‖² − 2 xᵢ·xⱼ``; distances do not change under a translation,
 and centring first keeps the cancellation small when the rows sit far from the origin),
 clamped at 0 and with an exact zero diagonal.
 
-* Diversity (design of METRICS.md §9, common practice; e.g. the AC-GAN MS-SSIM check of Odena
+* Diversity (design of docs/metrics.md §9, common practice; e.g. the AC-GAN MS-SSIM check of Odena
   et al. 2017 in image space): mean pairwise distance of generated rows ÷ the same statistic on
   real rows. ≪ 1 means the generator covers far less of the space than the data.
 * Birthday-paradox duplicates (Arora & Zhang 2017; Arora, Risteski & Zhang, ICLR 2018): a
   distribution of support N has a near-duplicate in a sample of ≈ √N. Here a sample counts as
   a duplicate when its nearest *other* sample is closer than ``eps``, with ``eps`` calibrated
   as a low quantile of the real nearest-neighbour distances at the same sample size (a design
-  of METRICS.md §9, not the paper's human-inspected protocol).
+  of docs/metrics.md §9, not the paper's human-inspected protocol).
 * Mode coverage on 2-D mixtures (Metz et al. 2017, unrolled GAN; Srivastava et al. 2017,
   VEEGAN): a sample is "high quality" within 3σ of its nearest mode; a mode is covered when at
-  least ``min_count`` high-quality samples fall on it. METRICS.md marks these conventions [R]
+  least ``min_count`` high-quality samples fall on it. docs/metrics.md marks these conventions [R]
   (recalled, not checked against the papers), so both ``n_sigma`` and ``min_count`` are
   parameters.
 
@@ -78,7 +78,7 @@ def mean_pairwise_distance(x: Tensor, valid: Tensor | None = None) -> Tensor:
 
 def diversity_ratio(fake: Tensor, real: Tensor, fake_valid: Tensor | None = None,
                     real_valid: Tensor | None = None) -> Tensor:
-    """Mean pairwise distance of ``fake`` rows ÷ that of ``real`` rows (METRICS.md §9).
+    """Mean pairwise distance of ``fake`` rows ÷ that of ``real`` rows (docs/metrics.md §9).
 
     ≈ 1 when the generator spreads like the data, → 0 on complete mode collapse. Partial
     collapse onto modes far apart can keep it high: read it with the duplicate rate.
@@ -134,7 +134,7 @@ def mode_coverage(samples: Tensor, modes: Tensor, sigma: float, min_count: int =
     """Modes covered and high-quality fraction of samples from a Gaussian mixture.
 
     A sample is *high quality* when it lies within ``n_sigma·sigma`` of its nearest mode
-    (3σ in Metz et al. 2017 / VEEGAN; METRICS.md §9 [R]); a mode is *covered* when at least
+    (3σ in Metz et al. 2017 / VEEGAN; docs/metrics.md §9 [R]); a mode is *covered* when at least
     ``min_count`` high-quality samples are assigned to it. Returns
     ``(modes covered (int64, 0-d), high-quality fraction (float64, 0-d))``.
     """

@@ -10,13 +10,13 @@ Two layers, as in :mod:`monitor.functional.spectral`:
 * One-shot functions on an ``(n, d)`` tensor with integer labels (``nc1``, ``neural_collapse``)
   build those statistics and call the same code. They validate their input (which may sync).
 
-Notation (METRICS.md §8): C classes *present*, N samples, ``μ_c = s_c/n_c``, ``μ_G`` the global
+Notation (docs/metrics.md §8): C classes *present*, N samples, ``μ_c = s_c/n_c``, ``μ_G`` the global
 mean of the samples (not the mean of class means: pitfall 2), ``M̃ = [μ_c − μ_G]``,
 ``Σ_W = (1/N) Σ_c Σ_{i∈c} (h_i − μ_c)(h_i − μ_c)ᵀ = (S − Σ_c n_c μ_c μ_cᵀ)/N`` and
 ``Σ_B = (1/C) Σ_c (μ_c − μ_G)(μ_c − μ_G)ᵀ = M̃ M̃ᵀ / C``.
 
 Everything is computed in float64: the one-pass ``Σ_W`` cancels catastrophically in float32 in
-exactly the collapsed regime (METRICS.md §8 "Streaming", pitfall 4).
+exactly the collapsed regime (docs/metrics.md §8 "Streaming", pitfall 4).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def class_means(class_sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Ten
     """``(μ (C,d), μ_G (d,), present (C,) bool)`` from class sums and counts.
 
     ``μ_c = s_c/n_c`` for present classes and 0 for absent ones; ``μ_G = Σ_c s_c / N``, the
-    mean of the samples (pitfall 2 of METRICS.md §8: not the mean of the class means).
+    mean of the samples (pitfall 2 of docs/metrics.md §8: not the mean of the class means).
     """
     sums = class_sums.to(torch.float64)
     cnt = counts.to(torch.float64)
@@ -125,7 +125,7 @@ def within_class_covariance(s: Tensor, class_sums: Tensor, counts: Tensor) -> Te
     """``Σ_W = (S − Σ_c n_c μ_c μ_cᵀ)/N = (S − Σ_c s_c s_cᵀ/n_c)/N`` (d,d), float64.
 
     The identity ``Σ_c Σ_{i∈c} (h−μ_c)(h−μ_c)ᵀ = Σ_i h hᵀ − Σ_c n_c μ_c μ_cᵀ`` makes it one
-    pass; it needs float64 ``S`` (METRICS.md §8: float32 goes negative at within-class std 1e-3).
+    pass; it needs float64 ``S`` (docs/metrics.md §8: float32 goes negative at within-class std 1e-3).
     """
     _check_stats(s, class_sums, counts)
     cnt = counts.to(torch.float64)
@@ -142,7 +142,7 @@ def nc1_from_stats(s: Tensor, class_sums: Tensor, counts: Tensor,
 
     With the thin SVD ``M̃ᵀ = U diag(s) Vᵀ`` (``U`` d×C), ``Σ_B = U diag(s²/C) Uᵀ`` so
     ``Σ_B^† = C·U diag(s⁻²) Uᵀ`` on its range and the factor C cancels:
-    ``NC1 = Σ_{k<C−1} (u_kᵀ Σ_W u_k)/s_k²`` (METRICS.md §8 "Streaming"). Only the ``C − 1``
+    ``NC1 = Σ_{k<C−1} (u_kᵀ Σ_W u_k)/s_k²`` (docs/metrics.md §8 "Streaming"). Only the ``C − 1``
     largest singular values are kept (the centred means have rank ≤ C − 1, since
     ``Σ_c n_c (μ_c − μ_G) = 0``), and of those only ``s_k² > rtol·s_1²`` (this replaces pinv's
     round-off tolerance: pitfall 1). C counts the classes present (``n_c > 0``); absent classes

@@ -2,7 +2,7 @@
 
 A *unit* is one output feature of a layer: the last dimension of ``(b, units)`` rows and of
 ``(b, T, units)`` token activations, the channel dimension of ``(b, C, *spatial)`` conv maps
-(METRICS.md §7b pitfall: "for conv layers a neuron = a channel"). Every statistic here averages
+(docs/metrics.md §7b pitfall: "for conv layers a neuron = a channel"). Every statistic here averages
 a unit over all its (sample, position) entries:
 
 * τ-dormant score (Sokar, Evci, Lee, Castro & Mnih, ICML 2023, "The Dormant Neuron Phenomenon
@@ -110,7 +110,7 @@ def dormant_scores_from_means(abs_mean: Tensor, eps: float = DORMANT_EPS) -> Ten
 
     Sokar et al. 2023, Def. 3.1; dopamine ``estimate_neuron_score`` (ε = 1e-9, no mean
     subtraction). A layer whose units are all uniformly small is *not* flagged (the score is
-    relative to the layer mean; METRICS.md §7b pitfall).
+    relative to the layer mean; docs/metrics.md §7b pitfall).
     """
     a = abs_mean.to(torch.float64)
     return a / (a.mean() + eps)
@@ -136,7 +136,7 @@ def dormant_fraction(h: Tensor, tau: float = 0.1) -> Tensor:
     """Fraction of τ-dormant units of a layer (Sokar et al. 2023): ``mean_i 1[s_i ≤ τ]``.
 
     τ = 0 counts dead units; dopamine's default threshold is 0, a reimplementation documents
-    0.025 (default) / 0.1 (high replay ratio) (METRICS.md §7b: the paper's τ table is not yet
+    0.025 (default) / 0.1 (high replay ratio) (docs/metrics.md §7b: the paper's τ table is not yet
     verified, so τ is a parameter).
     """
     _check_tau(tau)

@@ -5,8 +5,8 @@ Quality for Downstream Classification using Discriminative Features" (arXiv 2203
 2024; v1 "Understanding Failure Modes of Self-Supervised Learning"). The paper reports that low
 Q predicts which samples a linear probe misclassifies (AUPRC up to 0.91 on ImageNet-100).
 
-**The exact form is UNVERIFIED** (METRICS.md §4): the full text could not be retrieved, so this
-module implements the *monitor definition* of METRICS.md §4 — the most likely form consistent
+**The exact form is UNVERIFIED** (docs/metrics.md §4): the full text could not be retrieved, so this
+module implements the *monitor definition* of docs/metrics.md §4 — the most likely form consistent
 with the abstract — and keeps the form and its constants configurable. Verify against §"Q-Score"
 of arXiv 2203.01881v6 before treating the numbers as the paper's.
 
@@ -74,13 +74,13 @@ def qscore(z: Tensor, form: QScoreForm = "linf_over_l1", eps1: float = 1e-8,
     """Per-sample Q-Score of representations ``z`` (n, d) → ``(n,)`` float64. UNVERIFIED form.
 
     With ``ζ_ij`` the within-sample z-scores (:func:`feature_zscores`, ddof 0, ``+eps2`` on the
-    std), METRICS.md §4 "monitor definition":
+    std), docs/metrics.md §4 "monitor definition":
 
     * ``"linf_over_l1"`` (default; the paper's most likely form, Kalibhat et al. 2022/2024):
       ``q_i = max_j ζ_ij / (‖z_i‖₁ + eps1)``. High q = a few strongly deviating features on a
       sparse, low-L1 representation; low q predicts misclassification. NOT scale-invariant:
-      ``‖z‖₁`` follows the feature norm (METRICS.md §4 pitfall 1).
-    * ``"scale_free"`` (METRICS.md §4 scale-robust companion, a design of that note, not the
+      ``‖z‖₁`` follows the feature norm (docs/metrics.md §4 pitfall 1).
+    * ``"scale_free"`` (docs/metrics.md §4 scale-robust companion, a design of that note, not the
       paper): ``q'_i = max_j ζ_ij · sqrt(d) / (‖z_i‖₁/‖z_i‖₂)``, computed as
       ``max ζ · sqrt(d) · ‖z_i‖₂ / (‖z_i‖₁ + eps1)`` so a zero row scores 0.
     * ``"max_z"`` (ablation): ``max_j ζ_ij`` alone.
@@ -111,7 +111,7 @@ def qscore_regularizer(z: Tensor, lambda1: float = 1e-3, lambda2: float = 1e-2,
                        eps2: float = 1e-8) -> Tensor:
     """Differentiable Q-Score regulariser (a term to ADD to the loss), mean over the batch.
 
-    UNVERIFIED (METRICS.md §4): the paper fine-tunes a pre-trained encoder with a term that
+    UNVERIFIED (docs/metrics.md §4): the paper fine-tunes a pre-trained encoder with a term that
     pushes Q up; its most likely form is ``λ₁‖z_i‖₁ − λ₂ max_j ζ_ij`` per sample. The λ values
     are not known — the defaults here are placeholders of the right sign, to be tuned per model
     (‖z‖₁ grows like d, max ζ like sqrt(2 ln d)).

@@ -12,7 +12,7 @@
   symmetric by construction — a ModelCentrality-*style* ranking, not the paper's metric.
 * RankMe (Garrido et al., ICML 2023): higher effective rank of the embeddings of the same
   data predicts better downstream accuracy among runs of one method; compare only at equal
-  n and d (METRICS.md §1 pitfall 1).
+  n and d (docs/metrics.md §1 pitfall 1).
 """
 
 from __future__ import annotations

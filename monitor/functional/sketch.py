@@ -1,7 +1,7 @@
 """The large-d spectral path as pure functions: a seeded Gaussian sketch, its PR correction,
 the exact Gram route and the memory of each path.
 
-Two ways to get a spectrum without a d×d state (METRICS.md §1 "Streaming", cost take-away 2):
+Two ways to get a spectrum without a d×d state (docs/metrics.md §1 "Streaming", cost take-away 2):
 
 * **Sketch (approximate).** Project every row ``z`` (d) to ``y = zΩ`` (k) with a fixed
   Gaussian ``Ω`` (d×k, iid N(0, 1/k), so ``E[ΩΩᵀ] = I_d``) and keep the exact window state of
@@ -55,7 +55,7 @@ def sketched_participation_ratio(s: Tensor, zsum: Tensor, n: Tensor | float,
     For a Gaussian ``Ω`` (iid N(0, 1/k)) and any fixed PSD ``C`` with ``A = tr C²`` and
     ``B = (tr C)²``: ``E‖ΩᵀCΩ‖_F² = (1 + 1/k)A + B/k`` and ``E(tr ΩᵀCΩ)² = B + 2A/k``, so
     ``Â = k(k·T₂ − T₁²)/((k+2)(k−1))`` and ``B̂ = T₁² − 2Â/k`` are unbiased for ``A`` and ``B``
-    (the Wishart identity of METRICS.md §3, on the sketch side). With ``corrected=True`` the
+    (the Wishart identity of docs/metrics.md §3, on the sketch side). With ``corrected=True`` the
     ``T``'s are themselves the small-sample (row side) Wishart estimates of the sketched
     covariance's ``tr C_y²`` and ``(tr C_y)²``, so both biases go (linear, hence unbiased
     composed). With ``corrected=False`` only the sketch bias is removed. Clamped to

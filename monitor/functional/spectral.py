@@ -9,7 +9,7 @@ Two layers:
 * One-shot functions on an ``(n, d)`` tensor (``rankme``, ``effective_rank``, ...) build those
   statistics and call the same code, so streaming and one-shot share one implementation.
 
-All statistics are computed in float64 (METRICS.md §1 "Streaming": eigenvalues of ``S`` are
+All statistics are computed in float64 (docs/metrics.md §1 "Streaming": eigenvalues of ``S`` are
 σ², so float32 loses the small singular values).
 """
 
@@ -112,7 +112,7 @@ def participation_ratio_from_moments(s: Tensor, zsum: Tensor, n: Tensor | float,
 
     Gao et al. 2017; Recanatesi et al. 2019; used for rank collapse by Kumar et al. 2021.
     With ``corrected=True`` (default) the small-sample bias is removed with Wishart moments
-    (METRICS.md §3, a design of that note, not from a paper): with scatter ``W = S − Σz Σzᵀ/n``
+    (docs/metrics.md §3, a design of that note, not from a paper): with scatter ``W = S − Σz Σzᵀ/n``
     and ``m = n − 1``, ``â = (tr W² − (tr W)²/m) / ((m+2)(m−1))`` estimates ``tr Σ²`` and
     ``b̂ = ((tr W)² − 2m·â)/m²`` estimates ``(tr Σ)²``; ``PR = b̂/â``. Exact in expectation for
     Gaussian features, approximate otherwise. The corrected value is clamped to ``[1, d]``.
@@ -182,7 +182,7 @@ def l2_normalized_std_from_sums(nsum: Tensor, nsq: Tensor, n: Tensor | float) ->
     ``std_l2 = (1/d) Σ_j std_i(ẑ_ij)``, ``ẑ_i = z_i/‖z_i‖₂``, unbiased std (ddof = 1) as in
     lightly's ``std_of_l2_normalized``; inputs are ``Σ_i ẑ_i`` and ``Σ_i ẑ_i²`` (each (d,)).
     ≈ 1/√d for healthy isotropic embeddings, → 0 on complete collapse. Blind to dimensional
-    collapse (METRICS.md §5a): pair it with RankMe.
+    collapse (docs/metrics.md §5a): pair it with RankMe.
     """
     nsum = nsum.to(torch.float64)
     nsq = nsq.to(torch.float64)

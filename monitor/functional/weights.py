@@ -2,7 +2,7 @@
 
 * ``weight_rank`` — Galanti, Siegel, Gupte & Poggio (arXiv 2206.05794, "SGD and weight decay
   secretly minimize the rank of your neural network"): ``rank_ε(W) = #{i : σ_i(W/‖W‖_F) > ε}``
-  with ε = 1e-3 as in their ``analysis_rank.py`` (METRICS.md §11). Conv kernels are reshaped to
+  with ε = 1e-3 as in their ``analysis_rank.py`` (docs/metrics.md §11). Conv kernels are reshaped to
   ``(out, in·kh·kw)`` (their ``eval_rank_conv_prime``), not the full convolution operator.
 * ``stable_rank`` — ``‖W‖_F² / ‖W‖_2²`` (the classical stable rank, also in their repo).
 * ``global_magnitude_masks`` / ``mask_distance`` — You et al., ICLR 2020, "Drawing Early-Bird
@@ -52,7 +52,7 @@ def weight_rank(weight: Tensor, eps: float = WEIGHT_RANK_EPS,
 
     ``dtype`` of the SVD: the weight's own (float32 or float64) by default; ε = 1e-3 relative to
     ‖W‖_F is far above float32 round-off (~1e-7·σ₁). A zero matrix has rank 0. The threshold is
-    on the Frobenius-normalised σ, not σ/σ_max (METRICS.md §11 pitfall).
+    on the Frobenius-normalised σ, not σ/σ_max (docs/metrics.md §11 pitfall).
     """
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")

@@ -15,7 +15,7 @@ Per unit (a feature of ``(b, units)`` rows or ``(b, T, units)`` tokens, a channe
 * ``dormant_units_ratio{tau=τ}`` for each τ — fraction of τ-dormant units, Sokar, Evci, Lee,
   Castro & Mnih (ICML 2023), Def. 3.1: ``s_i = E|h_i| / (mean_k E|h_k| + 1e-9)``, dormant iff
   ``s_i ≤ τ`` (google/dopamine ``weight_recyclers.py::estimate_neuron_score``). Default τ set
-  {0, 0.025, 0.1} (METRICS.md §7b; the paper's τ table is not verified, so τ is configurable).
+  {0, 0.025, 0.1} (docs/metrics.md §7b; the paper's τ table is not verified, so τ is configurable).
 * ``low_activity_units_ratio`` — fraction of units non-zero on fewer than ``low_activity_rate``
   (0.01) of their entries: Dohare et al. (Nature 2024) ``compute_dormant_units_proportion``.
 * ``never_active_units_ratio`` — fraction of units never non-zero since the start (Dohare et al.'s

@@ -3,7 +3,7 @@
 * ``embedding_std_ratio`` — SimSiam's collapse measure (Chen & He, CVPR 2021) scaled to 1:
   ``√d · (1/d) Σ_j std_i(ẑ_ij)`` with ``ẑ_i = z_i/‖z_i‖₂`` (unbiased std, as lightly's
   ``std_of_l2_normalized``). ≈ 1 for healthy isotropic embeddings, → 0 when every row is the
-  same vector. Blind to dimensional collapse (METRICS.md §5a): pair it with RankMe.
+  same vector. Blind to dimensional collapse (docs/metrics.md §5a): pair it with RankMe.
 * ``mean_cosine_similarity`` — mean cosine over distinct pairs of rows, from ``‖Σẑ‖²``:
   → 1 when all rows point the same way.
 """

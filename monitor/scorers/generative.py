@@ -10,13 +10,13 @@ batch holds more rows than the ring, a uniform subset is kept, drawn with the sc
 distances shrink as n grows), ``compute()`` returns:
 
 * ``generator_diversity_ratio`` — mean pairwise Euclidean distance of the generated rows ÷
-  that of the real rows (METRICS.md §9, common practice; cf. the MS-SSIM check of Odena et
+  that of the real rows (docs/metrics.md §9, common practice; cf. the MS-SSIM check of Odena et
   al. 2017). ≈ 1 healthy, → 0 on complete collapse. Collapse onto a few *distant* modes can
   keep it high; the duplicate rate catches that case.
 * ``generator_duplicate_rate`` — birthday-paradox test (Arora & Zhang 2017; Arora, Risteski &
   Zhang, ICLR 2018): fraction of generated rows whose nearest other generated row is closer
   than ε, where ε is the ``dup_quantile`` quantile of the real rows' nearest-neighbour
-  distances at the same sample size (threshold calibration is a design of METRICS.md §9, not
+  distances at the same sample size (threshold calibration is a design of docs/metrics.md §9, not
   the paper's protocol, which inspects the closest pairs by eye).
 * ``real_duplicate_rate`` — the same rate on the real rows: ≈ ``dup_quantile`` by
   construction (slightly above for a finite sample, ties excluded); the baseline to read

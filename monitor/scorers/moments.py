@@ -1,9 +1,9 @@
 """Shared sliding-window second-moment state of one stream of embedding rows.
 
-Every spectral and collapse scorer of a stream reads this one state (DESIGN.md: "scorers that
+Every spectral and collapse scorer of a stream reads this one state (docs/design.md: "scorers that
 need the same statistics share them"): the uncentred second moment ``S = Σ z zᵀ`` (d×d), the
 column sum ``Σ z``, the sums of L2-normalised rows ``Σ ẑ`` and ``Σ ẑ²`` and the row count ``n``,
-all in float64 (METRICS.md §1 "Streaming"), over the last ``window`` rows.
+all in float64 (docs/metrics.md §1 "Streaming"), over the last ``window`` rows.
 
 The window is exact: a ring buffer keeps the rows in float32; each update adds the new rows'
 contributions and subtracts those of the rows they overwrite, with one ``b``-row matrix product
@@ -142,7 +142,7 @@ class WindowMoments(Scorer):
 
     def negative_count(self) -> Tensor:
         """Negative entries among the window's valid rows, () float64 (Q-Score assumes
-        non-negative features; METRICS.md §4 pitfall 2). Invalid and unfilled ring rows are
+        non-negative features; docs/metrics.md §4 pitfall 2). Invalid and unfilled ring rows are
         zero rows, so one ``count_nonzero`` over the ring counts only valid entries (one pass
         at publish; no per-batch work)."""
         return torch.count_nonzero(self.ring < 0).to(torch.float64)

@@ -4,7 +4,7 @@ Papyan, Han & Donoho (PNAS 2020), "Prevalence of neural collapse during the term
 deep learning training": once training error reaches zero, (NC1) within-class variability
 vanishes relative to between-class variability, (NC2) the centred class means become equinorm
 and equiangular (a simplex ETF), (NC3) the classifier rows align with them and (NC4) the
-classifier acts as a nearest-class-centre rule. Formulas (METRICS.md §8), with ``μ_c`` the class
+classifier acts as a nearest-class-centre rule. Formulas (docs/metrics.md §8), with ``μ_c`` the class
 means, ``μ_G`` the global mean of the samples and ``M̃ = [μ_c − μ_G]``:
 
 * ``neural_collapse_nc1`` — ``tr(Σ_W Σ_B^†)/C`` with ``Σ_W = (S − Σ_c n_c μ_c μ_cᵀ)/N`` and
@@ -25,13 +25,13 @@ means, ``μ_G`` the global mean of the samples and ``M̃ = [μ_c − μ_G]``:
 State: a ring of the last ``window`` rows (float32), their labels and a validity weight. At
 ``compute`` the float64 sufficient statistics ``S = Σ h hᵀ``, class sums and counts are rebuilt
 exactly from the ring (O(window·d²)); float64 matters because the one-pass ``Σ_W`` cancels in
-float32 in exactly the collapsed regime (METRICS.md §8 pitfall 4). ``update`` does no host sync;
+float32 in exactly the collapsed regime (docs/metrics.md §8 pitfall 4). ``update`` does no host sync;
 ``compute`` makes no explicit transfer (one thin SVD of the d×C centred means; on CUDA, as for
 ``eigvalsh`` in the spectrum scorer, the LAPACK-style error check may wait on the device).
 The ring is rank-local (``reduce="none"``): across ranks, NC is per rank unless the caller
 all-reduces the statistics (:func:`statistics` gives them).
 
-Pitfall (METRICS.md §8.3): Papyan et al. measure on the training set with one fixed model; a
+Pitfall (docs/metrics.md §8, pitfall 3): Papyan et al. measure on the training set with one fixed model; a
 window filled during training mixes parameter versions. For the paper's numbers, feed the
 training set through the current model (eval mode) at a checkpoint and read the window then.
 """

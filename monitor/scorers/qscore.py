@@ -2,7 +2,7 @@
 
 Q-Score (Kalibhat, Narang, Firooz, Sanjabi & Feizi, arXiv 2203.01881, AAAI 2024) scores each
 sample's representation ``z_i ∈ R^d`` from its within-sample feature z-scores
-``ζ_ij = (z_ij − mean_j z_ij)/(std_j z_ij + ε₂)`` (ddof 0). Default form (METRICS.md §4
+``ζ_ij = (z_ij − mean_j z_ij)/(std_j z_ij + ε₂)`` (ddof 0). Default form (docs/metrics.md §4
 monitor definition; **the paper's exact form is UNVERIFIED**, see
 :mod:`monitor.functional.qscore`)::
 

@@ -6,7 +6,7 @@ rows ``y = zΩ`` (k dims; ``Ω`` d×k iid N(0, 1/k), seeded, drawn once on the C
 the same attributes (``s`` (k, k) = ``ΩᵀSΩ``, ``zsum``, ``nsum``, ``nsq``, ``n``, ``seen``,
 ``nonfinite``, ``ring``, ``dim`` = k) plus ``input_dim`` (the true d) and ``sketch_dim``.
 
-**APPROXIMATE — validated on synthetic spectra only** (METRICS.md: "validate before use";
+**APPROXIMATE — validated on synthetic spectra only** (docs/metrics.md: "validate before use";
 errors measured in ``docs/performance.md`` "Large d", ``benchmarks/sketch_error.py``):
 
 * exact: ``window_samples``, ``samples``, ``nonfinite_values``, ``negative_values_ratio`` (a

@@ -16,9 +16,9 @@ window's embedding matrix, which feed:
   centred scatter for the exact reference convention.
 * ``top_eigenvalue_share`` — ``λ₁/Σλ`` of ``S`` (uncentred: a large mean shows up here).
 * ``participation_ratio`` — ``(tr C)²/tr C²`` of the centred covariance with the Wishart
-  small-sample correction (METRICS.md §3; needs no eigensolve).
+  small-sample correction (docs/metrics.md §3; needs no eigensolve).
 * ``window_samples`` (n) and ``embedding_dim`` (d), which every spectral value depends on
-  (compare values only at equal n and d; METRICS.md §1 pitfall 1).
+  (compare values only at equal n and d; docs/metrics.md §1 pitfall 1).
 * ``spectrum`` — the eigenvalues of ``S/n`` (descending), for plots, not exported to Prometheus.
 """
 

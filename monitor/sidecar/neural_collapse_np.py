@@ -1,7 +1,7 @@
 """Neural collapse NC1 and NC2 in numpy, for the ONNX Runtime backend (no torch).
 
 Each function mirrors its torch counterpart in :mod:`monitor.functional.neural_collapse`
-(Papyan, Han & Donoho, PNAS 2020; METRICS.md §8) formula for formula: float64 throughout, the
+(Papyan, Han & Donoho, PNAS 2020; docs/metrics.md §8) formula for formula: float64 throughout, the
 global mean ``μ_G`` of the samples (not of the class means), NC1 by the thin SVD of the centred
 class means with the same relative cut :data:`NC1_RTOL` on ``s_k²/s_1²`` and only the ``C − 1``
 largest singular values, C = the classes present (``n_c > 0``), NaN below 2 classes (NC1, NC2

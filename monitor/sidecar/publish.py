@@ -49,7 +49,7 @@ def top_eigenvalue_share(lam: np.ndarray) -> float:
 
 
 def participation_ratio(s: np.ndarray, zsum: np.ndarray, n: float) -> float:
-    """Wishart-corrected participation ratio of the centred covariance (METRICS.md §3)."""
+    """Wishart-corrected participation ratio of the centred covariance (docs/metrics.md §3)."""
     w = s - np.outer(zsum, zsum) / max(n, 1.0)
     w = 0.5 * (w + w.T)
     tr = float(np.trace(w))

@@ -51,6 +51,7 @@ from starlette.requests import ClientDisconnect
 
 from exporters.catalogue import BY_NAME, PREFIX
 from exporters.prometheus import CONTENT_TYPE, RepwatchCollector, render
+from monitor._version import __version__
 from monitor.alerts import DEFAULT_RULES, AlertRule
 from monitor.dashboard import (HISTOGRAMS, HISTORY_LIMIT, SINCE_STEP, history_payload,
                                mount_dashboard, spectra_payload)
@@ -686,7 +687,7 @@ _bearer = HTTPBearer(auto_error=False, description="Required when the service ha
 def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) -> FastAPI:
     """The sidecar HTTP app; ``app.state.sidecar`` owns the state (close it when done)."""
     sc = sidecar if sidecar is not None else Sidecar(config)
-    app = FastAPI(title="repwatch sidecar", version="1.0.0",
+    app = FastAPI(title="repwatch sidecar", version=__version__,
                   description="Ingest of sampled embedding batches; live representation-health "
                               "metrics of every run.")
     app.state.sidecar = sc

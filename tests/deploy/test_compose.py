@@ -223,6 +223,7 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
 # ----------------------------------------------------------------------------- Prometheus, Alertmanager, Grafana
 
 
+@pytest.mark.e2e
 def test_prometheus_compose_config_is_valid(promtool: str) -> None:
     args = SERVICES["prometheus"]["command"]
     config = _host_path(SERVICES["prometheus"], next(a for a in args
@@ -250,6 +251,7 @@ def test_prometheus_compose_config_is_valid(promtool: str) -> None:
         assert int(port) == _listen_port(svc), t
 
 
+@pytest.mark.e2e
 def test_alertmanager_compose_config(alertmanager: str) -> None:
     args = SERVICES["alertmanager"]["command"]
     config = _host_path(SERVICES["alertmanager"],
@@ -293,6 +295,8 @@ def test_grafana_provisioning_reaches_prometheus_and_the_dashboard() -> None:
 # ----------------------------------------------------------------------------- commands, for real
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_trainer_command_reaches_the_sidecar_command(tmp_path: Path) -> None:
     """The sidecar image's command and the trainer image's command (ports, token path and the
     service host swapped for local ones, fewer steps): the run arrives, authenticated."""
@@ -315,6 +319,7 @@ def test_trainer_command_reaches_the_sidecar_command(tmp_path: Path) -> None:
     assert runs["demo-collapse"]["streams"]["projector"]["window_samples"] > 0
 
 
+@pytest.mark.e2e
 def test_webhook_receiver_prints_alerts() -> None:
     script = _host_path(SERVICES["webhook"], next(a for a in _command(SERVICES["webhook"])
                                                   if a.endswith(".py")))

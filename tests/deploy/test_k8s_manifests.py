@@ -171,6 +171,7 @@ def test_non_loopback_sidecar_has_its_token_from_the_secret() -> None:
     assert {i["key"] for i in secret["items"]} == {"token"}
 
 
+@pytest.mark.slow
 def test_pod_validates_against_the_kubernetes_api_models() -> None:
     """The patched Job, strictly: the client's pydantic models forbid unknown fields."""
     models = pytest.importorskip("kubernetes.client.models")
@@ -260,6 +261,8 @@ def _normalise(doc: Any) -> Any:
     return doc
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_kustomize_build_matches() -> None:
     """With a kustomize that supports Components on PATH (this VM: google-cloud-sdk's kubectl),
     the real build equals the emulation the other tests read, and validates."""
@@ -289,6 +292,8 @@ def test_kustomize_build_matches() -> None:
 # ----------------------------------------------------------------------------- the pod's commands
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_pod_commands_run_over_shared_memory(tmp_path: Path) -> None:
     """The sidecar with the manifest's args (loopback, free port, temporary token, a unique ring
     name) and the trainer image's ENTRYPOINT with the Job's args, ``$(REPWATCH_SINK)`` expanded

@@ -19,6 +19,7 @@ def _yaml_blocks() -> list[str]:
     return re.findall(r"```yaml\n(.*?)```", DOC, flags=re.S)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", ["remote_write", "scrape_configs"])
 def test_prometheus_examples_pass_promtool(promtool: str, tmp_path: Path, key: str) -> None:
     blocks = [b for b in _yaml_blocks() if re.search(rf"^{key}:", b, flags=re.M)]

@@ -96,6 +96,7 @@ def test_cli_writes_the_dashboard(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert capsys.readouterr().out == DASHBOARD.read_text()
 
 
+@pytest.mark.e2e
 def test_dashboard_command_works_without_torch(tmp_path: Path) -> None:
     out = tmp_path / "d.json"
     code = ("import sys; sys.modules['torch'] = None  # `import torch` now raises ImportError\n"
@@ -353,6 +354,7 @@ def _query(url: str, expr: str) -> dict[str, Any]:
     return dict(r.json())
 
 
+@pytest.mark.slow
 def test_every_expression_is_valid_promql(prometheus_url: str,
                                           dashboard: dict[str, Any]) -> None:
     exprs = expressions(dashboard)

@@ -65,6 +65,7 @@ def test_cli_writes_the_files(tmp_path: Path) -> None:
         assert (tmp_path / "c" / name).read_text() == text
 
 
+@pytest.mark.e2e
 def test_importable_without_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
             "from exporters.k8s import render_manifests\n"

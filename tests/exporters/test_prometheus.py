@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.catalogue import CATALOGUE
@@ -88,6 +89,7 @@ def test_no_snapshot_exports_nothing() -> None:
     assert render(make_registry(lambda: None)) == b""
 
 
+@pytest.mark.e2e
 def test_promtool_check_metrics(promtool: str) -> None:
     text = render(make_registry(_snapshot))
     proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
@@ -95,6 +97,7 @@ def test_promtool_check_metrics(promtool: str) -> None:
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
 
 
+@pytest.mark.e2e
 def test_exporters_import_without_torch() -> None:
     code = ("import sys, exporters, exporters.prometheus, monitor.snapshot, monitor.alerts; "
             "assert 'torch' not in sys.modules, 'torch was imported'")

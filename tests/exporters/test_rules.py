@@ -62,6 +62,7 @@ def test_rendered_yaml_parses_back_to_the_rendered_data() -> None:
     assert yaml.safe_load(render_yaml()) == render_rules()
 
 
+@pytest.mark.e2e
 def test_promtool_check_rules(promtool: str) -> None:
     proc = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
                           text=True, timeout=60, check=False)
@@ -70,6 +71,7 @@ def test_promtool_check_rules(promtool: str) -> None:
     assert f"SUCCESS: {n} rules found" in proc.stdout, proc.stdout
 
 
+@pytest.mark.e2e
 def test_promtool_unit_tests_pass(promtool: str) -> None:
     assert UNIT_TESTS, "no promtool unit tests in deploy/prometheus/tests/"
     proc = subprocess.run([promtool, "test", "rules", *map(str, UNIT_TESTS)], capture_output=True,
@@ -125,6 +127,7 @@ def _stale_limit(doc: dict[str, Any]) -> None:
 @pytest.mark.parametrize("mutate", [_drop_keep_firing, _drop_gates, _drop_variant_aggregation,
                                     _zero_for, _inclusive_thresholds, _value_unformatted,
                                     _drop_also, _stale_limit], ids=lambda f: f.__name__)
+@pytest.mark.e2e
 def test_unit_tests_catch_a_broken_rule_file(promtool: str, tmp_path: Path,
                                              mutate: Callable[[dict[str, Any]], None]) -> None:
     doc = copy.deepcopy(render_rules())
@@ -135,6 +138,7 @@ def test_unit_tests_catch_a_broken_rule_file(promtool: str, tmp_path: Path,
     assert proc.returncode != 0, f"the promtool unit tests missed {mutate.__name__}:\n{proc.stdout}"
 
 
+@pytest.mark.e2e
 def test_unit_tests_pass_on_a_relaid_copy(promtool: str, tmp_path: Path) -> None:
     """The mutation harness itself works: the unmutated rules pass there."""
     proc = _promtool_test(promtool, render_yaml(), tmp_path)
@@ -290,6 +294,7 @@ def test_cli_writes_the_rendered_rules(tmp_path: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().out == RULES.read_text()
 
 
+@pytest.mark.e2e
 def test_rules_import_without_torch() -> None:
     code = ("import sys, exporters.rules; exporters.rules.render_yaml(); "
             "assert 'torch' not in sys.modules, 'torch was imported'")

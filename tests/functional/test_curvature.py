@@ -1,5 +1,5 @@
 """Curvature: HVP and power iteration on quadratics with a known Hessian (vs numpy), the
-Lyapunov check values of METRICS.md §10, and the CurvatureProbe on stochastic quadratics."""
+Lyapunov check values of docs/metrics.md §10, and the CurvatureProbe on stochastic quadratics."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_power_iteration_bad_input() -> None:
 
 
 def test_lyapunov_check_values() -> None:
-    """METRICS.md §10: ĥ = 0.5 w.p. 0.7, 4.0 w.p. 0.3, η = 1 → Λ = −0.156; w.p. 0.45 for 4.0 → +0.113.
+    """docs/metrics.md §10: ĥ = 0.5 w.p. 0.7, 4.0 w.p. 0.3, η = 1 → Λ = −0.156; w.p. 0.45 for 4.0 → +0.113.
     Exact distributions (70 + 30 samples), and an online estimate from 5000 draws."""
     h = torch.tensor([0.5] * 70 + [4.0] * 30)
     assert float(lyapunov_exponent(h, lr=1.0)) == pytest.approx(-0.156, abs=5e-4)

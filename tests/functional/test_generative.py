@@ -1,4 +1,4 @@
-"""Tests of ``monitor.functional.generative`` against slow numpy references (METRICS.md §9).
+"""Tests of ``monitor.functional.generative`` against slow numpy references (docs/metrics.md §9).
 
 The references loop over pairs with explicit differences ``‖xᵢ − xⱼ‖`` (no Gram matrix), so
 they share no code or trick with the torch implementation.

@@ -1,6 +1,6 @@
 """Tests of ``monitor.functional.plasticity`` against slow numpy references and hand values.
 
-The references below are written from METRICS.md §7b/§7c (Sokar et al. 2023 τ-dormant score,
+The references below are written from docs/metrics.md §7b/§7c (Sokar et al. 2023 τ-dormant score,
 Dohare et al. 2024 active rate) with explicit per-unit loops over the unit axis of each layout,
 never by calling the torch code.
 """
@@ -127,7 +127,7 @@ def test_hand_values() -> None:
 
 
 def test_uniformly_small_layer_is_not_dormant_but_all_zero_layer_is() -> None:
-    """The score is relative to the layer mean (METRICS.md §7b pitfall)."""
+    """The score is relative to the layer mean (docs/metrics.md §7b pitfall)."""
     tiny = torch.full((10, 4), 1e-6)
     assert float(P.dormant_fraction(tiny, 0.1)) == 0.0
     assert float(P.dormant_fraction(torch.zeros(10, 4), 0.0)) == 1.0

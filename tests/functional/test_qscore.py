@@ -1,6 +1,6 @@
 """Tests of ``monitor.functional.qscore`` against slow numpy references and scikit-learn.
 
-* Every Q-Score form is recomputed per row with explicit Python loops from the METRICS.md §4
+* Every Q-Score form is recomputed per row with explicit Python loops from the docs/metrics.md §4
   formulas (never by calling the torch code) and compared at 1e-12 relative.
 * ``auprc`` is compared with ``sklearn.metrics.average_precision_score`` and with a slow numpy
   reference that walks the distinct thresholds, on continuous scores, heavy ties and weights.
@@ -33,7 +33,7 @@ from monitor.functional.qscore import (
 
 
 def ref_qscore_row(z: np.ndarray, form: str, eps1: float = 1e-8, eps2: float = 1e-8) -> float:
-    """One row, with loops: ζ_j = (z_j − mean)/(std₀ + eps2); the four forms of METRICS.md §4."""
+    """One row, with loops: ζ_j = (z_j − mean)/(std₀ + eps2); the four forms of docs/metrics.md §4."""
     d = len(z)
     if not all(math.isfinite(v) for v in z):
         return math.nan

@@ -1,12 +1,12 @@
-"""Tests of ``monitor.functional.spectral`` against slow numpy references and METRICS.md.
+"""Tests of ``monitor.functional.spectral`` against slow numpy references and docs/metrics.md.
 
 Three kinds of checks:
 
 1. *Reference*: every metric is recomputed by a slow, obviously-correct numpy function written
-   from the formulas of METRICS.md §1, §2, §3, §5a (never by calling the torch code) and compared
+   from the formulas of docs/metrics.md §1, §2, §3, §5a (never by calling the torch code) and compared
    in float64 at ~1e-9 relative on several shapes.
-2. *Check values* (``[C]`` rows of METRICS.md) on fresh draws, with tolerances sized for sampling
-   noise (METRICS.md used other draws and, for some rows, larger n and d than a CPU test affords).
+2. *Check values* (the check values of docs/metrics.md) on fresh draws, with tolerances sized for sampling
+   noise (docs/metrics.md used other draws and, for some rows, larger n and d than a CPU test affords).
 3. *Streaming*: statistics summed over row chunks give the same values as the one-shot functions,
    plus edge cases (n = 0, 1, 2, zero rows, bad input).
 """
@@ -24,14 +24,14 @@ from monitor.functional import spectral
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-EPS = 1e-7  # RankMe ε (METRICS.md §1)
+EPS = 1e-7  # RankMe ε (docs/metrics.md §1)
 
 
 REL = 1e-9  # torch vs numpy reference, float64
 
 
 # ----------------------------------------------------------------------------- references
-# Deliberately naive: full SVD / np.cov / explicit loops, straight from the METRICS.md formulas.
+# Deliberately naive: full SVD / np.cov / explicit loops, straight from the docs/metrics.md formulas.
 
 
 def ref_singular_values(z: np.ndarray) -> np.ndarray:
@@ -40,7 +40,7 @@ def ref_singular_values(z: np.ndarray) -> np.ndarray:
 
 
 def ref_rankme(z: np.ndarray, eps: float = EPS) -> float:
-    """METRICS §1: exp(−Σ p log p), p_k = σ_k/‖σ‖₁ + ε over the min(n, d) singular values."""
+    """docs/metrics.md §1: exp(−Σ p log p), p_k = σ_k/‖σ‖₁ + ε over the min(n, d) singular values."""
     s = ref_singular_values(z)
     assert s.shape[0] == min(z.shape)
     p = s / s.sum() + eps
@@ -59,7 +59,7 @@ def ref_erank(z: np.ndarray) -> float:
 
 
 def ref_srank(z: np.ndarray, delta: float = 0.01) -> int:
-    """METRICS §3: min{k : Σ_{i≤k} σ_i / Σ σ_i ≥ 1 − δ}, σ sorted descending."""
+    """docs/metrics.md §3: min{k : Σ_{i≤k} σ_i / Σ σ_i ≥ 1 − δ}, σ sorted descending."""
     s = np.sort(ref_singular_values(z))[::-1]
     c = np.cumsum(s) / s.sum()
     for k in range(1, len(c) + 1):
@@ -69,13 +69,13 @@ def ref_srank(z: np.ndarray, delta: float = 0.01) -> int:
 
 
 def ref_pr_naive(z: np.ndarray) -> float:
-    """METRICS §3: (tr C)² / tr(C²) of the centred covariance."""
+    """docs/metrics.md §3: (tr C)² / tr(C²) of the centred covariance."""
     c = np.cov(z, rowvar=False)
     return float(np.trace(c) ** 2 / np.trace(c @ c))
 
 
 def ref_pr_corrected(z: np.ndarray) -> float:
-    """METRICS §3 Wishart correction, as written: m = n − 1, W = m·Ĉ,
+    """docs/metrics.md §3 Wishart correction, as written: m = n − 1, W = m·Ĉ,
     â = (tr W² − (tr W)²/m) / ((m+2)(m−1)), b̂ = ((tr W)² − 2m·â)/m², PR = b̂/â."""
     n = z.shape[0]
     m = n - 1
@@ -88,7 +88,7 @@ def ref_pr_corrected(z: np.ndarray) -> float:
 
 
 def ref_alpha(z: np.ndarray, first_rank: int = 11, last_rank: int = 100) -> float:
-    """α-ReQ (METRICS §2): eigenvalues λ of the centred covariance (np.cov), weighted least squares
+    """α-ReQ (docs/metrics.md §2): eigenvalues λ of the centred covariance (np.cov), weighted least squares
     of y = log λ_r on x = −log r with weights 1/r over ranks 11..100 (Stringer & Pachitariu /
     reptrix ``get_powerlaw``, but float64 weights). Ranks beyond n − 1 (λ = 0 up to round-off)
     are left out. α is the slope."""
@@ -282,7 +282,7 @@ def iid_1000x1024():
 
 
 def test_check_rankme_iid_1000x1024(iid_1000x1024):
-    """METRICS §1 table: n=1000, d=1024 → RankMe 814.38, erank 813.87. Over seeds 0–3 this
+    """docs/metrics.md §1 table: n=1000, d=1024 → RankMe 814.38, erank 813.87. Over seeds 0–3 this
     draw-to-draw spread is ≈ 0.8, so ± 2 (0.25 %)."""
     z = t(iid_1000x1024)
     assert abs(F.rankme(z).item() - 814.38) < 2.0
@@ -290,7 +290,7 @@ def test_check_rankme_iid_1000x1024(iid_1000x1024):
 
 
 def test_check_pr_iid_1000x1024(iid_1000x1024):
-    """METRICS §3: naive PR ≈ 506.2 measured, d/(1+d/n) = 505.9 predicted; the corrected PR
+    """docs/metrics.md §3: naive PR ≈ 506.2 measured, d/(1+d/n) = 505.9 predicted; the corrected PR
     recovers ≈ d = 1024 (the estimate is clamped at d)."""
     n, d = iid_1000x1024.shape
     naive = F.participation_ratio(t(iid_1000x1024), corrected=False).item()
@@ -301,9 +301,9 @@ def test_check_pr_iid_1000x1024(iid_1000x1024):
 
 
 def test_check_rank32_embedding():
-    """METRICS §1/§3: rank-32 Gaussian embedding → RankMe ≈ 32.0, srank_0.01 = 32 exactly.
+    """docs/metrics.md §1/§3: rank-32 Gaussian embedding → RankMe ≈ 32.0, srank_0.01 = 32 exactly.
 
-    METRICS used n=4096, d=2048 (RankMe 32.02, erank 31.91); here n=2048, d=512 for CPU time.
+    docs/metrics.md used n=4096, d=2048 (RankMe 32.02, erank 31.91); here n=2048, d=512 for CPU time.
     The 32 factors have equal variance (orthonormal embedding of iid N(0,1) factors), so each
     σ_i is ≈ 1/32 of Σσ; the cumulative share is ≈ 31/32 < 0.99 at k = 31 and 1 at k = 32, hence
     srank = 32. RankMe: the MP spread of σ (aspect 32/2048) lowers it by ≈ 0.06, the ε mass of the
@@ -326,16 +326,16 @@ def _rankme_floor(k: int, eps: float = EPS) -> float:
 
 
 def test_check_complete_collapse_rankme_floor():
-    """METRICS §1: identical rows → RankMe = ε floor ≈ exp(−(K−1)·ε·ln ε), erank = 1."""
+    """docs/metrics.md §1: identical rows → RankMe = ε floor ≈ exp(−(K−1)·ε·ln ε), erank = 1."""
     rng = np.random.default_rng(2)
     z = np.tile(rng.standard_normal((1, 256)), (512, 1))  # n = 512, d = 256 → K = 256
     floor = _rankme_floor(256)
     assert abs(floor - 1.0004) < 5e-5
-    assert abs(math.exp(-255 * EPS * math.log(EPS)) - floor) < 1e-6  # METRICS' approximation
+    assert abs(math.exp(-255 * EPS * math.log(EPS)) - floor) < 1e-6  # docs/metrics.md's approximation
     assert close(F.rankme(t(z)), floor, rel=1e-9)
     assert close(F.effective_rank(t(z)), 1.0, rel=1e-9)
     assert F.srank(t(z)).item() == 1
-    # the METRICS values for larger K, straight from singular values (1, 0, …, 0)
+    # the docs/metrics.md values for larger K, straight from singular values (1, 0, …, 0)
     for k, want in [(2048, 1.0033), (8192, 1.013)]:
         s = torch.zeros(k, dtype=torch.float64)
         s[0] = 1.0
@@ -345,7 +345,7 @@ def test_check_complete_collapse_rankme_floor():
 
 
 def test_check_l2_std_iid_and_collapse():
-    """METRICS §5a: iid Gaussian d=256 → std_l2 = 0.0625 = 1/√d (√d·std ≈ 1); identical rows → 0."""
+    """docs/metrics.md §5a: iid Gaussian d=256 → std_l2 = 0.0625 = 1/√d (√d·std ≈ 1); identical rows → 0."""
     d = 256
     rng = np.random.default_rng(4)
     z = t(rng.standard_normal((4096, d)))
@@ -354,7 +354,7 @@ def test_check_l2_std_iid_and_collapse():
     assert abs(math.sqrt(d) * std - 1.0) < 0.005
     assert abs(F.mean_cosine_similarity(z).item()) < 1e-3
     same = t(np.tile(rng.standard_normal((1, d)), (512, 1)))
-    # one-pass (Σẑ, Σẑ²) variance: round-off residue ~1e-9, METRICS' two-pass numpy gives 8.5e-16
+    # one-pass (Σẑ, Σẑ²) variance: round-off residue ~1e-9, docs/metrics.md's two-pass numpy gives 8.5e-16
     assert F.l2_normalized_std(same).item() < 1e-7
     assert close(F.mean_cosine_similarity(same), 1.0, rel=1e-12)
 
@@ -366,11 +366,11 @@ def _chi_mean(k: int) -> float:
 
 @pytest.mark.parametrize("k,metrics_value", [(1, 0.799), (4, 0.939), (32, 0.992)])
 def test_check_l2_std_rank_k(k, metrics_value):
-    """METRICS §5a: √d·std_l2 for an embedding confined to a random rank-k subspace.
+    """docs/metrics.md §5a: √d·std_l2 for an embedding confined to a random rank-k subspace.
 
     ẑ_i = U g_i/‖g_i‖ (U: d×k orthonormal), so per-channel var_j = ‖U_j‖²/k and
     √d·std_l2 = mean_j √(d‖U_j‖²/k) → E√(χ²_k/k): 0.7979 (k=1), 0.9400 (k=4), 0.9922 (k=32).
-    METRICS (n=8192, d=2048): 0.799, 0.939, 0.992. Here n=2048, d=2048 (d sets the noise of a
+    docs/metrics.md (n=8192, d=2048): 0.799, 0.939, 0.992. Here n=2048, d=2048 (d sets the noise of a
     mean over channels: sd ≈ √(1−E²)/√d, 0.013 for k=1); tolerance 4 sd.
     """
     n, d = 2048, 2048
@@ -379,17 +379,17 @@ def test_check_l2_std_rank_k(k, metrics_value):
     ratio = math.sqrt(d) * F.l2_normalized_std(z).item()
     expected = _chi_mean(k)
     sd = math.sqrt(1.0 - expected**2) / math.sqrt(d)
-    assert abs(expected - metrics_value) < 1.5e-3  # METRICS' numbers agree with the theory
+    assert abs(expected - metrics_value) < 1.5e-3  # docs/metrics.md's numbers agree with the theory
     assert abs(ratio - expected) < 4 * sd + 2e-3
 
 
 @pytest.mark.parametrize("true_alpha,metrics_value", [(0.5, 0.488), (1.0, 0.997), (2.0, 1.999)])
 def test_check_alpha_power_law(true_alpha, metrics_value):
-    """METRICS §2: Gaussian with covariance eigenvalues i^−α recovers α (n=25 600, d=2048:
+    """docs/metrics.md §2: Gaussian with covariance eigenvalues i^−α recovers α (n=25 600, d=2048:
     0.488 / 0.997 / 1.999). That size takes ~10 s per fit on this CPU, so n=8192, d=512 here;
     over seeds 0–4 this gives 0.484 ± 0.002 / 0.994 ± 0.003 / 2.000 ± 0.003 (slightly more
-    downward MP bias at α=0.5 than METRICS' larger n). Tolerance 0.015 on both the true α and the
-    METRICS value."""
+    downward MP bias at α=0.5 than docs/metrics.md's larger n). Tolerance 0.015 on both the true α and the
+    docs/metrics.md value."""
     n, d = 8192, 512
     rng = np.random.default_rng(int(true_alpha * 10))
     lam = np.arange(1, d + 1, dtype=np.float64) ** -true_alpha
@@ -416,10 +416,10 @@ def _mp_alpha(n: int, d: int, first_rank: int = 11, last_rank: int = 100) -> flo
 
 
 def test_check_alpha_isotropic_is_flat():
-    """METRICS §2: isotropic Gaussian → α = 0.031 at n=25 600, d=2048. That value is not
+    """docs/metrics.md §2: isotropic Gaussian → α = 0.031 at n=25 600, d=2048. That value is not
     universal: it is the slope of the Marchenko–Pastur edge over ranks 11–100, which depends on
     d/n and on how far into the spectrum rank 100 is (100/d). The MP-quantile prediction gives
-    0.0314 for METRICS' size (matches) and 0.0756 for n=8192, d=512 used here (seeds 0–4
+    0.0314 for docs/metrics.md's size (matches) and 0.0756 for n=8192, d=512 used here (seeds 0–4
     measured 0.0749–0.0766)."""
     assert abs(_mp_alpha(25_600, 2048) - 0.031) < 0.002
     n, d = 8192, 512
@@ -429,7 +429,7 @@ def test_check_alpha_isotropic_is_flat():
 
 
 def test_check_corrected_pr_isotropic_small_n():
-    """METRICS §3: isotropic d=512 at n=128 < d: naive PR ≈ d/(1+d/n) = 102.4 (101.6 with the
+    """docs/metrics.md §3: isotropic d=512 at n=128 < d: naive PR ≈ d/(1+d/n) = 102.4 (101.6 with the
     n−1 of the centred covariance); the Wishart-corrected PR ≈ d = 512 (seeds 0–5: 494–512)."""
     n, d = 128, 512
     z = t(np.random.default_rng(0).standard_normal((n, d)))
@@ -440,7 +440,7 @@ def test_check_corrected_pr_isotropic_small_n():
 
 
 def test_check_corrected_pr_spike():
-    """METRICS §3 (cf. its rank-64 spike case): a non-isotropic truth, rank-32 spike + unit noise (true PR computed exactly
+    """docs/metrics.md §3 (cf. its rank-64 spike case): a non-isotropic truth, rank-32 spike + unit noise (true PR computed exactly
     from the population covariance); naive is biased low at n=512, corrected is close."""
     rng = np.random.default_rng(6)
     d, n, r = 512, 512, 32
@@ -515,7 +515,7 @@ def test_streaming_rank_deficient_is_limited_by_sqrt_of_roundoff():
 
     * Rank-7 Z (300 × 200): inside the first min(n, d) values those are counted, so streaming
       RankMe differs from the SVD one by ~1e-6 relative (measured 1.2e-6), not 1e-10. Inherent
-      to the S accumulator of METRICS §1 "Streaming"; the values still agree for monitoring.
+      to the S accumulator of docs/metrics.md §1 "Streaming"; the values still agree for monitoring.
     * n < d (60 × 150): RankMe masks ranks > n (exact), but ``effective_rank_from_singular_values``
       takes no ``k``, so the d − n round-off σ enter its entropy (measured 2.3e-7 relative).
     """

@@ -24,6 +24,7 @@ def test_missing_framework_gives_a_clear_import_error(monkeypatch: pytest.Monkey
     monkeypatch.delitem(sys.modules, module, raising=False)
 
 
+@pytest.mark.e2e
 def test_the_package_imports_no_framework() -> None:
     import subprocess
 

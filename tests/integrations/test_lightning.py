@@ -15,6 +15,8 @@ pl = pytest.importorskip("lightning.pytorch", reason="Lightning is not installed
 
 from monitor.integrations.lightning import RepwatchCallback  # noqa: E402
 
+pytestmark = pytest.mark.slow                   # trains tiny real models
+
 
 class TinyModule(pl.LightningModule):
     """20 → 32 (encoder) → 5 classifier with dropout (dropout draws from the global RNG)."""

@@ -15,6 +15,8 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face transfor
 
 from monitor.integrations.transformers import RepwatchCallback, state_file  # noqa: E402
 
+pytestmark = pytest.mark.slow                   # trains tiny real models
+
 VOCAB, SEQ = 100, 12
 
 

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.demo import run_demo
+from monitor.demo import DemoResult, run_demo
 from monitor.demo_model import load_digits_tensor
+from tests.trained import SIMSIAM_STEPS as STEPS
 
 pytestmark = pytest.mark.slow
-
-STEPS = 400
 
 
 def _numpy_health(z: np.ndarray) -> tuple[float, float]:
@@ -37,26 +36,20 @@ def _embed(model: torch.nn.Module) -> np.ndarray:
         return model.projector(model.backbone(x)).cpu().numpy()
 
 
-@pytest.fixture(scope="module")
-def healthy():  # type: ignore[no-untyped-def]
-    return run_demo(steps=STEPS, collapse_at=None, seed=0, device="cpu", port=None)
-
-
-@pytest.fixture(scope="module")
-def collapsed():  # type: ignore[no-untyped-def]
-    return run_demo(steps=STEPS, collapse_at=0, seed=0, device="cpu", port=None)
-
-
-def test_healthy_run_does_not_alert(healthy) -> None:  # type: ignore[no-untyped-def]
+def test_healthy_run_does_not_alert(simsiam_healthy: DemoResult) -> None:
+    healthy = simsiam_healthy
     assert healthy.fired == []
     last = healthy.snapshots[-1]
     assert last.alerts == []
     assert last.get("embedding_std_ratio", "projector") > 0.5
+    assert healthy.model is not None
     rank, std = _numpy_health(_embed(healthy.model))
     assert rank > 8 and std > 0.5                     # really healthy, by an independent measure
 
 
-def test_without_stop_gradient_collapse_alert_fires(collapsed) -> None:  # type: ignore[no-untyped-def]
+def test_without_stop_gradient_collapse_alert_fires(simsiam_collapsed: DemoResult) -> None:
+    collapsed = simsiam_collapsed
+    assert collapsed.model is not None
     rank, std = _numpy_health(_embed(collapsed.model))
     assert rank < 2 and std < 0.1                     # the phenomenon itself, measured by numpy
     step = collapsed.first_fired("RepwatchRepresentationCollapse", "projector")

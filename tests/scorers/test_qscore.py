@@ -1,7 +1,7 @@
 """QScoreScorer: window quantiles, cumulative histogram, calibration that freezes, AUPRC pairs,
 streaming == one batch, and a constructed case of the paper's mechanism (low Q ↔ probe errors).
 
-Reference values come from numpy written from METRICS.md §4 (never from the torch code).
+Reference values come from numpy written from docs/metrics.md §4 (never from the torch code).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ EPS = 1e-8
 
 
 def np_q(z: np.ndarray, form: str = "linf_over_l1") -> np.ndarray:
-    """Vectorised numpy Q-Score (METRICS.md §4): ζ = (z − mean)/(std₀ + ε₂), max over features."""
+    """Vectorised numpy Q-Score (docs/metrics.md §4): ζ = (z − mean)/(std₀ + ε₂), max over features."""
     finite = np.isfinite(z).all(1)
     z = np.where(finite[:, None], z, 0.0)                            # NaN rows: masked below
     zmax = ((z - z.mean(1, keepdims=True)) / (z.std(1, keepdims=True) + EPS)).max(1)

@@ -86,6 +86,7 @@ def _both(kind: str, n: int = 2048, d: int = 1024, k: int = 256
     return _signals(exact), _signals(sketched)
 
 
+@pytest.mark.slow
 def test_collapse_is_preserved_rank32_and_complete() -> None:
     """The alerting cases: a rank-32 window reads ≈ 32, a complete collapse ≈ 1, std → 0."""
     exact, sk = _both("rank32")
@@ -304,6 +305,7 @@ def test_monitor_checkpoint_keeps_the_sketch(monitor: Monitor) -> None:
         other.close()
 
 
+@pytest.mark.e2e
 def test_distributed_sketch_equals_one_process(tmp_path: Path) -> None:
     """Two gloo ranks with sketched streams (one on rank 0 only) and a sketched activation
     layer: the all-reduced sketch equals one process on all rows (same seed, same Ω)."""

@@ -29,6 +29,8 @@ from monitor.demo import run_demo  # noqa: E402
 from monitor.server import BackgroundServer  # noqa: E402
 from monitor.sidecar.service import Sidecar, SidecarConfig, create_sidecar_app  # noqa: E402
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -40,6 +42,8 @@ def _start(port: int = 0, backend: str = "onnx") -> tuple[BackgroundServer, Side
     return server, sidecar
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_collapse_scenario_through_the_sidecar(promtool: str) -> None:
     server, sidecar = _start()
     try:
@@ -125,6 +129,8 @@ def test_sidecar_killed_and_restarted_mid_run() -> None:
             sc.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_demo_sink_cli() -> None:
     out = subprocess.run([sys.executable, "-m", "monitor.cli", "demo", "--sink", "--collapse",
                           "--steps", "200", "--port", "0"],
@@ -134,6 +140,7 @@ def test_demo_sink_cli() -> None:
     assert "ALERT RepwatchRepresentationCollapse (on the sidecar" in out.stdout
 
 
+@pytest.mark.e2e
 def test_serve_runs_without_torch() -> None:
     """The sidecar image has no torch: `repwatch serve` (ONNX backend) must start, score and
     export with torch unimportable."""

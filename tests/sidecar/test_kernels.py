@@ -67,6 +67,7 @@ def test_onnx_matches_the_torch_code(kernel: OnnxBatchKernel, name: str, new: np
             equal_nan=True, err_msg=f"{name}: {key}")
 
 
+@pytest.mark.slow
 def test_shipped_model_matches_a_fresh_export(tmp_path: Path, kernel: OnnxBatchKernel) -> None:
     """Drift check: the committed model computes what the current torch code exports."""
     from monitor.sidecar.export_kernels import export
@@ -79,6 +80,7 @@ def test_shipped_model_matches_a_fresh_export(tmp_path: Path, kernel: OnnxBatchK
                                       err_msg=key)
 
 
+@pytest.mark.e2e
 def test_runs_without_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
             "import numpy as np\n"
@@ -141,6 +143,7 @@ def test_io_binding_step_equals_the_plain_kernel(kernel: OnnxBatchKernel,
         bound.step(np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32), None)
 
 
+@pytest.mark.slow
 def test_shipped_accumulate_model_matches_a_fresh_build(tmp_path: Path) -> None:
     import onnx
 

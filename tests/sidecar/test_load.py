@@ -18,6 +18,8 @@ from monitor.server import BackgroundServer  # noqa: E402
 from monitor.sidecar.protocol import encode_batch  # noqa: E402
 from monitor.sidecar.service import Sidecar, SidecarConfig, create_sidecar_app  # noqa: E402
 
+pytestmark = pytest.mark.e2e
+
 CLIENTS, BATCHES, ROWS, DIM = 4, 250, 64, 32
 DEADLINE_S = 120.0
 

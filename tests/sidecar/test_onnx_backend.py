@@ -75,6 +75,7 @@ def test_collapse_alert_fires_like_the_torch_backend() -> None:
     assert "RepwatchRepresentationCollapse" in names[0][-1]
 
 
+@pytest.mark.e2e
 def test_backend_runs_without_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
             "import numpy as np\n"
@@ -212,6 +213,7 @@ def test_bad_labels_are_refused_like_the_torch_backend() -> None:
         OnnxBackend(SidecarConfig(device="cpu", monitor_options={"max_classes": 1}))
 
 
+@pytest.mark.slow
 def test_digits_classifier_nc1_falls_in_both_backends() -> None:
     """A small MLP trained on scikit-learn digits: the penultimate features of a fixed set of
     training images (current model, each epoch) collapse onto their class means."""

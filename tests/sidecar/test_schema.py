@@ -10,12 +10,14 @@ can express, so a 400 there is the documented answer, not a violation.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
 from monitor.sidecar.service import SidecarConfig, create_sidecar_app
@@ -30,7 +32,6 @@ _APP = create_sidecar_app(SidecarConfig(**_LIMITS))
 _TOKEN_APP = create_sidecar_app(SidecarConfig(token="s3cret", **_LIMITS))
 schema = schemathesis.openapi.from_asgi("/openapi.json", _APP)
 token_schema = schemathesis.openapi.from_asgi("/openapi.json", _TOKEN_APP)
-_SEEN: dict[str, set[int]] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,23 +41,52 @@ def _close_apps() -> Iterator[None]:
     _TOKEN_APP.state.sidecar.close()
 
 
-@schema.parametrize()
-@settings(max_examples=30, deadline=None, derandomize=True,
-          suppress_health_check=list(HealthCheck))
-def test_api_conforms_to_its_openapi(case: schemathesis.Case) -> None:
+def _conforms(case: schemathesis.Case) -> None:
     upload = case.operation.method.upper() == "POST"
     response = case.call_and_validate(
         excluded_checks=[positive_data_acceptance] if upload else None)
     assert response.status_code < 500
-    _SEEN.setdefault(case.operation.label, set()).add(response.status_code)
+
+
+def _conformance_test(method: str, path: str) -> Any:
+    """A test of one operation. One test function per operation, not one parametrized over
+    them all: schemathesis gives every operation of one function the same node id, and
+    pytest-xdist (``make test``) schedules by node id, so it would run only the first."""
+    @schema.include(method=method, path=path).parametrize()
+    @settings(max_examples=30, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    def test(case: schemathesis.Case) -> None:
+        _conforms(case)
+
+    test.__doc__ = f"{method} {path} conforms to the OpenAPI document."
+    return test
+
+
+OPERATIONS = [result.ok() for result in schema.get_all_operations()]
+for _op in OPERATIONS:
+    _name = "test_conforms_" + re.sub(r"\W+", "_", f"{_op.method} {_op.path}").strip("_").lower()
+    globals()[_name] = _conformance_test(_op.method.upper(), _op.path)
+
+
+def test_every_operation_has_its_own_conformance_test() -> None:
+    names = [n for n in globals() if n.startswith("test_conforms_")]
+    assert len(OPERATIONS) >= 9 and len(names) == len(OPERATIONS), (names, OPERATIONS)
 
 
 def test_generation_reached_the_upload_handler() -> None:
-    """The fuzzing above must get past routing into the handler's own checks (else it proved
-    nothing about them): some upload answered 400/413/415 from the handler or 202."""
-    seen = _SEEN.get("POST /v1/runs/{run}/streams/{stream}/batches", set())
-    if not seen:
-        pytest.skip("run together with test_api_conforms_to_its_openapi")
+    """The fuzzing must get past routing into the handler's own checks (else it proved nothing
+    about them): generated uploads are answered 400/413/415 by the handler, or 202. Generates
+    its own cases, so it holds whatever ran before it."""
+    upload = schema["/v1/runs/{run}/streams/{stream}/batches"]["POST"]
+    seen: set[int] = set()
+
+    @given(case=upload.as_strategy())
+    @settings(max_examples=30, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    def send(case: schemathesis.Case) -> None:
+        seen.add(case.call().status_code)
+
+    send()
     assert seen & {202, 400, 409, 413, 415}, seen
 
 

@@ -115,9 +115,9 @@ def test_accepted_batch_is_scored_by_the_torch_backend(make: Factory) -> None:
     r = _post(client, x, labels=np.arange(64) % 4, step=0)
     assert r.status_code == 202
     assert r.json() == {"run": "r", "stream": "s", "rows": 64, "step": 0}
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     r = _post(client, _rows(64, 8, seed=1), step=1)         # advances the run: publishes
-    assert r.status_code == 202 and sc.wait_idle()
+    assert r.status_code == 202 and sc.wait_idle(60)
     runs = client.get("/v1/runs").json()
     assert [s["run"] for s in runs] == ["r"] and runs[0]["step"] == 1
     assert runs[0]["counters"]["s"]["samples"] == 64        # the step-0 batch, not the new one
@@ -134,7 +134,7 @@ def test_steps_without_step_header_follow_the_first_stream(make: Factory) -> Non
     client, sc = make()
     for stream in ("a", "b", "a", "b", "a"):
         assert _post(client, _rows(16, 4), stream=stream).status_code == 202
-        assert sc.wait_idle()
+        assert sc.wait_idle(60)
     runs = client.get("/v1/runs").json()
     # a1 b1 | a2 b2 | a3: two steps; the publish at step 2 holds a1, b1, a2, b2
     assert runs[0]["step"] == 2
@@ -149,7 +149,7 @@ def test_explicit_steps_jump_and_late_batches_do_not_go_back(make: Factory) -> N
     client, sc = make(every=5)
     for step in (0, 3, 12, 7, 12):
         assert _post(client, _rows(8, 4), step=step).status_code == 202
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     hist = client.get("/v1/runs/r/history").json()
     assert [h["step"] for h in hist] == [12]                # 0→3 no publish; 3→12 publishes once
     assert hist[0]["counters"]["s"]["samples"] == 16        # batches of steps 0 and 3
@@ -165,7 +165,7 @@ def test_npy_body_and_bfloat16_are_scored(make: Factory) -> None:
                     headers={"Content-Type": "application/x-npy", "X-Repwatch-Step": "4"})
     assert r.status_code == 202 and r.json()["step"] == 4
     assert _post(client, x, dtype="bfloat16", stream="t").status_code == 202
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     (_, s1, rows1, lab1, step1), (_, s2, rows2, _, step2) = backend.batches
     np.testing.assert_array_equal(rows1, x.astype(np.float16).astype(np.float32))
     assert (s1, lab1, step1, s2, step2) == ("s", None, 4, "t", None)
@@ -179,7 +179,7 @@ def test_nonfinite_rows_are_counted_as_dropped_and_by_the_monitor(make: Factory)
     x[3] = np.inf
     assert _post(client, x, step=0).status_code == 202
     assert _post(client, _rows(10, 4), step=1).status_code == 202
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     metrics = client.get("/metrics").text
     assert _samples(metrics, "repwatch_dropped_samples_total") == {
         '{reason="nonfinite",run="r"}': 2.0}
@@ -199,7 +199,7 @@ def test_health_ready_page_docs_and_history_404(make: Factory) -> None:
     assert client.get("/ui/app.js").status_code == 200
     for step in range(3):
         _post(client, np.ones((300, 8), np.float32), step=step)
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     assert client.get("/v1/runs").json()[0]["alerts"][0]["name"] == "RepwatchRepresentationCollapse"
     assert client.get("/v1/runs/r/spectra").json()["s"]["eigenvalues"][0] > 0
     assert client.get("/", params={"run": "nope"}).status_code == 200
@@ -212,13 +212,14 @@ def test_health_ready_page_docs_and_history_404(make: Factory) -> None:
     assert client.get("/healthz").status_code == 200
 
 
+@pytest.mark.e2e
 def test_two_runs_share_one_exposition_without_duplicate_families(make: Factory,
                                                                  promtool: str) -> None:
     client, sc = make()
     for run in ("r1", "r2"):
         for step in range(2):
             _post(client, _rows(64, 8, seed=step), run=run, step=step)
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     text = client.get("/metrics").text
     helps = [line for line in text.splitlines() if line.startswith("# HELP")]
     assert len(helps) == len(set(helps))
@@ -242,7 +243,7 @@ def test_token_guards_writes_only(make: Factory) -> None:
     assert _post(client, x, headers={"Authorization": "Basic s3cret"}).status_code == 401
     assert _post(client, x, headers={"Authorization": "Bearer s3cret"}).status_code == 202
     assert client.get("/v1/runs").status_code == 200 and client.get("/metrics").status_code == 200
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     assert len(backend.batches) == 1
     acc = sc.accounting()
     assert acc["rejected"] == {"unauthorized": 3} and acc["received"] == {("r", "s"): 4}
@@ -334,7 +335,7 @@ def test_dimension_change_is_409_and_counted(make: Factory) -> None:
     assert r.status_code == 409
     assert "has dimension 8 (from its first batch); got rows of dimension 16" in r.json()["detail"]
     assert _post(client, _rows(6, 16), stream="other").status_code == 202
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     acc = sc.accounting()
     assert acc["received"] == {("r", "s"): 10, ("r", "other"): 6}
     assert acc["dropped"] == {("r", "dimension"): 6}
@@ -350,7 +351,7 @@ def test_cardinality_limits_are_409(make: Factory) -> None:
     assert _post(client, _rows(2, 2), run="r2").status_code == 202
     r = _post(client, _rows(2, 2), run="r3")
     assert r.status_code == 409 and "too many runs" in r.json()["detail"]
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     acc = sc.accounting()
     assert acc["rejected"] == {"too_many_streams": 1, "too_many_runs": 1}
     assert set(acc["received"]) == {("r", "a"), ("r", "b"), ("r2", "s")}  # no series for c/r3
@@ -361,7 +362,7 @@ def test_full_queue_answers_429_with_retry_after(make: Factory) -> None:
     backend.gate.clear()
     client, sc = make(backend, queue_batches=1, retry_after_seconds=3, admit_wait_seconds=0.05)
     assert _post(client, _rows(5, 2)).status_code == 202        # taken by the (blocked) worker
-    assert backend.entered.wait(5)
+    assert backend.entered.wait(30)
     assert _post(client, _rows(6, 2)).status_code == 202        # waits in the queue
     r = _post(client, _rows(7, 2))
     assert r.status_code == 429 and r.headers["retry-after"] == "3"
@@ -371,7 +372,7 @@ def test_full_queue_answers_429_with_retry_after(make: Factory) -> None:
     assert _samples(text, "repwatch_received_samples_total") == {'{run="r",stream="s"}': 7.0}
     assert _samples(text, "repwatch_dropped_samples_total") == {'{reason="overload",run="r"}': 7.0}
     backend.gate.set()
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     assert _balance(sc) == (18, 11, 7)
     assert [b[2].shape[0] for b in backend.batches] == [5, 6]
 
@@ -383,7 +384,7 @@ def test_a_full_queue_is_waited_on_briefly_before_429(make: Factory) -> None:
     backend.gate.clear()
     client, sc = make(backend, queue_batches=1, admit_wait_seconds=5.0)
     assert _post(client, _rows(5, 2)).status_code == 202
-    assert backend.entered.wait(5)
+    assert backend.entered.wait(30)
     assert _post(client, _rows(6, 2)).status_code == 202        # fills the queue
     threading.Timer(0.3, backend.gate.set).start()               # the scorer resumes in 0.3 s
     t0 = time.perf_counter()
@@ -391,7 +392,7 @@ def test_a_full_queue_is_waited_on_briefly_before_429(make: Factory) -> None:
     waited = time.perf_counter() - t0
     assert r.status_code == 202, r.text
     assert 0.2 < waited < 4.0
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     assert _balance(sc) == (18, 18, 0)
     assert not sc.saturated and sc._reserved == 0               # every reservation returned
 
@@ -405,11 +406,11 @@ def test_reservations_are_returned_on_every_path(make: Factory) -> None:
     headers, body = encode_batch(_rows(3, 4))
     r = client.post(_url(), headers=headers, content=body[:-4])    # body shorter than its shape
     assert r.status_code == 400
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     assert sc._reserved == 0 and not sc.saturated
     for _ in range(5):                                               # places still all usable
         assert _post(client, _rows(3, 4)).status_code == 202
-        assert sc.wait_idle()
+        assert sc.wait_idle(60)
 
 
 class _RouteSpy:
@@ -481,7 +482,7 @@ def test_fast_path_answers_as_the_route_does(make: Factory, token: str | None) -
         r = client.post(_url(), headers={**auth, **headers},
                         content=iter([body[:10], body[10:50], body[50:]]))
         assert r.status_code == 202 and r.json()["rows"] == 4
-    assert fast_sc.wait_idle() and route_sc.wait_idle()
+    assert fast_sc.wait_idle(60) and route_sc.wait_idle(60)
     assert fast_sc.accounting() == route_sc.accounting()
     fed, ref = fast_sc.backend.batches, route_sc.backend.batches
     assert len(fed) == len(ref) == 4
@@ -500,11 +501,11 @@ def test_worker_survives_backend_errors(make: Factory) -> None:
     backend.fail = RuntimeError("scorer exploded")
     client, sc = make(backend)
     assert _post(client, _rows(3, 2)).status_code == 202
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     assert sc.ready and client.get("/readyz").status_code == 200
     backend.fail = None
     assert _post(client, _rows(4, 2)).status_code == 202
-    assert sc.wait_idle()
+    assert sc.wait_idle(60)
     acc = sc.accounting()
     assert acc["dropped"] == {("r", "error"): 3} and acc["scored"] == {("r", "s"): 4}
     assert acc["errors"] == {"ingest": 1}
@@ -517,7 +518,7 @@ def test_close_counts_queued_batches_as_shutdown_drops(make: Factory) -> None:
     client, sc = make(backend, queue_batches=4)
     for _ in range(3):
         assert _post(client, _rows(5, 2)).status_code == 202
-    assert backend.entered.wait(5)
+    assert backend.entered.wait(30)
     threading.Timer(0.2, backend.gate.set).start()
     sc.close()
     acc = sc.accounting()
@@ -525,6 +526,7 @@ def test_close_counts_queued_batches_as_shutdown_drops(make: Factory) -> None:
     assert _balance(sc) == (15, 5, 10) and backend.closed and not sc.ready
 
 
+@pytest.mark.e2e
 def test_service_imports_without_torch() -> None:
     """The ONNX Runtime sidecar image has no torch: the service module must not need it."""
     code = ("import sys; sys.modules['torch'] = None\n"
@@ -610,7 +612,7 @@ def test_burst_from_four_clients_keeps_exact_accounting(served: Any) -> None:
     for t in threads:
         t.join(30)
     elapsed = time.perf_counter() - t0
-    assert sc.wait_idle(10)
+    assert sc.wait_idle(60)
     assert len(codes) == 50 and set(codes) <= {202, 429}
     received, scored, dropped = _balance(sc)
     assert received == 50 * 16 and received == scored + dropped
@@ -622,6 +624,7 @@ def test_burst_from_four_clients_keeps_exact_accounting(served: Any) -> None:
     print(f"burst: 50 posts in {elapsed:.2f} s, {codes.count(429)} answered 429")
 
 
+@pytest.mark.e2e
 def test_end_to_end_collapse_alert_over_real_http(served: Any, promtool: str) -> None:
     url, sc = served(token="tok", every=1)
     auth = {"Authorization": "Bearer tok"}
@@ -632,7 +635,7 @@ def test_end_to_end_collapse_alert_over_real_http(served: Any, promtool: str) ->
             z = np.ones((256, 16), np.float32) + 1e-6 * gen.standard_normal((256, 16))
             headers, body = encode_batch(z.astype(np.float32), step=step)
             assert http.post(_url("exp", "proj"), headers=headers, content=body).status_code == 202
-        assert sc.wait_idle(10)
+        assert sc.wait_idle(60)
         r = http.get("/metrics")
     assert re.search(r'repwatch_alerts_firing\{alertname="RepwatchRepresentationCollapse",'
                      r'run="exp",severity="critical",stream="proj"\} 1\.0', r.text)

@@ -15,6 +15,8 @@ import pytest
 from monitor.sidecar.service import SidecarConfig
 from monitor.sidecar.throughput import ingest_and_score, make_batches, parse_cores
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -56,6 +58,7 @@ def test_parse_cores() -> None:
     assert parse_cores("2-4,7") == {2, 3, 4, 7}
 
 
+@pytest.mark.e2e
 def test_transport_only_benchmark_script() -> None:
     out = subprocess.run(
         [sys.executable, "benchmarks/sidecar_throughput.py", "--transport-only", "--batches",
