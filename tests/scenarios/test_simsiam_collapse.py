@@ -4,6 +4,12 @@ Trains the demo SimSiam on scikit-learn's digits. With the stop-gradient the run
 and no alert fires; without it the embeddings collapse (checked independently of repwatch with a
 numpy SVD of the trained projector's outputs on the whole data set) and the collapse alerts fire
 during the run.
+
+Margins, measured on a 2-core AMD EPYC VM with one torch thread, seeds 0–4 (400 steps):
+healthy projector RankMe 10.3–13.5 and √d·std 0.85–0.90 by numpy (asserted > 8 and > 0.5), no
+alert, last std ratio 0.83–0.88; collapsed RankMe 1.04–1.12 and std ≤ 0.002 (asserted < 2 and
+< 0.1), ``RepwatchRepresentationCollapse`` first at step 40–50; stop-gradient removed at step 200:
+the projector's alerts fire at steps 250–280, none before.
 """
 
 from __future__ import annotations
