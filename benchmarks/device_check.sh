@@ -4,7 +4,7 @@
 # Prepare here (once per session; the device machine cannot fetch):
 #   echo /.whl/ >> .git/info/exclude
 #   for p in fastapi starlette pydantic pydantic-core annotated-types typing-inspection \
-#            uvicorn httptools rich markdown-it-py mdurl pygments; do
+#            uvicorn httptools rich markdown-it-py mdurl pygments pyyaml; do
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #       --platform manylinux2014_x86_64 -d .whl "$p"; done
