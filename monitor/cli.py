@@ -76,9 +76,8 @@ def _sidecar_snapshot(url: str, run: str) -> dict:  # type: ignore[type-arg]
 
 
 def _cap_threads(threads: int) -> None:
-    """Cap torch's intra-op CPU threads for the demo's training (its models are tiny: more
-    threads only add spin-waiting, which on a busy 2-core machine made 700 steps take 188 s
-    instead of 17 s)."""
+    """Cap torch's intra-op CPU threads for the demo's training: its models are tiny, and more
+    threads only add spin-waiting, many times the training itself on a busy machine."""
     import torch
 
     torch.set_num_threads(threads)
