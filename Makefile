@@ -22,7 +22,8 @@ TORCH_STAMP := $(VENV)/.torch-installed
 DEMO_STAMP := $(VENV)/.demo-installed
 TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: demo demo-plasticity test test-fast test-shuffled install ops-tools promtool kernels clean
+.PHONY: demo demo-plasticity test test-fast test-shuffled install ops-tools promtool kernels clean \
+	detection detection-report
 
 install: $(TEST_STAMP)
 
@@ -71,6 +72,23 @@ demo: $(DEMO_STAMP)
 # Loss of plasticity on random-label tasks; ReDo wired to RepwatchPlasticityLoss.
 demo-plasticity: $(DEMO_STAMP)
 	$(VENV)/bin/repwatch demo --scenario plasticity --redo --linger 60
+
+# The alert detection benchmark (docs/detection.md): trains every setting × 3 seeds with lightly's
+# SSL code and the plasticity / Q-Score scenarios, then replays the alert rules and writes the page.
+# Its own venv: lightly needs torchvision, which needs PyPI's torch 2.14.1 (a CUDA build, ~5.5 GB).
+DETECTION_VENV ?= .venv-detection
+DETECTION_ARGS ?=
+$(DETECTION_VENV)/.installed: pyproject.toml
+	test -x $(DETECTION_VENV)/bin/python || $(PYTHON) -m venv $(DETECTION_VENV)
+	$(DETECTION_VENV)/bin/python -m pip install -e '.[detection]'
+	touch $@
+
+detection: $(DETECTION_VENV)/.installed
+	$(DETECTION_VENV)/bin/python -m benchmarks.detection all $(DETECTION_ARGS)
+
+# Rewrite docs/detection.md from the committed traces (no training).
+detection-report: $(DETECTION_VENV)/.installed
+	$(DETECTION_VENV)/bin/python -m benchmarks.detection report
 
 # The whole suite.
 test: $(TEST_STAMP) ops-tools

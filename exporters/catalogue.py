@@ -98,6 +98,18 @@ CATALOGUE: tuple[MetricSpec, ...] = (
        "0 when collapsed to one vector.", unit="ratio", paper="Chen & He, CVPR 2021 (SimSiam)"),
     _g("mean_cosine_similarity", "mean_cosine_similarity",
        "Mean cosine similarity between distinct embeddings of the window; 1 when collapsed."),
+    _g("embedding_variance", "embedding_variance",
+       "Mean per-dimension variance of the raw (not normalised) embeddings, tr(C)/d; falls "
+       "when every row shrinks to one point, which the normalised signals miss.",
+       paper="Bardes et al., ICLR 2022 (VICReg variance term)"),
+    _g("embedding_variance_ratio", "embedding_variance_ratio",
+       "embedding_variance over its value at the stream's first full window (the run's own "
+       "early level, no warm-up); -> 0 when the embeddings shrink to a point.", unit="ratio",
+       paper="Bardes et al., ICLR 2022 (VICReg variance term)"),
+    _g("effective_rank_baseline_ratio", "effective_rank_baseline_ratio",
+       "RankMe over its value at the stream's first full window (no warm-up); catches a "
+       "collapse in the first steps, before the peak is tracked.", unit="ratio",
+       paper="Garrido et al., ICML 2023"),
     _g("window_samples", "window_samples",
        "Rows in the scoring window (n); spectral values are comparable only at equal n and d."),
     _g("embedding_dim", "embedding_dim", "Embedding dimension (d) of the stream."),
@@ -173,6 +185,10 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     _g("activation_effective_rank_peak_ratio", "effective_rank_peak_ratio",
        "Activation effective rank divided by its peak in this run (after peak_warmup); 0-1.",
        source="layer", unit="ratio", paper=_LYLE),
+    _g("activation_effective_rank_baseline_ratio", "effective_rank_baseline_ratio",
+       "Activation effective rank divided by its value at the layer's first full window (no "
+       "warm-up); 0-1 when the layer's features collapse.", source="layer", unit="ratio",
+       paper=_LYLE),
     _g("activation_srank", "srank",
        "srank_0.01 of the layer's activations (feature rank).", source="layer",
        paper="Kumar et al., ICLR 2021"),

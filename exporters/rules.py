@@ -50,7 +50,6 @@ KEEP_FIRING_FOR: dict[str, str] = {
     "RepwatchRepresentationCollapse": "5m",
     "RepwatchDimensionalCollapse": "10m",
     "RepwatchPlasticityLoss": "15m",
-    "RepwatchLowQualitySamples": "10m",
     "RepwatchGeneratorModeCollapse": "5m",
 }
 """``keep_firing_for`` per spec rule (absent: none). Longer than ``for`` so a value hovering at

@@ -285,11 +285,7 @@ class Engine:
             self._guard("run_signals", "run", None, run_entries, entries)
         self._transfer(entries, result)
         result.run_signals.update(host_run)
-        for name, values in result.streams.items():
-            self.tracker.track_peak(name, values, step)
-        for name, values in result.layers.items():
-            self.tracker.track_peak("layer:" + name, values, step)
-            self.tracker.track_rise("layer:" + name, values, step)
+        self.tracker.derive(result.streams, result.layers, step)
         for fake, (real, _) in self.pairs.items():
             f, r = result.streams.get(fake, {}), result.streams.get(real, {})
             if fake in result.streams and "effective_rank" in f and "effective_rank" in r:

@@ -101,3 +101,49 @@ def test_compound_condition_and_layer_scope() -> None:
     assert feed(0.5, 0.01) == []           # rise cleared → resolves
     with pytest.raises(ValueError, match="scope"):
         AlertRule("RepwatchX", "warning", "s", "d", (Condition("x", "<", 1, 2),), scope="nope")  # type: ignore[arg-type]
+
+
+def _monitor_fired(rules: tuple[AlertRule, ...], batches: list) -> list[tuple[str, int]]:  # type: ignore[type-arg]
+    import torch
+
+    from monitor import Monitor
+
+    mon = Monitor(port=None, every=10, max_rows=128, window=2048, rules=rules)  # peak_warmup 100
+    fired: list[tuple[str, int]] = []
+    mon.on_alert(lambda a: fired.append((a.name, mon.step_count)))
+    for rows in batches:
+        mon.observe("z", torch.as_tensor(rows, dtype=torch.float32))
+        mon.step()
+    mon.close()
+    return fired
+
+
+def _early_collapse(seed: int = 0) -> list:  # type: ignore[type-arg]
+    """64-d embeddings, healthy for 20 steps, then every row on 3 directions around a common
+    mean (mean cosine ≈ 0.9, RankMe ≈ 3, std ratio ≈ 0.3): a collapse long before the
+    default ``peak_warmup`` of 100 steps, with no single vector to make the std ratio vanish."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((3, 64))
+    mean = 3.0 * rng.standard_normal(64)
+    out = []
+    for step in range(90):
+        if step < 20:
+            out.append(rng.standard_normal((128, 64)))
+        else:
+            out.append(mean + rng.standard_normal((128, 3)) @ basis)
+    return out
+
+
+def test_a_collapse_before_the_warm_up_is_caught() -> None:
+    """Issue 16: a collapse within the first 100 steps raised nothing under the 0.1.0 rules (the
+    relative rule was not armed before ``peak_warmup``; the absolute floors catch only total
+    collapse). The rank relative to the first full window catches it before step 100."""
+    from benchmarks.detection.report import RULES_0_1
+
+    new = _monitor_fired(DEFAULT_RULES, _early_collapse())
+    steps = [s for name, s in new if name == "RepwatchDimensionalCollapse"]
+    assert steps and steps[0] < 100, new
+    assert not any(name == "RepwatchRepresentationCollapse" for name, _ in new), new  # 3 directions
+    assert _monitor_fired(RULES_0_1, _early_collapse()) == []

@@ -18,6 +18,7 @@ from torch import nn
 
 from exporters.prometheus import make_registry, render
 from monitor import Monitor
+from monitor.alerts import DEFAULT_RULES, LOW_QUALITY_SAMPLES
 from monitor.functional.generative import diversity_ratio
 from monitor.functional.neural_collapse import nc1
 from monitor.functional.qscore import qscore
@@ -265,7 +266,8 @@ def _qscore_shift(signed: bool) -> list[str]:
     """Sparse non-negative features (a few strong units per sample), then dense ones that
     spread their mass over many units: Q-Score falls for most samples."""
     gen = torch.Generator().manual_seed(10)
-    mon = Monitor(port=None, every=1, window=512, max_rows=256, peak_warmup=0)
+    mon = Monitor(port=None, every=1, window=512, max_rows=256, peak_warmup=0,
+                  rules=(*DEFAULT_RULES, LOW_QUALITY_SAMPLES))   # opt-in (docs/detection.md)
     fired: list[str] = []
     mon.on_alert(lambda a: fired.append(f"{a.name}/{a.stream}"))
     protos = torch.zeros(8, 64)

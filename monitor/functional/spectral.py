@@ -205,6 +205,24 @@ def mean_cosine_similarity_from_sums(nsum: Tensor, nsq: Tensor, n: Tensor | floa
     return torch.where(n >= 2, val, torch.full_like(val, math.nan))
 
 
+def mean_variance_from_moments(s: Tensor, zsum: Tensor, n: Tensor | float, dim: int | None = None
+                               ) -> Tensor:
+    """Mean per-dimension variance of the raw (not normalised) rows, from ``S = ZᵀZ`` and ``Σz``.
+
+    ``tr C / d`` with ``C = (S − Σz Σzᵀ/n)/(n − 1)`` (ddof = 1); VICReg's variance term
+    (Bardes et al., ICLR 2022) watches the same scale. Unlike every normalised signal it falls
+    when all rows shrink to one point, wherever that point is (to 0 included). ``dim`` divides
+    the trace (default: ``s``'s size; a sketch passes the true d). NaN below two rows.
+    """
+    s = s.to(torch.float64)
+    zsum = zsum.to(torch.float64)
+    n = torch.as_tensor(n, dtype=torch.float64, device=s.device)
+    d = float(dim if dim is not None else s.shape[0])
+    tr = torch.diagonal(s).sum() - (zsum * zsum).sum() / n.clamp_min(1.0)
+    var = tr.clamp_min(0.0) / ((n - 1.0).clamp_min(1.0) * d)
+    return torch.where(n >= 2, var, torch.full_like(var, math.nan))
+
+
 def normalize_rows(z: Tensor, eps: float = 1e-12) -> Tensor:
     """Row L2 normalisation; an all-zero row stays zero."""
     return z / z.norm(dim=1, keepdim=True).clamp_min(eps)
@@ -268,3 +286,10 @@ def mean_cosine_similarity(z: Tensor) -> Tensor:
     """Mean pairwise cosine similarity of distinct rows of ``z`` (n, d)."""
     x = normalize_rows(_as_rows(z))
     return mean_cosine_similarity_from_sums(x.sum(0), (x * x).sum(0), float(x.shape[0]))
+
+
+def mean_variance(z: Tensor) -> Tensor:
+    """Mean per-dimension variance (ddof 1) of rows ``z`` ``(n, d)``; see
+    :func:`mean_variance_from_moments`."""
+    s, zsum, n = second_moment(z)
+    return mean_variance_from_moments(s, zsum, n)

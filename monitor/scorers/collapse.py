@@ -6,6 +6,12 @@
   same vector. Blind to dimensional collapse (docs/metrics.md §5a): pair it with RankMe.
 * ``mean_cosine_similarity`` — mean cosine over distinct pairs of rows, from ``‖Σẑ‖²``:
   → 1 when all rows point the same way.
+* ``embedding_variance`` — mean per-dimension variance of the *raw* rows, ``tr C / d``
+  (VICReg's variance term watches this scale, Bardes et al., ICLR 2022). The two signals above
+  are scale-invariant and stay healthy-looking when every row shrinks to one point near 0
+  (rows of noise around it normalise to random directions); this one falls. It has no absolute
+  scale: alerts read it relative to the run's own first window (``embedding_variance_ratio``,
+  :class:`monitor.tracking.RunTracker`).
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ from torch import Tensor
 from monitor.functional.spectral import (
     l2_normalized_std_from_sums,
     mean_cosine_similarity_from_sums,
+    mean_variance_from_moments,
 )
 from monitor.scorers.moments import WindowMoments
 
 
 class CollapseScorer:
-    """Std of L2-normalised rows (× √d) and mean pairwise cosine similarity."""
+    """Std of L2-normalised rows (× √d), mean pairwise cosine similarity, raw variance."""
 
-    signals: tuple[str, ...] = ("embedding_std_ratio", "mean_cosine_similarity")
+    signals: tuple[str, ...] = ("embedding_std_ratio", "mean_cosine_similarity",
+                                "embedding_variance")
 
     def compute(self, m: WindowMoments) -> dict[str, Tensor]:
         """Collapse signals of the window as device tensors (no host sync)."""
@@ -33,4 +41,6 @@ class CollapseScorer:
         return {
             "embedding_std_ratio": std * math.sqrt(m.dim),
             "mean_cosine_similarity": mean_cosine_similarity_from_sums(m.nsum, m.nsq, m.n),
+            "embedding_variance": mean_variance_from_moments(
+                m.s, m.zsum, m.n, getattr(m, "input_dim", m.dim)),
         }

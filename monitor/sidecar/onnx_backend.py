@@ -322,7 +322,7 @@ class OnnxBackend:
             except Exception as exc:
                 r.errors.record("scorer", exc, key=f"scorer[{name}]")
                 continue
-            r.tracker.track_peak(name, values, r.step)
+            r.tracker.derive({name: values}, None, r.step)
             streams[name] = values
             counters[name] = {"samples": s.seen, "nonfinite_values": s.nonfinite}
             spectra[name] = spectrum

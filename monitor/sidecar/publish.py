@@ -97,6 +97,14 @@ def mean_cosine_similarity(nsum: np.ndarray, nsq: np.ndarray, n: float) -> float
     return float(((nsum * nsum).sum() - nsq.sum()) / max(n * (n - 1.0), 1.0))
 
 
+def mean_variance(s: np.ndarray, zsum: np.ndarray, n: float) -> float:
+    """Mean per-dimension variance of the raw rows, ``tr C / d`` (ddof 1)."""
+    if n < 2:
+        return math.nan
+    tr = float(np.trace(s)) - float(zsum @ zsum) / max(n, 1.0)
+    return max(tr, 0.0) / (max(n - 1.0, 1.0) * s.shape[0])
+
+
 def spectral_signals(s: np.ndarray, zsum: np.ndarray, nsum: np.ndarray, nsq: np.ndarray,
                      n: float) -> tuple[dict[str, float], np.ndarray]:
     """Every spectral and collapse signal of a window (the torch ``SpectrumScorer`` +
@@ -121,4 +129,5 @@ def spectral_signals(s: np.ndarray, zsum: np.ndarray, nsum: np.ndarray, nsq: np.
     std = l2_normalized_std(nsum, nsq, n)
     out["embedding_std_ratio"] = std * math.sqrt(d)
     out["mean_cosine_similarity"] = mean_cosine_similarity(nsum, nsq, n)
+    out["embedding_variance"] = mean_variance(s, zsum, n)
     return out, lam / max(n, 1.0)

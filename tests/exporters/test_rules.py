@@ -113,10 +113,11 @@ def _value_unformatted(doc: dict[str, Any]) -> None:
 
 
 def _drop_also(doc: dict[str, Any]) -> None:
+    """Drop every ``also`` part of a compound condition (`` and [on(...)] metric op x``; the
+    window gate starts its own line and compares with ``>=``, so it stays)."""
     for r in _all_rules(doc):
-        r["expr"] = re.sub(r" and repwatch_dormant_units_ratio_rise\{[^}]*\} > [\d.]+", "",
+        r["expr"] = re.sub(r" and (?:on\([^)]*\) )?repwatch_\w+(?:\{[^}]*\})? [<>] [\d.]+", "",
                            r["expr"])
-        r["expr"] = re.sub(r" and repwatch_negative_values_ratio < [\d.]+", "", r["expr"])
 
 
 def _stale_limit(doc: dict[str, Any]) -> None:
@@ -194,7 +195,8 @@ def test_every_metric_in_the_rules_is_in_the_catalogue() -> None:
                 used = [n for n, _ in _selectors(rule["expr"]) if n in BY_NAME]
                 assert any(lab in BY_NAME[n].labels for n in used), (rule["alert"], lab)
     # the parser sees what it should: one metric per spec signal plus the gates
-    assert {"repwatch_dormant_units_ratio", "repwatch_activation_effective_rank_peak_ratio",
+    assert {"repwatch_dormant_units_ratio_rise", "repwatch_activation_effective_rank_peak_ratio",
+            "repwatch_embedding_dim", "repwatch_embedding_variance_ratio",
             "repwatch_activation_window_samples", "repwatch_window_samples",
             "repwatch_earlybird_ticket_found", "repwatch_last_publish_timestamp_seconds"} <= seen
 
@@ -208,9 +210,11 @@ def test_selector_parser_finds_unknown_names() -> None:
 def test_variant_keys_become_matchers_and_layer_signals_map_to_activation_metrics() -> None:
     by = {r["alert"]: r for r in _all_rules(render_rules())}
     expr = by["RepwatchPlasticityLoss"]["expr"]
-    assert 'repwatch_dormant_units_ratio{tau="0.1"} > 0.3' in expr
-    assert 'repwatch_dormant_units_ratio_rise{tau="0.1"} > 0.1' in expr
-    assert "repwatch_activation_effective_rank_peak_ratio < 0.5" in expr
+    assert 'repwatch_dormant_units_ratio_rise{tau="0.1"} > 0.25' in expr
+    assert "repwatch_activation_effective_rank_peak_ratio < 0.6" in expr
+    # the parts carry different variant labels: matched on the layer, tau aggregated away
+    assert ("max without (tau) (repwatch_dormant_units_ratio_rise{tau=\"0.1\"} > 0.25 and "
+            "on(run, layer) repwatch_activation_effective_rank_peak_ratio < 0.6)") in expr
     assert expr.endswith("and on(run, layer) repwatch_activation_window_samples >= 64")
     assert "window_samples" not in by["RepwatchEarlyBirdTicket"]["expr"]        # run scope
     assert "window_samples" not in by["RepwatchGeneratorModeCollapse"]["expr"]  # N = 0

@@ -221,6 +221,22 @@ def test_collapse_indicators_match_reference(case):
     assert close(F.l2_normalized_std(t(z)), ref_l2_std(z))
     # mean cosine can be ≈ 0 (centred data): relative + small absolute tolerance
     assert close(F.mean_cosine_similarity(t(z)), ref_mean_cosine_gram(z), abs_=1e-13)
+    # raw scale: mean per-dimension variance (ddof 1), numpy's np.var as the reference
+    assert close(F.mean_variance(t(z)), np.var(z, axis=0, ddof=1).mean())
+
+
+def test_mean_variance_sees_a_collapse_to_a_point_that_normalised_signals_miss():
+    """Rows shrinking onto one point (near 0) keep the normalised signals healthy-looking: the
+    residual noise normalises to random directions. Only the raw variance falls."""
+    rng = np.random.default_rng(3)
+    healthy = rng.standard_normal((500, 32))
+    point = 1e-3 * rng.standard_normal((500, 32))
+    assert close(F.mean_variance(t(point)) / F.mean_variance(t(healthy)),
+                 np.var(point, axis=0, ddof=1).mean() / np.var(healthy, axis=0, ddof=1).mean())
+    assert F.mean_variance(t(point)) / F.mean_variance(t(healthy)) < 1e-5
+    assert F.l2_normalized_std(t(point)) * math.sqrt(32) > 0.9      # looks isotropic
+    assert abs(float(F.mean_cosine_similarity(t(point)))) < 0.05
+    assert math.isnan(float(F.mean_variance(t(healthy[:1]))))       # one row: undefined
 
 
 def test_mean_cosine_double_loop_and_zero_rows():
@@ -498,6 +514,8 @@ def test_streaming_sufficient_statistics_equal_one_shot(case):
         assert close(F.effective_rank_from_singular_values(sigma), F.effective_rank(t(z)),
                      rel=STREAM_REL)
     assert F.srank_from_singular_values(sigma).item() == F.srank(t(z)).item()
+    assert close(F.mean_variance_from_moments(s, zsum, n), np.var(z, axis=0, ddof=1).mean(),
+                 rel=STREAM_REL)
     for corrected in (False, True):
         assert close(F.participation_ratio_from_moments(s, zsum, n, corrected),
                      F.participation_ratio(t(z), corrected), rel=STREAM_REL)

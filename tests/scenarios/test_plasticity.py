@@ -17,9 +17,10 @@ The MLP trains on 30 random-label tasks over digits with the Monitor watching it
 Margins, measured on a 2-core AMD EPYC VM with one torch thread, seeds 0–2: first five tasks'
 accuracy 0.58–0.60 (asserted > 0.45), last five 0.12–0.22 (< 0.3), drop 0.38–0.45 (> 0.25);
 independent dormant fraction 0.25–0.31 → 0.80–0.85 (rise > 0.3, last > 0.6); repwatch's
-layer-1 dormant fraction rises by 0.46–0.54 (> 0.2); the alert first fires at step 400–500
-while the accuracy first halves at task 15–23; ReDo on alert: last five tasks 0.62 against
-0.12–0.22 without (> 0.25), first recycling at task 3–4.
+layer-1 dormant fraction rises by 0.46–0.54 (> 0.2); the alert first fires at step 700–900
+while the accuracy first halves at task 17–23; ReDo on alert: last five tasks 0.53–0.62 against
+0.12–0.22 without (> 0.25), first recycling at task 6–8 (0-based). (Alert steps and ReDo
+numbers re-measured with the rule set on the detection benchmark, docs/detection.md.)
 """
 
 from __future__ import annotations
