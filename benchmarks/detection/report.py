@@ -173,8 +173,8 @@ def _window_section(default: list[Trace], variants: list[Path]) -> str:
     rows = [("8192 (default)", default)]
     rows += [(p.name[len("ssl-w"):-len(".jsonl.gz")], load_traces(p)) for p in variants]
     out = ["\n## Window size (SSL)\n",
-           "The same SSL trainings (same settings and seeds, bit-identical training: the monitor "
-           "never changes it) watched with a smaller scoring window, `Monitor(window=N)`, and "
+           "The same SSL trainings (same settings and seeds; the monitor never changes training, "
+           "and every probe reading is identical to the default run's) watched with a smaller scoring window, `Monitor(window=N)`, and "
            "judged with the same shipped rules. A smaller window forgets healthy rows sooner, "
            "so a collapse fills it sooner; spectral values of a window are noisier the fewer "
            "rows it holds (n ≥ 2d is the floor for a settled RankMe).\n",
@@ -228,8 +228,11 @@ def _findings(bench: str, traces: list[Trace], now: list[Verdict], old: list[Ver
             f"{_num(s['lead_median'])} steps). Most of these collapses start at step 0 and the "
             "probe shows them at its first reading (step 25), while a rule needs 2–3 "
             "consecutive publishes (every 10 steps) over a window of 8192 rows (the default: "
-            "64 steps of this training). A smaller `window` reacts sooner, at the cost of "
-            "noisier spectral estimates.",
+            "64 steps of this training) and, more, the collapse itself: the projector's "
+            "RankMe takes 50–100 steps to fall below 15 % of where it started, while the "
+            "probe's k-NN already reads 0.05 lower at step 25. A 2048-row window brings the "
+            "first alerts 0–50 steps earlier (20 on the median run) with the same detections "
+            "and no false alarm (section *Window size* below).",
             "- Contradictions are reported, not counted: BYOL with τ = 0 trains fine here "
             "(as SimSiam's paper found for a target without EMA), SimCLR with a linear "
             "projector shows no collapse at this scale, and Barlow Twins' default (512-d "

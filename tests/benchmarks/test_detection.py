@@ -57,12 +57,23 @@ def test_ssl_settings_cover_the_issue(ssl: list[Trace]) -> None:
             "barlow_lambda0", "vicreg_no_covariance"} <= settings
 
 
-def test_ssl_no_false_alarm_on_healthy_runs(ssl: list[Trace]) -> None:
-    assert _where(ssl, DEFAULT_RULES, "false alarm") == []
+@pytest.fixture(scope="module")
+def ssl_w2048() -> list[Trace]:
+    """The same trainings watched with ``Monitor(window=2048)``."""
+    return _traces("ssl-w2048")
 
 
-def test_ssl_every_collapse_detected(ssl: list[Trace]) -> None:
-    assert _where(ssl, DEFAULT_RULES, "missed") == []
+@pytest.mark.parametrize("which", ["ssl", "ssl_w2048"])
+def test_ssl_no_false_alarm_on_healthy_runs(which: str, request: pytest.FixtureRequest) -> None:
+    traces = request.getfixturevalue(which)
+    assert any(t.label == "healthy" for t in traces)
+    assert _where(traces, DEFAULT_RULES, "false alarm") == []
+
+
+@pytest.mark.parametrize("which", ["ssl", "ssl_w2048"])
+def test_ssl_every_collapse_detected(which: str, request: pytest.FixtureRequest) -> None:
+    traces = request.getfixturevalue(which)
+    assert _where(traces, DEFAULT_RULES, "missed") == []
 
 
 # Complete collapses (per the paper) where the critical alert stays a warning, and why
@@ -144,7 +155,7 @@ def test_detection_page_is_current() -> None:
         assert (ROOT / "docs" / ref).is_file(), ref
 
 
-@pytest.mark.parametrize("bench", ["ssl", "plasticity", "qscore"])
+@pytest.mark.parametrize("bench", ["ssl", "ssl-w2048", "plasticity", "qscore"])
 def test_replay_equals_what_the_live_monitor_raised(bench: str) -> None:
     """Every benchmark run recorded the alerts its live monitor had firing at each publish
     (with the shipped rules); the replay of those rules on the recorded values gives exactly

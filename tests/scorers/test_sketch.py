@@ -102,6 +102,14 @@ def test_collapse_is_preserved_rank32_and_complete() -> None:
     assert sk["top_eigenvalue_share"] > 0.999
 
 
+@pytest.mark.parametrize("kind", ["isotropic", "power1", "rank32"])
+def test_raw_variance_is_kept_by_the_sketch(kind: str) -> None:
+    """tr(ΩᵀCΩ) ≈ tr C (E ΩΩᵀ = I): the sketch reads the mean per-dimension variance of the
+    original rows (÷ the true d), so collapse to a point is seen on the large-d path too."""
+    exact, sk = _both(kind)
+    assert sk["embedding_variance"] == pytest.approx(exact["embedding_variance"], rel=0.15)
+
+
 @pytest.mark.parametrize("kind,rel", [("isotropic", 0.03), ("power1", 0.15), ("power2", 0.1)])
 def test_participation_ratio_close_to_exact(kind: str, rel: float) -> None:
     exact, sk = _both(kind)
