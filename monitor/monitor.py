@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -33,24 +32,9 @@ from monitor.errors import ErrorLog
 from monitor.overhead import OverheadBudget
 from monitor.scorers.sketch import SpectralPath
 from monitor.snapshot import Alert, Snapshot
+from monitor.validation import check_int, check_name
 
 log = logging.getLogger("repwatch")
-
-_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
-
-
-def _check_name(kind: str, value: object) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise ValueError(f"{kind} must be 1–128 characters of letters, digits and _.:/-, "
-                         f"got {value!r}")
-    return value
-
-
-def _check_int(kind: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{kind} must be an int >= {low}, got {value!r}")
-    return value
-
 
 def _aligned(kind: str, values: Tensor | None, b: int) -> Tensor | None:
     """``values`` as a 1-D integer tensor of one entry per sample, or a clear error."""
@@ -170,20 +154,20 @@ class Monitor:
                  spectral_path: str | Mapping[str, str] = "auto", sketch_above: int = 4096,
                  sketch_dim: int = 2048, memory_limit_bytes: int | None = None,
                  cuda_stream: bool = True) -> None:
-        self.run = _check_name("run", run)
-        self.every = _check_int("every", every, 1)
-        self.max_rows = _check_int("max_rows", max_rows, 1)
-        self.window = _check_int("window", window, 2)
+        self.run = check_name("run", run)
+        self.every = check_int("every", every, 1)
+        self.max_rows = check_int("max_rows", max_rows, 1)
+        self.window = check_int("window", window, 2)
         if self.max_rows > self.window:
             raise ValueError(f"max_rows ({max_rows}) must not exceed window ({window})")
         if port is not None:
-            _check_int("port", port, 0)
+            check_int("port", port, 0)
             if port > 65535:
                 raise ValueError(f"port must be 0–65535 or None, got {port}")
         if tokens not in TOKEN_MODES:
             raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
-        _check_int("seed", seed, 0)
-        _check_int("history", history, 1)
+        check_int("seed", seed, 0)
+        check_int("history", history, 1)
         if not all(isinstance(r, AlertRule) for r in rules):
             raise TypeError("rules must be a sequence of monitor.alerts.AlertRule")
         self.tokens: Tokens = tokens
@@ -195,7 +179,7 @@ class Monitor:
         self._capturing = True      # is the coming step captured (overhead budget's stretch)
         self._calls = 0             # step() calls (the capture stride counts calls, not steps)
         self._adapt_warned = False
-        self.peak_warmup = _check_int("peak_warmup", peak_warmup, 0)
+        self.peak_warmup = check_int("peak_warmup", peak_warmup, 0)
         if not isinstance(qscore, (bool, dict)):
             raise TypeError(f"qscore must be True, False or a dict of options, got {qscore!r}")
         taus = tuple(float(t) for t in dormant_taus)
@@ -209,7 +193,7 @@ class Monitor:
         self._engine = Engine(self.window, self._errors, {"alpha_centered": alpha_centered},
                               peak_warmup=self.peak_warmup,
                               qscore=(qscore if isinstance(qscore, dict) else {}) if qscore else None,
-                              max_classes=_check_int("max_classes", max_classes, 2), taus=taus,
+                              max_classes=check_int("max_classes", max_classes, 2), taus=taus,
                               spectral=spectral)
         self._pending: list[tuple[str, Tensor, Tensor | None, int]] = []
         self._stream_order: list[str] = []
@@ -275,7 +259,7 @@ class Monitor:
             while name in taken:
                 i += 1
                 name = f"{base}{i}"
-        _check_name("stream name", name)
+        check_name("stream name", name)
         capture = Capture(self, name, module, select, tokens or self.tokens)
         self._captures.append(capture)
         return capture
@@ -292,7 +276,7 @@ class Monitor:
             return
         t0 = time.perf_counter()
         try:
-            _check_name("stream name", name)
+            check_name("stream name", name)
             mode = tokens or self.tokens
             if mode not in TOKEN_MODES:
                 raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {mode!r}")
@@ -341,7 +325,7 @@ class Monitor:
                                  f"in {type(model).__name__}; pass names=")
         captures = []
         for n, module in found:
-            _check_name("layer name", n)
+            check_name("layer name", n)
             cap = ActivationCapture(self, n, module)
             self._captures.append(cap)
             captures.append(cap)
@@ -363,11 +347,11 @@ class Monitor:
              dup_quantile: float = 0.01) -> None:
         """Compare generated stream ``fake`` with real stream ``real`` (GAN mode collapse):
         diversity ratio, birthday-paradox duplicate rate and effective-rank ratio."""
-        _check_name("stream name", fake)
-        _check_name("stream name", real)
+        check_name("stream name", fake)
+        check_name("stream name", real)
         if fake == real:
             raise ValueError("pair() needs two different streams")
-        _check_int("reservoir", reservoir, 4)
+        check_int("reservoir", reservoir, 4)
         if not 0.0 < dup_quantile < 1.0:
             raise ValueError(f"dup_quantile must be in (0, 1), got {dup_quantile}")
         with self._lock:
@@ -398,7 +382,7 @@ class Monitor:
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch_weights() needs a torch.nn.Module, got {type(model).__name__}")
-        self._weights = WeightWatch(model, rank_every=_check_int("rank_every", rank_every, 1),
+        self._weights = WeightWatch(model, rank_every=check_int("rank_every", rank_every, 1),
                                     update_ratio=update_ratio, earlybird=earlybird)
         self._engine.param_sources.append(self._weights.param_signals)
         self._engine.run_sources.append(self._weights.run_signals)
@@ -413,8 +397,8 @@ class Monitor:
         against the paper). The probe synchronises the device at its cadence."""
         from monitor.curvature import CurvatureProbe
 
-        self._curvature = CurvatureProbe(params, every=_check_int("every", every, 1),
-                                         power_iters=_check_int("power_iters", power_iters, 1),
+        self._curvature = CurvatureProbe(params, every=check_int("every", every, 1),
+                                         power_iters=check_int("power_iters", power_iters, 1),
                                          refresh_every=refresh_every, seed=self.seed)
         self._engine.run_sources.append(self._curvature.compute)
 

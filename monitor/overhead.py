@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from monitor.validation import check_int
+
 MAX_STRETCH = 64
 """The effective cadence never stretches beyond this many times the base cadence."""
 
@@ -39,8 +41,7 @@ class OverheadBudget:
                     or not math.isfinite(budget) or budget <= 0:
                 raise ValueError(f"overhead_budget must be a positive finite ratio (e.g. 0.01 "
                                  f"for 1% of the training step's time) or None, got {budget!r}")
-        if isinstance(max_stretch, bool) or not isinstance(max_stretch, int) or max_stretch < 1:
-            raise ValueError(f"max_stretch must be an int >= 1, got {max_stretch!r}")
+        check_int("max_stretch", max_stretch, 1)
         self.budget: float | None = float(budget) if budget is not None else None
         self.max_stretch = max_stretch
         self.smoothing = smoothing

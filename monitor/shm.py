@@ -72,6 +72,7 @@ from urllib.parse import parse_qs
 import numpy as np
 
 from monitor.sidecar import protocol
+from monitor.validation import is_name
 
 log = logging.getLogger("repwatch")
 
@@ -91,7 +92,6 @@ _W_SLOTS, _W_SLOT_SIZE, _W_ID, _W_PID, _W_CLOSED, _W_BEAT, _W_WRITE, _W_READ = 2
 _SLOT = struct.Struct("<QQIIqBBBB")          # seq, length, rows, dim, step, dtype, labels, |run|, |stream|
 _DTYPES = ("float32", "float16", "bfloat16")
 _RING_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$")
-_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 
 
 class RingError(RuntimeError):
@@ -383,7 +383,7 @@ class ShmRing:
         dtype, b, d, has_labels = protocol.parse_raw_headers(headers)
         step = protocol.parse_step(_get(headers, protocol.H_STEP))
         rb, sb = run.encode("ascii"), stream.encode("ascii")
-        if not (_NAME.match(run) and _NAME.match(stream)):
+        if not (is_name(run) and is_name(stream)):
             raise ValueError(f"run and stream must be 1–128 characters of letters, digits and "
                              f"_.:/-, got {run!r} / {stream!r}")
         w = self._w
@@ -559,7 +559,7 @@ class ShmReader:
                 sleep = min(sleep * 2, self.idle_sleep)
 
     def _take(self, ring: ShmRing) -> bool:
-        from monitor.sidecar.service import REJECT_REASONS, Rejected
+        from monitor.sidecar.errors import REJECT_REASONS, Rejected
 
         try:
             item = ring.read()
@@ -570,7 +570,7 @@ class ShmReader:
         if item is None:
             return False
         try:
-            if not (_NAME.match(item.run) and _NAME.match(item.stream)):
+            if not (is_name(item.run) and is_name(item.stream)):
                 raise protocol.ProtocolError(422, f"bad run/stream names {item.run!r}/{item.stream!r}")
             cfg = self.sidecar.config
             rows, labels, step = protocol.decode_batch(item.headers, item.payload,

@@ -55,10 +55,10 @@ from torch import Tensor
 from monitor.sidecar.protocol import (
     encode_batch,  # the one definition of the wire format
 )
+from monitor.validation import check_int, check_name, is_name
 
 log = logging.getLogger("repwatch")
 
-_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 
 DROP_REASONS: tuple[str, ...] = ("queue_full", "backoff", "sidecar_down", "sidecar_error",
                                  "overload", "rejected", "closed", "error")
@@ -120,10 +120,8 @@ class _QueueSink:
 
     def __init__(self, *, run: str, queue_batches: int, backoff: tuple[float, float],
                  dtype: str, seed: int) -> None:
-        if not isinstance(run, str) or not _NAME.match(run):
-            raise ValueError(f"run must be 1–128 characters of letters, digits and _.:/-, got {run!r}")
-        if isinstance(queue_batches, bool) or not isinstance(queue_batches, int) or queue_batches < 1:
-            raise ValueError(f"queue_batches must be an int >= 1, got {queue_batches!r}")
+        check_name("run", run)
+        check_int("queue_batches", queue_batches, 1)
         if (not isinstance(backoff, tuple) or len(backoff) != 2
                 or not all(isinstance(b, (int, float)) and 0 < b < math.inf for b in backoff)
                 or backoff[0] > backoff[1]):
@@ -162,7 +160,7 @@ class _QueueSink:
         counted. Bad input raises ValueError / TypeError at once.
         """
         if stream not in self._names:
-            if not isinstance(stream, str) or not _NAME.match(stream):
+            if not is_name(stream):
                 raise ValueError(f"stream must be 1–128 characters of letters, digits and _.:/-, "
                                  f"got {stream!r}")
             self._names.add(stream)
@@ -176,8 +174,7 @@ class _QueueSink:
             got = (f"shape {tuple(labels.shape)} dtype {labels.dtype}"
                    if isinstance(labels, Tensor) else type(labels).__name__)
             raise ValueError(f"labels must be integer class ids of shape ({b},), got {got}")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        check_int("step", step, 0)
         if b == 0 or rows.shape[1] == 0:
             return
         if self._closed:

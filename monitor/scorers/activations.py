@@ -44,6 +44,7 @@ from monitor.functional.plasticity import (
 )
 from monitor.scorer import Scorer
 from monitor.snapshot import variant_key
+from monitor.validation import check_int
 
 _INTERVAL_STATES: tuple[str, ...] = ("abs_sum", "nonzero", "count")
 
@@ -54,8 +55,7 @@ class ActivationScorer(Scorer):
     def __init__(self, units: int, taus: Sequence[float] = (0.0, 0.025, 0.1),
                  low_activity_rate: float = 0.01, device: torch.device | str = "cpu") -> None:
         super().__init__(device)
-        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
-            raise ValueError(f"units must be an int >= 1, got {units!r}")
+        check_int("units", units, 1)
         taus = tuple(taus)
         if not taus:
             raise ValueError("taus must hold at least one threshold, got an empty sequence")

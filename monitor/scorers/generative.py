@@ -42,6 +42,7 @@ from monitor.functional.generative import (
     mean_pairwise_distance,
 )
 from monitor.scorer import Scorer
+from monitor.validation import check_int
 
 
 class PairScorer(Scorer):
@@ -53,10 +54,8 @@ class PairScorer(Scorer):
     def __init__(self, dim: int, reservoir: int = 512, dup_quantile: float = 0.01,
                  device: torch.device | str = "cpu", seed: int = 0) -> None:
         super().__init__(device)
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
-        if isinstance(reservoir, bool) or not isinstance(reservoir, int) or reservoir < 2:
-            raise ValueError(f"reservoir must be an int >= 2 rows, got {reservoir!r}")
+        check_int("dim", dim, 1)
+        check_int("reservoir", reservoir, 2, unit="rows")
         if not 0.0 < dup_quantile < 1.0:
             raise ValueError(f"dup_quantile must be in (0, 1), got {dup_quantile!r}")
         self.dim = dim

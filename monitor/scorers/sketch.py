@@ -43,6 +43,7 @@ from monitor.functional.sketch import (
     project_rows,
 )
 from monitor.scorers.moments import WindowMoments
+from monitor.validation import check_int
 
 PathMode = Literal["auto", "exact", "sketch"]
 PATH_MODES: tuple[str, ...] = ("auto", "exact", "sketch")
@@ -137,8 +138,7 @@ class SpectralPath:
                                  f"{PATH_MODES}, got {name!r}: {mode!r}")
         for kind, value, low in (("sketch_above", self.sketch_above, 1),
                                  ("sketch_dim", self.sketch_dim, 2)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{kind} must be an int >= {low}, got {value!r}")
+            check_int(kind, value, low)
         limit = self.memory_limit_bytes
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                                   or limit < 1):

@@ -1,9 +1,8 @@
-"""Weight-side signals at low cadence: per-layer ε-rank / stable rank and early-bird tickets.
+"""Early-bird tickets from the model's weights, at low cadence.
 
-* :func:`weight_signals` — for every ≥ 2-D weight, ``weight_rank`` (Galanti, Siegel, Gupte &
-  Poggio, arXiv 2206.05794: ``#{i : σ_i(W/‖W‖_F) > ε}``, ε = 1e-3; SGD + weight decay drives it
-  down) and ``weight_stable_rank`` (``‖W‖_F²/‖W‖_2²``). Conv kernels are read as
-  ``(out, in·kh·kw)`` matrices. One SVD per layer: run it at publish cadence or lower.
+(Per-layer ε-rank and stable rank are computed by :mod:`monitor.weights_watch` from
+:mod:`monitor.functional.weights`.)
+
 * :class:`EarlyBirdTracker` — You, Li, Xu, Fu, Wang, Chen, Baraniuk, Wang & Lin, ICLR 2020,
   "Drawing Early-Bird Tickets: Towards More Efficient Training of Deep Networks": winning
   tickets emerge early; detect them by drawing the pruning mask at each check and measuring the
@@ -13,7 +12,7 @@
   channels by BatchNorm scale factors; these masks are unstructured, by global weight magnitude
   (:func:`monitor.functional.weights.global_magnitude_masks`), at several sparsities at once.
 
-Neither is a streaming :class:`~monitor.scorer.Scorer`: they read the model's weights when
+It is not a streaming :class:`~monitor.scorer.Scorer`: it reads the model's weights when
 called, not a stream of rows. ``EarlyBirdTracker.check`` stays on the device;
 ``ticket_found`` / ``found_at`` transfer the new distances to the host (a sync, at check cadence).
 """
@@ -21,41 +20,13 @@ called, not a stream of rows. ``EarlyBirdTracker.check`` stays on the device;
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from monitor.functional.weights import (
-    WEIGHT_RANK_EPS,
-    global_magnitude_masks,
-    mask_distance,
-    stable_rank,
-    weight_rank,
-)
+from monitor.functional.weights import global_magnitude_masks, mask_distance
 from monitor.snapshot import variant_key
-
-
-def _named(named_weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]
-           ) -> list[tuple[str, Tensor]]:
-    items = named_weights.items() if isinstance(named_weights, Mapping) else named_weights
-    return [(str(name), w) for name, w in items]
-
-
-def weight_signals(named_weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
-                   eps: float = WEIGHT_RANK_EPS) -> dict[str, dict[str, Tensor]]:
-    """``{name: {"weight_rank": ..., "weight_stable_rank": ...}}`` for every ≥ 2-D weight.
-
-    Accepts a mapping or ``model.named_parameters()``; 1-D parameters (biases, norm scales) are
-    skipped. Values are 0-d device tensors (no explicit host transfer; on CUDA the SVD's own
-    error check may synchronise, so call this at publish cadence, not per step).
-    """
-    out: dict[str, dict[str, Tensor]] = {}
-    for name, w in _named(named_weights):
-        if w.dim() < 2:
-            continue
-        out[name] = {"weight_rank": weight_rank(w, eps), "weight_stable_rank": stable_rank(w)}
-    return out
 
 
 def prunable_weights(model: nn.Module) -> list[Tensor]:

@@ -47,6 +47,7 @@ from monitor.sidecar.neural_collapse_np import (
 from monitor.sidecar.publish import spectral_signals
 from monitor.snapshot import Histogram, Snapshot
 from monitor.tracking import RunTracker
+from monitor.validation import check_int
 
 BUCKET_EDGES: np.ndarray = np.logspace(-6.0, 4.0, 41)
 """Q-Score ``le`` bucket edges, as the in-process ``QScoreScorer`` (1e-6 … 1e4, 4 per decade)."""
@@ -263,10 +264,7 @@ class OnnxBackend:
                                       io_binding=getattr(config, "io_binding", None))
         self.device = "onnxruntime:" + ",".join(self.kernel.providers)
         options = config.monitor_options
-        self.max_classes = options.get("max_classes", 1000)
-        if isinstance(self.max_classes, bool) or not isinstance(self.max_classes, int) \
-                or self.max_classes < 2:
-            raise ValueError(f"max_classes must be an int >= 2, got {self.max_classes!r}")
+        self.max_classes = check_int("max_classes", options.get("max_classes", 1000), 2)
         self.nc1_depth_threshold = float(options.get("nc1_depth_threshold", 0.1))
         self._runs: dict[str, _OnnxRun] = {}
         self._lock = threading.Lock()

@@ -56,18 +56,15 @@ from monitor.alerts import DEFAULT_RULES, AlertRule
 from monitor.dashboard import (HISTOGRAMS, HISTORY_LIMIT, SINCE_STEP, history_payload,
                                mount_dashboard, spectra_payload)
 from monitor.errors import ErrorLog
+from monitor.sidecar.errors import REJECT_REASONS, Rejected
+from monitor.validation import NAME_PATTERN, check_int, is_name
 from monitor.sidecar import protocol
 from monitor.sidecar.protocol import ProtocolError
 from monitor.snapshot import Snapshot
 
 log = logging.getLogger("repwatch.sidecar")
 
-NAME_PATTERN = r"^[A-Za-z0-9_.:/-]{1,128}$"
-"""Run and stream names (the rule of ``monitor.monitor._check_name``); also the label charset."""
 
-DROP_REASONS: tuple[str, ...] = ("overload", "dimension", "nonfinite", "error", "shutdown")
-REJECT_REASONS: tuple[str, ...] = ("unauthorized", "invalid", "unsupported", "too_large",
-                                   "bad_request", "too_many_runs", "too_many_streams")
 
 
 @dataclass
@@ -108,9 +105,7 @@ class SidecarConfig:
         for name in ("every", "window", "history", "max_body_bytes", "max_rows_per_batch",
                      "max_dim", "max_streams_per_run", "max_runs", "queue_batches",
                      "retry_after_seconds", "threads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         wait = self.admit_wait_seconds
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 60:
             raise ValueError(f"admit_wait_seconds must be a number in [0, 60], got {wait!r}")
@@ -268,15 +263,6 @@ BACKENDS: dict[str, Callable[[SidecarConfig], Backend]] = {
     "auto": _auto_backend, "onnx": _onnx_backend, "torch": TorchBackend}
 """``onnx``: the ONNX Runtime kernels + numpy publish, no torch (spectral, collapse and Q-Score
 signals; NC1/NC2 with labels); ``torch``: one in-process Monitor per run (every signal)."""
-
-
-class Rejected(Exception):
-    """A request refused with ``status`` (and counted under ``reason`` when not received)."""
-
-    def __init__(self, status: int, reason: str, message: str,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message, self.headers = status, reason, message, headers
 
 
 @dataclass
@@ -621,7 +607,6 @@ _INLINE_DECODE_BYTES = 1 << 20
 """Bodies up to this size are decoded on the event loop; larger ones in a worker thread."""
 
 _BATCH_PATH = re.compile(r"^/v1/runs/([^/]+)/streams/([^/]+)/batches$")
-_VALID_NAME = re.compile(NAME_PATTERN)
 
 
 class BatchFastPath:
@@ -648,7 +633,7 @@ class BatchFastPath:
         if root and path.startswith(root):
             path = path[len(root):]
         m = _BATCH_PATH.match(path)
-        if m is None or not (_VALID_NAME.match(m[1]) and _VALID_NAME.match(m[2])):
+        if m is None or not (is_name(m[1]) and is_name(m[2])):
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         if not self.authorized(headers):
