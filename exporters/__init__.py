@@ -1,4 +1,5 @@
-"""Shipping repwatch results out: Prometheus exposition, (later) rules and dashboards.
+"""Shipping repwatch results out: Prometheus exposition, alert rules, Grafana dashboards and
+Kubernetes manifests.
 
 Importable without torch: everything here reads plain-float Snapshots.
 """

@@ -1,7 +1,7 @@
 """The one alert spec, and its in-process evaluation with hysteresis (no torch needed).
 
 Rules are data: :data:`DEFAULT_RULES` is read by the in-process :class:`AlertEngine` after every
-publish and (in the operations issue) rendered into Prometheus rules, so a threshold lives in
+publish and rendered into Prometheus rules (:mod:`exporters.rules`), so a threshold lives in
 exactly one place. A rule fires for a stream when any of its conditions holds for ``hold``
 consecutive publishes, and resolves only when every condition is past its ``clear`` level
 (hysteresis) for ``hold`` consecutive publishes. Values that are NaN (not yet defined) and

@@ -1,4 +1,4 @@
-"""``repwatch bench``: repwatch's cost as ratios of two things measured in one run (issue 7).
+"""``repwatch bench``: repwatch's cost as ratios of two things measured in one run.
 
 Every figure is a ratio of two timings taken in the same process on the same device, so it
 says something about repwatch rather than about the machine:

@@ -1,6 +1,6 @@
 """The ``repwatch bench`` sub-command's arguments, importable without torch.
 
-:mod:`monitor.bench` (the figures of issue 7) loads torch, so it is imported only when
+:mod:`monitor.bench` (the cost figures of docs/performance.md) loads torch, so it is imported only when
 ``bench`` runs, as ``select`` does.
 """
 

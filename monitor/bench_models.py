@@ -1,4 +1,4 @@
-"""Models and data of ``repwatch bench``'s training-overhead figure (issue 7, figure 1).
+"""Models and data of ``repwatch bench``'s training-overhead figure (docs/performance.md).
 
 Plain ``torch.nn`` definitions (no torchvision): a small CNN and a small transformer for the CPU,
 and ResNet-50- and ViT-B-sized models for a GPU. Each :class:`Workload` holds a seeded model,

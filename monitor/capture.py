@@ -179,7 +179,8 @@ class Capture:
             return
         t0 = time.perf_counter()
         try:
-            with torch.no_grad():
+            with self.monitor._errors.guard(self.component, key=f"{self.component}[{self.stream}]",
+                                            on_error=self._switch_off), torch.no_grad():
                 t = output if selected else self._tensor(output)
                 if t is None:
                     raise TypeError(f"module output of type {type(output).__name__} holds no "
@@ -189,15 +190,13 @@ class Capture:
                     self._stage(t.detach())
                 else:
                     self._take(t.detach())
-        except Exception as exc:  # never reaches training
-            self.monitor._errors.record(self.component, exc,
-                                        key=f"{self.component}[{self.stream}]")
-            if not isinstance(exc, (ValueError, TypeError)):
-                self.enabled = False  # unexpected failure: switch this hook off
-            if self.monitor.strict:
-                raise
         finally:
             self.monitor._overhead.add(time.perf_counter() - t0)
+
+    def _switch_off(self, exc: Exception) -> None:
+        """An unexpected failure (not a bad-input ValueError/TypeError) switches this hook off."""
+        if not isinstance(exc, (ValueError, TypeError)):
+            self.enabled = False
 
     def remove(self) -> None:
         """Detach the hook from its module."""

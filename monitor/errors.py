@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger("repwatch")
 
 
 class ErrorLog:
-    """Thread-safe per-component exception counts; the first exception of each is logged."""
+    """Thread-safe per-component exception counts; the first exception of each is logged.
 
-    def __init__(self) -> None:
+    ``strict``: :meth:`guard` re-raises after counting (debugging; training sees the error).
+    """
+
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._keys_logged: set[str] = set()
@@ -27,6 +33,20 @@ class ErrorLog:
             log.warning("repwatch %s failed (training continues; further errors of this kind "
                         "are counted in repwatch_errors_total): %s: %s",
                         key, type(exc).__name__, exc, exc_info=exc)
+
+    @contextmanager
+    def guard(self, component: str, key: str | None = None,
+              on_error: Callable[[Exception], None] | None = None) -> Iterator[None]:
+        """Run the block; an exception in it is counted under ``component`` (``on_error`` sees
+        it first) and swallowed, or re-raised when ``strict``: the one error path of repwatch."""
+        try:
+            yield
+        except Exception as exc:
+            if on_error is not None:
+                on_error(exc)
+            self.record(component, exc, key)
+            if self.strict:
+                raise
 
     def counts(self) -> dict[str, int]:
         """A copy of the counts."""

@@ -27,7 +27,7 @@ from monitor.capture import (
     subsample,
     to_rows,
 )
-from monitor.engine import Engine
+from monitor.engine import Engine, EngineResult
 from monitor.errors import ErrorLog
 from monitor.overhead import OverheadBudget
 from monitor.scorers.sketch import SpectralPath
@@ -172,9 +172,8 @@ class Monitor:
             raise TypeError("rules must be a sequence of monitor.alerts.AlertRule")
         self.tokens: Tokens = tokens
         self.seed = seed
-        self.strict = strict
         self.rules = tuple(rules)
-        self._errors = ErrorLog()
+        self._errors = ErrorLog(strict=bool(strict))
         self._overhead = OverheadBudget(overhead_budget)
         self._capturing = True      # is the coming step captured (overhead budget's stretch)
         self._calls = 0             # step() calls (the capture stride counts calls, not steps)
@@ -238,6 +237,11 @@ class Monitor:
             self._server.start()
             log.info("repwatch serving on %s", self._server.url)
 
+    @property
+    def strict(self) -> bool:
+        """Re-raise errors inside repwatch instead of only counting them (debugging)."""
+        return self._errors.strict
+
     # ------------------------------------------------------------------ capture
 
     def watch(self, module: nn.Module, name: str | None = None, *,
@@ -280,13 +284,9 @@ class Monitor:
             mode = tokens or self.tokens
             if mode not in TOKEN_MODES:
                 raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {mode!r}")
-            with torch.no_grad():
+            with self._errors.guard("observe", key=f"observe[{name}]"), torch.no_grad():
                 self._ingest(name, tensor.detach() if isinstance(tensor, Tensor) else tensor, mode,
                              labels=labels, predictions=predictions)
-        except Exception as exc:
-            self._errors.record("observe", exc, key=f"observe[{name}]")
-            if self.strict:
-                raise
         finally:
             self._overhead.add(time.perf_counter() - t0)
 
@@ -412,11 +412,8 @@ class Monitor:
             return
         t0 = time.perf_counter()
         try:
-            probe.maybe_probe(self._step + 1, loss_fn, lr, weight_decay)
-        except Exception as exc:
-            self._errors.record("curvature", exc)
-            if self.strict:
-                raise
+            with self._errors.guard("curvature"):
+                probe.maybe_probe(self._step + 1, loss_fn, lr, weight_decay)
         finally:
             self._overhead.add(time.perf_counter() - t0)
 
@@ -507,13 +504,8 @@ class Monitor:
     def _score_staged(self) -> None:
         """Score the static buffers of graph-captured hooks (one batch per ``step()``)."""
         for name, buf in list(self._staged.items()):
-            try:
-                with torch.no_grad():
-                    self._ingest(name, buf, "mean", from_hook=True)
-            except Exception as exc:
-                self._errors.record("capture", exc, key=f"capture[{name}]")
-                if self.strict:
-                    raise
+            with self._errors.guard("capture", key=f"capture[{name}]"), torch.no_grad():
+                self._ingest(name, buf, "mean", from_hook=True)
 
     def _ingest_activations(self, name: str, h: Tensor) -> None:
         from monitor.functional.plasticity import pooled_unit_rows
@@ -548,12 +540,8 @@ class Monitor:
         if self.sink is not None:
             self._ship_pending(pending, labels)
         elif labels is not None:
-            try:
+            with self._errors.guard("labels"):
                 self._label_pending(pending, labels)
-            except Exception as exc:
-                self._errors.record("labels", exc)
-                if self.strict:
-                    raise
         before = self._step
         self._step += steps
         period = self.every * self._overhead.stretch
@@ -600,25 +588,16 @@ class Monitor:
                       labels: Tensor | None) -> None:
         """Sidecar mode: send the hook rows of this step, labelled when ``labels`` is given."""
         for name, rows, idx, b in pending:
-            try:
+            with self._errors.guard("sink", key=f"sink[{name}]"):
                 lab = None
                 if labels is not None:
-                    try:
-                        lab = _aligned("labels", labels, b)
-                        assert lab is not None
-                        lab = lab.to(rows.device)
-                        lab = lab.index_select(0, idx) if idx is not None else lab
-                    except Exception as exc:
-                        self._errors.record("labels", exc)
-                        if self.strict:
-                            raise
-                        lab = None
+                    with self._errors.guard("labels"):
+                        aligned = _aligned("labels", labels, b)
+                        assert aligned is not None
+                        aligned = aligned.to(rows.device)
+                        lab = aligned.index_select(0, idx) if idx is not None else aligned
                 with torch.no_grad():
                     self.sink.submit(name, rows, lab, self._step + 1)
-            except Exception as exc:
-                self._errors.record("sink", exc, key=f"sink[{name}]")
-                if self.strict:
-                    raise
 
     def publish(self) -> Snapshot:
         """Compute every stream now (one host sync), evaluate alerts, notify, export."""
@@ -626,29 +605,22 @@ class Monitor:
         with self._lock, contextlib.ExitStack() as on_side:
             for device in list(self._side_streams):   # publish behind the queued updates
                 on_side.enter_context(self._scoring(device))
-            try:
+            result = EngineResult()
+            with self._errors.guard("publish"):
                 if self.per_rank or self.sink is not None:
                     result = self._engine.compute(step=self._step)
                 else:   # all ranks reduce here (same cadence); single process: engine.compute
                     result = self._reducer.compute(self._engine, step=self._step)
-            except Exception as exc:
-                self._errors.record("publish", exc)
-                if self.strict:
-                    raise
-                from monitor.engine import EngineResult
-                result = EngineResult()
             self._engine.after_publish()
             self._effective_depth(result)
             ratio, stretch = self._overhead.close_window(self._may_adapt())
             groups = {"stream": result.streams, "layer": result.layers, "param": result.params,
                       "run": {"model": result.run_signals}}
-            try:
+            firing, fired, resolved = None, [], []
+            with self._errors.guard("alerts"):
                 firing, fired, resolved = self._alerts.evaluate(groups, self._step)
-            except Exception as exc:
-                self._errors.record("alerts", exc)
-                if self.strict:
-                    raise
-                firing, fired, resolved = self._alerts.firing(), [], []
+            if firing is None:
+                firing = self._alerts.firing()
             snap = Snapshot(run=self.run, step=self._step, time=time.time(),
                             streams=result.streams, counters=result.counters,
                             spectra=result.spectra, layers=result.layers,
@@ -667,12 +639,9 @@ class Monitor:
             log.warning("ALERT %s [%s] firing on %s/%s at step %d: %s", alert.name,
                         alert.severity, self.run, alert.stream, self._step, alert.description)
             for callback in list(self._callbacks):
-                try:
+                name = getattr(callback, "__name__", callback)
+                with self._errors.guard("callback", key=f"callback[{name}]"):
                     callback(alert)
-                except Exception as exc:
-                    self._errors.record("callback", exc, key=f"callback[{getattr(callback, '__name__', callback)}]")
-                    if self.strict:
-                        raise
         for alert in resolved:
             log.warning("RESOLVED %s on %s/%s at step %d", alert.name, self.run, alert.stream,
                         self._step)

@@ -29,7 +29,8 @@ deltas are bound to device outputs and added there by ``models/accumulate.onnx``
 nodes), so per batch only the new rows (and the rows leaving the window) go to the device and
 only the ``b``-sized outputs (cleaned rows, validity, Q-Scores) come back; the d×d sums cross to
 the host once per publish. On the CPU EP the same path runs with host buffers (tested to equal
-the plain path); whether it pays off on a GPU has not been measured yet.
+the plain path). Its benefit on a GPU is for a GPU run to measure: ``benchmarks/device_check.sh``
+runs its CUDA test there, and docs/performance.md records what GPU runs saw.
 """
 
 from __future__ import annotations
