@@ -9,7 +9,11 @@ The graph is built from the source (every ``import`` statement, except under
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("monitor", "exporters")
@@ -109,3 +113,15 @@ def test_the_graph_sees_lazy_imports() -> None:
 
 def test_no_import_cycles() -> None:
     assert cycles(import_graph()) == []
+
+
+@pytest.mark.e2e
+def test_import_contracts_hold() -> None:
+    """The [tool.importlinter] contracts of pyproject.toml: the torch-free modules (the sidecar
+    image has no torch) never import torch, directly or through another module, and the
+    transports do not import the sidecar service."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    out = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "Contracts: 2 kept, 0 broken." in out.stdout
