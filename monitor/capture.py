@@ -11,13 +11,13 @@ import itertools
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from monitor.monitor import Monitor
+from monitor.errors import ErrorLog
 
 Tokens = Literal["mean", "cls", "all"]
 TOKEN_MODES: tuple[str, ...] = ("mean", "cls", "all")
@@ -126,8 +126,26 @@ def graph_capturing(t: Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+@dataclass(frozen=True)
+class CaptureTarget:
+    """Everything a hook may use of its owner (a :class:`~monitor.monitor.Monitor` builds one):
+    where rows go, whether this step is captured, where errors and host time are counted."""
+
+    take: Callable[[str, Tensor, Tokens], None]
+    """Rows of a watched stream ``(stream, tensor, tokens)``, from a hook."""
+    stage: Callable[[str, Tensor], None]
+    """Rows reduced inside a CUDA graph capture, into the stream's static buffer."""
+    take_activations: Callable[[str, Tensor], None]
+    """A watched activation layer's raw output."""
+    capturing: Callable[[], bool]
+    """Whether this step is captured (the overhead budget may skip steps)."""
+    errors: ErrorLog
+    spent: Callable[[float], None]
+    """Host seconds the hook spent (the overhead budget's account)."""
+
+
 class Capture:
-    """A forward hook feeding one stream of a :class:`~monitor.monitor.Monitor`.
+    """A forward hook feeding one stream of a :class:`CaptureTarget` (a Monitor's).
 
     Under ``torch.compile`` the hook only picks the tensor and calls the opaque custom op
     ``repwatch::capture``, which does the work at run time: the compiled graph keeps one node
@@ -136,13 +154,13 @@ class Capture:
 
     component = "capture"
 
-    def __init__(self, monitor: Monitor, stream: str, module: nn.Module,
+    def __init__(self, target: CaptureTarget, stream: str, module: nn.Module,
                  select: Callable[[Any], Tensor] | None = None, tokens: Tokens = "mean") -> None:
         if tokens not in TOKEN_MODES:
             raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
         if select is not None and not callable(select):
             raise TypeError(f"select must be callable(output) -> Tensor, got {type(select).__name__}")
-        self.monitor = monitor
+        self.target = target
         self.stream = stream
         self.select = select
         self.tokens: Tokens = tokens
@@ -164,23 +182,23 @@ class Capture:
         return self.select(output) if self.select is not None else first_tensor(output)
 
     def _take(self, t: Tensor) -> None:
-        self.monitor._ingest(self.stream, t, self.tokens, from_hook=True)
+        self.target.take(self.stream, t, self.tokens)
 
     def _stage(self, t: Tensor) -> None:
         """During CUDA graph capture: put the row reduction and a copy into a static buffer
         into the graph; every replay refreshes the buffer and ``Monitor.step()`` scores it."""
-        self.monitor._stage(self.stream, to_rows(t, self.tokens))
+        self.target.stage(self.stream, to_rows(t, self.tokens))
 
     def _process(self, output: Any, selected: bool) -> None:
         """Capture ``output`` (the module's output, or the picked tensor when ``selected``);
         errors are counted, never raised into training (unless ``strict``). Steps that the
         overhead budget skips return at once, without touching ``output``."""
-        if not self.enabled or not self.monitor._capturing:
+        if not self.enabled or not self.target.capturing():
             return
         t0 = time.perf_counter()
         try:
-            with self.monitor._errors.guard(self.component, key=f"{self.component}[{self.stream}]",
-                                            on_error=self._switch_off), torch.no_grad():
+            with self.target.errors.guard(self.component, key=f"{self.component}[{self.stream}]",
+                                          on_error=self._switch_off), torch.no_grad():
                 t = output if selected else self._tensor(output)
                 if t is None:
                     raise TypeError(f"module output of type {type(output).__name__} holds no "
@@ -191,7 +209,7 @@ class Capture:
                 else:
                     self._take(t.detach())
         finally:
-            self.monitor._overhead.add(time.perf_counter() - t0)
+            self.target.spent(time.perf_counter() - t0)
 
     def _switch_off(self, exc: Exception) -> None:
         """An unexpected failure (not a bad-input ValueError/TypeError) switches this hook off."""
@@ -220,7 +238,7 @@ class ActivationCapture(Capture):
         return first_tensor(output)
 
     def _take(self, t: Tensor) -> None:
-        self.monitor._ingest_activations(self.stream, t)
+        self.target.take_activations(self.stream, t)
 
     def _stage(self, t: Tensor) -> None:
         raise ValueError("activation layers are not watched inside CUDA graphs (their per-unit "

@@ -23,6 +23,7 @@ from monitor.capture import (
     TOKEN_MODES,
     ActivationCapture,
     Capture,
+    CaptureTarget,
     Tokens,
     subsample,
     to_rows,
@@ -199,6 +200,10 @@ class Monitor:
         self._weights: Any = None
         self._alerts = AlertEngine(self.rules, run=self.run)
         self._captures: list[Capture] = []
+        self._target = CaptureTarget(
+            take=lambda stream, t, tokens: self._ingest(stream, t, tokens, from_hook=True),
+            stage=self._stage, take_activations=self._ingest_activations,
+            capturing=lambda: self._capturing, errors=self._errors, spent=self._overhead.add)
         self._callbacks: list[Callable[[Alert], Any]] = []
         self._generators: dict[torch.device, torch.Generator] = {}
         self.cuda_stream = bool(cuda_stream)
@@ -264,7 +269,7 @@ class Monitor:
                 i += 1
                 name = f"{base}{i}"
         check_name("stream name", name)
-        capture = Capture(self, name, module, select, tokens or self.tokens)
+        capture = Capture(self._target, name, module, select, tokens or self.tokens)
         self._captures.append(capture)
         return capture
 
@@ -326,7 +331,7 @@ class Monitor:
         captures = []
         for n, module in found:
             check_name("layer name", n)
-            cap = ActivationCapture(self, n, module)
+            cap = ActivationCapture(self._target, n, module)
             self._captures.append(cap)
             captures.append(cap)
         return captures
