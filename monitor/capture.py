@@ -165,6 +165,8 @@ class Capture:
         self.select = select
         self.tokens: Tokens = tokens
         self.enabled = True
+        self._guard = target.errors.guard(self.component, key=f"{self.component}[{stream}]",
+                                          on_error=self._switch_off)
         self._key = next(_KEYS)
         _LIVE[self._key] = self
         self._handle = module.register_forward_hook(self)
@@ -197,8 +199,7 @@ class Capture:
             return
         t0 = time.perf_counter()
         try:
-            with self.target.errors.guard(self.component, key=f"{self.component}[{self.stream}]",
-                                          on_error=self._switch_off), torch.no_grad():
+            with self._guard, torch.no_grad():
                 t = output if selected else self._tensor(output)
                 if t is None:
                     raise TypeError(f"module output of type {type(output).__name__} holds no "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from types import TracebackType
 
 log = logging.getLogger("repwatch")
 
@@ -34,19 +34,12 @@ class ErrorLog:
                         "are counted in repwatch_errors_total): %s: %s",
                         key, type(exc).__name__, exc, exc_info=exc)
 
-    @contextmanager
     def guard(self, component: str, key: str | None = None,
-              on_error: Callable[[Exception], None] | None = None) -> Iterator[None]:
-        """Run the block; an exception in it is counted under ``component`` (``on_error`` sees
-        it first) and swallowed, or re-raised when ``strict``: the one error path of repwatch."""
-        try:
-            yield
-        except Exception as exc:
-            if on_error is not None:
-                on_error(exc)
-            self.record(component, exc, key)
-            if self.strict:
-                raise
+              on_error: Callable[[Exception], None] | None = None) -> Guard:
+        """A context manager: an exception in its block is counted under ``component``
+        (``on_error`` sees it first) and swallowed, or re-raised when ``strict``. Stateless, so
+        a hook builds its guard once and enters it on every call (no per-call allocation)."""
+        return Guard(self, component, key, on_error)
 
     def counts(self) -> dict[str, int]:
         """A copy of the counts."""
@@ -57,3 +50,25 @@ class ErrorLog:
         """Restore counts (from a checkpoint)."""
         with self._lock:
             self._counts = {str(k): int(v) for k, v in counts.items()}
+
+
+class Guard:
+    """See :meth:`ErrorLog.guard`; ``Exception`` only (KeyboardInterrupt passes through)."""
+
+    __slots__ = ("log", "component", "key", "on_error")
+
+    def __init__(self, log: ErrorLog, component: str, key: str | None,
+                 on_error: Callable[[Exception], None] | None) -> None:
+        self.log, self.component, self.key, self.on_error = log, component, key, on_error
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        if not isinstance(exc, Exception):
+            return False
+        if self.on_error is not None:
+            self.on_error(exc)
+        self.log.record(self.component, exc, self.key)
+        return not self.log.strict

@@ -621,11 +621,9 @@ class Monitor:
             ratio, stretch = self._overhead.close_window(self._may_adapt())
             groups = {"stream": result.streams, "layer": result.layers, "param": result.params,
                       "run": {"model": result.run_signals}}
-            firing, fired, resolved = None, [], []
+            firing, fired, resolved = self._alerts.firing(), [], []
             with self._errors.guard("alerts"):
                 firing, fired, resolved = self._alerts.evaluate(groups, self._step)
-            if firing is None:
-                firing = self._alerts.firing()
             snap = Snapshot(run=self.run, step=self._step, time=time.time(),
                             streams=result.streams, counters=result.counters,
                             spectra=result.spectra, layers=result.layers,
