@@ -18,7 +18,7 @@ COPY exporters ./exporters
 # The package's own dependency list includes torch (for the trainer side); the sidecar needs
 # only the rest of it and the sidecar extra (a test keeps this list equal to pyproject.toml's),
 # so the package is installed without its dependencies.
-RUN pip install "numpy>=1.24" "prometheus-client>=0.20" "fastapi>=0.110" "uvicorn>=0.29" \
+RUN pip install "numpy>=1.24" "array-api-compat>=1.11" "prometheus-client>=0.20" "fastapi>=0.110" "uvicorn>=0.29" \
         "rich>=13" "httpx>=0.27" "markdown-it-py>=3" "starlette>=0.36" "pydantic>=2" "pyyaml>=6" \
         "onnxruntime>=1.17" "uvicorn[standard]>=0.29" "threadpoolctl>=3.1" \
     && pip install --no-deps . \

@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-from monitor.demo import run_demo
+from monitor.tools.demo import run_demo
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Sidecar ingest+score throughput against score-only throughput, as a ratio (one machine, one
-run); the measurement is :mod:`monitor.sidecar.throughput` (also ``repwatch bench`` figure 5).
+run); the measurement is :mod:`monitor.tools.throughput` (also ``repwatch bench`` figure 5).
 
     .venv/bin/python benchmarks/sidecar_throughput.py --backend onnx --batches 400 --rows 256 --dim 128
 
@@ -15,7 +15,7 @@ import platform
 from typing import Any
 
 from monitor.sidecar.service import BACKENDS, SidecarConfig, limit_native_threads
-from monitor.sidecar.throughput import (ingest_and_score, make_batches, parse_cores, pin,
+from monitor.tools.throughput import (ingest_and_score, make_batches, parse_cores, pin,
                                         score_only)
 
 

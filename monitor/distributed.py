@@ -63,6 +63,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from monitor.engine import Engine, EngineResult, Layer, Stream
+from monitor.window import RingCursor
 from monitor.errors import ErrorLog
 from monitor.scorer import Scorer
 
@@ -328,7 +329,7 @@ def _manifest(engine: Engine) -> dict[str, Any]:
     for name, st in engine.streams.items():
         q = st.qscore
         streams[name] = {"dim": st.dim, "enabled": st.enabled, "nc": st.nc is not None,
-                         "q_filled": q._filled if q is not None and st.enabled else 0,
+                         "q_filled": q._ring.filled if q is not None and st.enabled else 0,
                          "q_calibrated": bool(q is not None and q.calibrated and st.enabled)}
     layers = {name: {"units": ly.units, "enabled": ly.enabled}
               for name, ly in engine.layers.items()}
@@ -541,7 +542,8 @@ def _view(engine: Engine, merged: dict[str, Any], reduced: dict[tuple[str, str, 
             q = _with_states(base.qscore, parts("stream", name, "q."))
             q.window = q.ring_q.shape[0]
             q.eval_window = q.eval_q.shape[0]
-            q._filled = int(g["q_filled"])
+            q._ring = RingCursor(q.window)            # its own cursor: the base keeps its own
+            q._ring.filled = min(q.window, int(g["q_filled"]))
             q.calibrated = bool(g["q_calibrated"])
             vs.qscore = q
         if g["nc"]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from monitor.errors import ErrorLog
+from monitor.run import Readings
 from monitor.scorers import CollapseScorer, SpectrumScorer
 from monitor.scorers.sketch import SpectralPath
 from monitor.scorers.sketch_spectrum import spectrum_scorer_for
@@ -142,17 +142,8 @@ HISTOGRAM_PREFIX = "histogram:"
 COUNTER_SIGNALS: tuple[str, ...] = ("samples", "nonfinite_values")
 
 
-@dataclass
-class EngineResult:
-    """Host values of one compute: stream → signal → float, counters, spectra."""
-
-    streams: dict[str, dict[str, float]] = field(default_factory=dict)
-    counters: dict[str, dict[str, float]] = field(default_factory=dict)
-    spectra: dict[str, list[float]] = field(default_factory=dict)
-    layers: dict[str, dict[str, float]] = field(default_factory=dict)
-    params: dict[str, dict[str, float]] = field(default_factory=dict)
-    run_signals: dict[str, float] = field(default_factory=dict)
-    histograms: dict[str, dict[str, Histogram]] = field(default_factory=dict)
+EngineResult = Readings
+"""The host values of one compute (:class:`monitor.run.Readings`)."""
 
 
 class Engine:
@@ -285,7 +276,6 @@ class Engine:
             self._guard("run_signals", "run", None, run_entries, entries)
         self._transfer(entries, result)
         result.run_signals.update(host_run)
-        self.tracker.derive(result.streams, result.layers, step)
         for fake, (real, _) in self.pairs.items():
             f, r = result.streams.get(fake, {}), result.streams.get(real, {})
             if fake in result.streams and "effective_rank" in f and "effective_rank" in r:

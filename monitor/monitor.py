@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from monitor.alerts import DEFAULT_RULES, AlertEngine, AlertRule
+from monitor.alerts import DEFAULT_RULES, AlertRule
 from monitor.capture import (
     ACTIVATION_TYPES,
     TOKEN_MODES,
@@ -29,6 +27,7 @@ from monitor.capture import (
     to_rows,
 )
 from monitor.engine import Engine, EngineResult
+from monitor.run import RunPublisher, publish_due
 from monitor.errors import ErrorLog
 from monitor.overhead import OverheadBudget
 from monitor.scorers.sketch import SpectralPath
@@ -185,7 +184,6 @@ class Monitor:
         taus = tuple(float(t) for t in dormant_taus)
         if not taus or any(not 0.0 <= t < 1.0 for t in taus):
             raise ValueError(f"dormant_taus must be levels in [0, 1), got {dormant_taus!r}")
-        self.nc1_depth_threshold = float(nc1_depth_threshold)
         paths = dict(spectral_path) if isinstance(spectral_path, Mapping) else {"*": spectral_path}
         spectral = SpectralPath(paths.pop("*", "auto"), sketch_above=sketch_above,  # type: ignore[arg-type]
                                 sketch_dim=sketch_dim, memory_limit_bytes=memory_limit_bytes,
@@ -198,7 +196,8 @@ class Monitor:
         self._pending: list[tuple[str, Tensor, Tensor | None, int]] = []
         self._stream_order: list[str] = []
         self._weights: Any = None
-        self._alerts = AlertEngine(self.rules, run=self.run)
+        self._publisher = RunPublisher(self.run, self.rules, self._engine.tracker, self._errors,
+                                       history, nc1_depth_threshold)
         self._captures: list[Capture] = []
         self._target = CaptureTarget(
             take=lambda stream, t, tokens: self._ingest(stream, t, tokens, from_hook=True),
@@ -211,8 +210,6 @@ class Monitor:
         self._side_streams: dict[torch.device, Any] = {}
         self._step = 0
         self._lock = threading.RLock()
-        self._latest: Snapshot | None = None
-        self._history: deque[Snapshot] = deque(maxlen=history)
         self._log_path = Path(log_path) if log_path is not None else None
         self._server: Any = None
         self._closed = False
@@ -237,7 +234,8 @@ class Monitor:
         if port is not None and (self.per_rank or here == 0):
             from monitor.server import BackgroundServer, create_app
 
-            app = create_app(lambda: self._latest, lambda: list(self._history), self.rules)
+            app = create_app(lambda: self._publisher.latest,
+                             lambda: list(self._publisher.history), self.rules)
             self._server = BackgroundServer(app, host, port)
             self._server.start()
             log.info("repwatch serving on %s", self._server.url)
@@ -552,7 +550,7 @@ class Monitor:
         period = self.every * self._overhead.stretch
         snap = None
         self._overhead.add(time.perf_counter() - t0)
-        if self._step // period > before // period:
+        if publish_due(before, self._step, period):
             snap = self.publish()                     # times itself
         self._calls += 1
         self._capturing = self._overhead.captures(self._calls + 1)
@@ -617,26 +615,13 @@ class Monitor:
                 else:   # all ranks reduce here (same cadence); single process: engine.compute
                     result = self._reducer.compute(self._engine, step=self._step)
             self._engine.after_publish()
-            self._effective_depth(result)
             ratio, stretch = self._overhead.close_window(self._may_adapt())
-            groups = {"stream": result.streams, "layer": result.layers, "param": result.params,
-                      "run": {"model": result.run_signals}}
-            firing, fired, resolved = self._alerts.firing(), [], []
-            with self._errors.guard("alerts"):
-                firing, fired, resolved = self._alerts.evaluate(groups, self._step)
-            snap = Snapshot(run=self.run, step=self._step, time=time.time(),
-                            streams=result.streams, counters=result.counters,
-                            spectra=result.spectra, layers=result.layers,
-                            params=result.params, run_signals=result.run_signals,
-                            histograms=result.histograms, alerts=firing,
-                            dropped=({k: float(v) for k, v in self.sink.counts().items()}
-                                     if self.sink is not None else {}),
-                            errors=self._errors.counts(),
-                            publish_duration_seconds=time.perf_counter() - t0,
-                            overhead_ratio=ratio, effective_cadence_steps=float(stretch),
-                            rank=self._rank_label())
-            self._latest = snap
-            self._history.append(snap)
+            snap, fired, resolved = self._publisher.publish(
+                result, self._step, t0, order=self._stream_order,
+                dropped=({k: float(v) for k, v in self.sink.counts().items()}
+                         if self.sink is not None else {}),
+                overhead_ratio=ratio, effective_cadence_steps=float(stretch),
+                rank=self._rank_label())
         self._join_side()
         for alert in fired:
             log.warning("ALERT %s [%s] firing on %s/%s at step %d: %s", alert.name,
@@ -665,25 +650,15 @@ class Monitor:
 
         return global_rank()
 
-    def _effective_depth(self, result: Any) -> None:
-        """NC1 "effective depth": first stream in watch order with NC1 below the threshold."""
-        nc1 = [(n, result.streams[n].get("neural_collapse_nc1", math.nan))
-               for n in self._stream_order if n in result.streams]
-        nc1 = [(n, v) for n, v in nc1 if math.isfinite(v)]
-        if len(nc1) >= 1:
-            depth = next((i for i, (_, v) in enumerate(nc1, 1) if v < self.nc1_depth_threshold),
-                         math.nan)
-            result.run_signals["neural_collapse_effective_depth"] = float(depth)
-
     @property
     def latest(self) -> Snapshot | None:
         """The latest Snapshot (None before the first publish)."""
-        return self._latest
+        return self._publisher.latest
 
     @property
     def history(self) -> list[Snapshot]:
         """Recent snapshots, oldest first (bounded)."""
-        return list(self._history)
+        return list(self._publisher.history)
 
     def on_alert(self, callback: Callable[[Alert], Any]) -> Callable[[Alert], Any]:
         """Call ``callback(alert)`` whenever an alert starts firing (usable as a decorator).
@@ -710,7 +685,7 @@ class Monitor:
             return {
                 "version": 1, "run": self.run, "step": self._step,
                 "engine": self._engine.state_dict(),
-                "alerts": self._alerts.state_dict(),
+                "alerts": self._publisher.alerts.state_dict(),
                 "errors": self._errors.counts(),
                 "generators": {str(d): g.get_state() for d, g in self._generators.items()},
             }
@@ -729,7 +704,7 @@ class Monitor:
             self._step = int(state["step"])
             self._engine.load_state_dict(state["engine"], device_map)
             self._hand_streams_to_side()
-            self._alerts.load_state_dict(state["alerts"])
+            self._publisher.alerts.load_state_dict(state["alerts"])
             self._errors.load(state.get("errors", {}))
             self._generators.clear()
             for name, gstate in state.get("generators", {}).items():

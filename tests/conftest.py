@@ -92,8 +92,9 @@ def single_thread():  # type: ignore[no-untyped-def]
 # pytest-xdist (`make test`: ``-n auto --dist loadscope``, a module on one worker) so that no
 # worker is left running one of them alone at the end; the rest follow, most tests first.
 SLOW_MODULES_FIRST: tuple[str, ...] = (
-    "tests/scenarios/test_plasticity.py", "tests/test_alerting_e2e.py", "tests/scenarios/",
-    "tests/test_bench.py", "tests/sidecar/test_end_to_end.py", "tests/test_cli.py",
+    "tests/tools/scenarios/test_plasticity.py", "tests/test_alerting_e2e.py",
+    "tests/tools/scenarios/", "tests/tools/test_bench.py", "tests/sidecar/test_end_to_end.py",
+    "tests/cli/test_main.py",
     "tests/e2e/", "tests/deploy/", "tests/test_distributed.py", "tests/test_makefile.py",
     "tests/test_watch.py", "tests/test_packaging.py")
 

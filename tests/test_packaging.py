@@ -9,7 +9,7 @@
 * one version string (pyproject.toml) reaches ``monitor.__version__``, both apps' OpenAPI
   documents and ``repwatch --version``.
 
-``monitor/web/runbooks.md`` is a copy of ``docs/runbooks.md`` (a symlink would point out of
+``monitor/server/web/runbooks.md`` is a copy of ``docs/runbooks.md`` (a symlink would point out of
 what the images copy); after editing docs/runbooks.md regenerate it with
 ``python -m tests.test_packaging`` (:func:`sync_runbooks`).
 """
@@ -44,7 +44,7 @@ from tests.deploy.manifests import dockerfile_instructions
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNBOOKS_SOURCE = ROOT / "docs" / "runbooks.md"
-RUNBOOKS_PACKAGED = ROOT / "monitor" / "web" / "runbooks.md"
+RUNBOOKS_PACKAGED = ROOT / "monitor" / "server" / "web" / "runbooks.md"
 REGENERATE = "python -m tests.test_packaging"
 
 
@@ -60,7 +60,7 @@ def _core_dependencies() -> set[str]:
 
 
 def sync_runbooks() -> bool:
-    """Write docs/runbooks.md to monitor/web/runbooks.md (the packaged copy served at
+    """Write docs/runbooks.md to monitor/server/web/runbooks.md (the packaged copy served at
     /runbooks); True when the copy changed."""
     text = RUNBOOKS_SOURCE.read_bytes()
     if (RUNBOOKS_PACKAGED.is_file() and not RUNBOOKS_PACKAGED.is_symlink()
@@ -146,7 +146,8 @@ with contextlib.redirect_stdout(io.StringIO()):
 assert main(["dashboard", "--out", OUT + "/dashboard.json"]) == 0
 import exporters
 modules = ["monitor", "monitor.monitor", "monitor.server", "monitor.shm", "monitor.sink",
-           "monitor.dashboard", "monitor.cli", "monitor.sidecar.service", "monitor.sidecar.cli",
+           "monitor.server.dashboard", "monitor.cli", "monitor.sidecar.service",
+           "monitor.sidecar.cli",
            *(f"exporters.{m.name}" for m in pkgutil.iter_modules(exporters.__path__))]
 for module in modules:
     importlib.import_module(module)
@@ -206,13 +207,13 @@ def test_requires_python_covers_what_the_code_needs() -> None:
 
 
 def test_packaged_runbooks_are_a_copy_of_the_docs() -> None:
-    """monitor/web/runbooks.md is a regular file identical to docs/runbooks.md."""
+    """monitor/server/web/runbooks.md is a regular file identical to docs/runbooks.md."""
     how = f"regenerate it from docs/runbooks.md with `{REGENERATE}`"
     assert not RUNBOOKS_PACKAGED.is_symlink(), (
-        f"monitor/web/runbooks.md is a symlink (to {os.readlink(RUNBOOKS_PACKAGED)}): the "
+        f"monitor/server/web/runbooks.md is a symlink (to {os.readlink(RUNBOOKS_PACKAGED)}): the "
         f"images copy monitor/ without docs/; {how}")
     assert RUNBOOKS_PACKAGED.read_bytes() == RUNBOOKS_SOURCE.read_bytes(), (
-        f"monitor/web/runbooks.md differs from docs/runbooks.md; {how}")
+        f"monitor/server/web/runbooks.md differs from docs/runbooks.md; {how}")
 
 
 def copy_build_context(dockerfile: Path, dest: Path) -> Path:
@@ -383,25 +384,25 @@ def test_wheel_metadata_has_the_spdx_license(docker_wheel: BuiltWheel) -> None:
 @pytest.mark.e2e
 def test_wheel_ships_package_data(docker_wheel: BuiltWheel) -> None:
     """monitor/py.typed, exporters/py.typed (PEP 561), the dashboard's assets, the ONNX kernels
-    and monitor/web/runbooks.md with the runbooks' text (a regular file: not a symlink's target
-    path)."""
-    from monitor.dashboard import ASSETS
+    and monitor/server/web/runbooks.md with the runbooks' text (a regular file: not a symlink's
+    target path)."""
+    from monitor.server.dashboard import ASSETS
 
     with zipfile.ZipFile(docker_wheel.wheel) as z:
         names = set(z.namelist())
         for marker in ("monitor/py.typed", "exporters/py.typed"):
             assert marker in names, sorted(n for n in names if n.endswith("typed"))
         for asset in ASSETS:
-            assert f"monitor/web/{asset}" in names, sorted(n for n in names if "web/" in n)
+            assert f"monitor/server/web/{asset}" in names, sorted(n for n in names if "web/" in n)
         models = sorted(p.name for p in (ROOT / "monitor" / "sidecar" / "models").glob("*.onnx"))
         assert models and all(f"monitor/sidecar/models/{m}" in names for m in models), models
-        assert "monitor/web/runbooks.md" in names, sorted(n for n in names if "web/" in n)
-        info = z.getinfo("monitor/web/runbooks.md")
+        assert "monitor/server/web/runbooks.md" in names, sorted(n for n in names if "web/" in n)
+        info = z.getinfo("monitor/server/web/runbooks.md")
         assert stat.S_ISLNK(info.external_attr >> 16) is False, "stored as a symlink"
         assert z.read(info) == RUNBOOKS_SOURCE.read_bytes()
-    installed = docker_wheel.site / "monitor" / "web" / "runbooks.md"
+    installed = docker_wheel.site / "monitor" / "server" / "web" / "runbooks.md"
     assert installed.is_file() and not installed.is_symlink()
 
 
 if __name__ == "__main__":
-    print("monitor/web/runbooks.md", "updated" if sync_runbooks() else "already up to date")
+    print("monitor/server/web/runbooks.md", "updated" if sync_runbooks() else "already up to date")

@@ -66,7 +66,7 @@ def test_sparkline_resamples_longer_series_by_bucket_means() -> None:
 @pytest.fixture(scope="module")
 def demo() -> Any:
     """Snapshots of a short collapse demo run (no stop-gradient: the collapse alert fires)."""
-    from monitor.demo import run_demo
+    from monitor.tools.demo import run_demo
 
     result = run_demo(steps=60, collapse_at=0, port=None, device="cpu", every=10)
     assert result.snapshots

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from monitor.demo import DemoResult, run_demo
-from monitor.demo_plasticity import PlasticityResult, run_plasticity_demo
+from monitor.tools.demo import DemoResult, run_demo
+from monitor.tools.demo_plasticity import PlasticityResult, run_plasticity_demo
 
 SIMSIAM_STEPS = 400
 PLASTICITY_TASKS, PLASTICITY_STEPS = 30, 100
@@ -52,7 +52,7 @@ def simsiam_collapsed() -> DemoResult:
 
 def _plasticity(redo: bool) -> PlasticityRun:
     from monitor.functional.plasticity import dormant_fraction
-    from monitor.scenarios.plasticity import hidden_activations
+    from monitor.tools.scenarios.plasticity import hidden_activations
 
     run = PlasticityRun(PlasticityResult())
 

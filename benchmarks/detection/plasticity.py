@@ -1,8 +1,8 @@
 """Continual random-label tasks on digits: methods that lose plasticity and methods that keep it.
 
-The scenario of :mod:`monitor.scenarios.plasticity` (an MLP ``64 → 256 → 256 → 10``, Adam, a
-fresh set of random labels for the same 512 images every task; Lyle et al., ICML 2023; Dohare
-et al., Nature 2024), 30 tasks of 100 steps, with repwatch watching the hidden activations as the
+The scenario of :mod:`monitor.tools.scenarios.plasticity` (an MLP ``64 → 256 → 256 → 10``, Adam, a
+fresh set of random labels for the same 512 images every task; Lyle et al., ICML 2023; Dohare et
+al., Nature 2024), 30 tasks of 100 steps, with repwatch watching the hidden activations as the
 plasticity demo does. Methods:
 
 ==============  ============================================================================
@@ -69,7 +69,7 @@ def run_plasticity(setting: str, seed: int = 0, tasks: int = TASKS,
     """Train ``setting`` on ``tasks`` random-label tasks with repwatch attached."""
     from monitor import Monitor
     from monitor.remedies import recycle_dormant
-    from monitor.scenarios.plasticity import build_plasticity, run_tasks
+    from monitor.tools.scenarios.plasticity import build_plasticity, run_tasks
 
     label, paper = SETTINGS[setting]
     setup = build_plasticity(seed=seed)

@@ -384,7 +384,7 @@ every 25 steps, from the random initialisation on; the *drop* is the first readi
 the best before it.
 """,
     "plasticity": """
-The MLP of `monitor.scenarios.plasticity` on 30 random-label tasks of 100 steps (Adam), with
+The MLP of `monitor.tools.scenarios.plasticity` on 30 random-label tasks of 100 steps (Adam), with
 repwatch watching the hidden activations as `repwatch demo --scenario plasticity` does. Here the
 *accuracy trend* decides, not a label: a run lost plasticity when its last five tasks' mean
 end-of-task accuracy is 0.1 or more below that of tasks 2–6; its step is the end of the first

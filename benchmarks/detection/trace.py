@@ -3,7 +3,7 @@
 A :class:`Trace` holds every value repwatch published for a run (streams and activation layers,
 per publish), the run's ground truth (probe accuracy over steps, the paper's label) and what
 happened to it. :func:`replay` feeds the published values through the same
-:class:`monitor.tracking.RunTracker` and :class:`monitor.alerts.AlertEngine` as a live monitor,
+:class:`monitor.run.RunPublisher` (run-relative signals, alerts) as a live monitor,
 so a rule set can be judged on recorded trainings without training again.
 """
 
@@ -12,12 +12,15 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from monitor.alerts import DEFAULT_RULES, AlertEngine, AlertRule
+from monitor.alerts import DEFAULT_RULES, AlertRule
+from monitor.errors import ErrorLog
+from monitor.run import Readings, RunPublisher
 from monitor.snapshot import Snapshot
 from monitor.tracking import RunTracker
 
@@ -120,17 +123,16 @@ def replay(trace: Trace, rules: Sequence[AlertRule] = DEFAULT_RULES,
     trace's publishes through a fresh :class:`RunTracker` — what a live monitor with these rules
     would have raised. ``firing``, when given, receives each publish's firing alerts as sorted
     ``"Name|key"`` (the form the traces record from the live monitor)."""
-    tracker = RunTracker(trace.window, trace.peak_warmup)
-    engine = AlertEngine(rules, run=trace.setting)
+    publisher = RunPublisher(trace.setting, rules, RunTracker(trace.window, trace.peak_warmup),
+                             ErrorLog(strict=True))
     events: list[Event] = []
     seen: set[tuple[str, str]] = set()
     for pub in trace.publishes:
-        streams = {k: dict(v) for k, v in pub.get("stream", {}).items()}
-        layers = {k: dict(v) for k, v in pub.get("layer", {}).items()}
-        tracker.derive(streams, layers, pub["step"])
-        now, fired, _ = engine.evaluate({"stream": streams, "layer": layers}, pub["step"])
+        readings = Readings(streams={k: dict(v) for k, v in pub.get("stream", {}).items()},
+                            layers={k: dict(v) for k, v in pub.get("layer", {}).items()})
+        snap, fired, _ = publisher.publish(readings, pub["step"], time.perf_counter())
         if firing is not None:
-            firing.append(sorted(f"{a.name}|{a.stream}" for a in now))
+            firing.append(sorted(f"{a.name}|{a.stream}" for a in snap.alerts))
         for a in fired:
             if (a.name, a.stream) not in seen:
                 seen.add((a.name, a.stream))

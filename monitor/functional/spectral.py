@@ -1,12 +1,18 @@
-"""Spectral representation-health statistics as pure functions.
+"""Spectral representation-health statistics as pure functions, for numpy and torch alike.
+
+Every function is written once against the array API that numpy and torch share
+(``array_api_compat``): a torch tensor in gives a torch tensor out, on its device, and a numpy
+array in gives a numpy array out. The in-process monitor (torch, on the GPU) and the torch-free
+sidecar (numpy) run this same code at publish.
 
 Two layers:
 
 * ``*_from_*`` functions work on sufficient statistics (the uncentred second moment
   ``S = ZᵀZ``, the column sum ``Σz`` and the row count ``n``, or the eigenvalues of ``S``).
   They are what the streaming scorers call at publish time; they contain no host
-  synchronisation (counts stay tensors, data-dependent ranges are masks, not slices).
-* One-shot functions on an ``(n, d)`` tensor (``rankme``, ``effective_rank``, ...) build those
+  synchronisation (counts stay arrays, data-dependent ranges are masks, not slices).
+  :func:`window_spectral_signals` and :func:`window_collapse_signals` are a window's whole set.
+* One-shot functions on an ``(n, d)`` array (``rankme``, ``effective_rank``, ...) build those
   statistics and call the same code, so streaming and one-shot share one implementation.
 
 All statistics are computed in float64 (docs/metrics.md §1 "Streaming": eigenvalues of ``S`` are
@@ -16,43 +22,57 @@ All statistics are computed in float64 (docs/metrics.md §1 "Streaming": eigenva
 from __future__ import annotations
 
 import math
+from typing import Any
 
-import torch
-from torch import Tensor
+from array_api_compat import array_namespace, device
+
+from monitor.functional._xp import Array, f64, quiet, scalar
+
 
 RANKME_EPS: float = 1e-7
 """ε of RankMe (Garrido et al. 2023, Eq. 1; float32 default of the paper and stable-SSL)."""
 
 
-def _as_rows(z: Tensor) -> Tensor:
-    if z.dim() != 2:
-        raise ValueError(f"expected a 2-D (n, d) tensor of rows, got shape {tuple(z.shape)}")
-    if not z.is_floating_point():
-        raise TypeError(f"expected a floating-point tensor, got {z.dtype}")
-    return z.to(torch.float64)
 
 
-def second_moment(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _nan(xp: Any, like: Array) -> Array:
+    return xp.full_like(like, math.nan)
+
+
+def _as_rows(z: Array) -> Array:
+    xp = array_namespace(z)
+    if z.ndim != 2:
+        raise ValueError(f"expected a 2-D (n, d) array of rows, got shape {tuple(z.shape)}")
+    if not xp.isdtype(z.dtype, "real floating"):
+        raise TypeError(f"expected a floating-point array, got {z.dtype}")
+    return f64(xp, z)
+
+
+@quiet
+def second_moment(z: Array) -> tuple[Array, Array, Array]:
     """Sufficient statistics of rows ``z`` (n, d): ``(S = zᵀz, Σz, n)`` in float64."""
     x = _as_rows(z)
-    n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
-    return x.T @ x, x.sum(0), n
+    xp = array_namespace(x)
+    return x.T @ x, xp.sum(x, axis=0), scalar(xp, float(x.shape[0]), x)
 
 
-def eigenvalues_desc(s: Tensor) -> Tensor:
+@quiet
+def eigenvalues_desc(s: Array) -> Array:
     """Eigenvalues of a symmetric PSD matrix, descending, clamped at 0 (round-off)."""
-    lam = torch.linalg.eigvalsh(s.to(torch.float64))
-    return lam.flip(0).clamp_min(0.0)
+    xp = array_namespace(s)
+    lam = xp.linalg.eigvalsh(f64(xp, s))
+    return xp.clip(xp.flip(lam, axis=0), min=0.0)
 
 
-def _rank_mask(length: int, k: Tensor | int | float, device: torch.device) -> Tensor:
-    """Boolean mask of the first ``k`` positions (``k`` may be a device tensor: no sync)."""
-    idx = torch.arange(length, device=device, dtype=torch.float64)
-    return idx < torch.as_tensor(k, dtype=torch.float64, device=device)
+def _rank_mask(xp: Any, length: int, k: Array | float, like: Array) -> Array:
+    """Boolean mask of the first ``k`` positions (``k`` may be a device array: no sync)."""
+    idx = xp.arange(length, dtype=xp.float64, device=device(like))
+    return idx < scalar(xp, k, like)
 
 
-def rankme_from_singular_values(s: Tensor, k: Tensor | int | float | None = None,
-                                eps: float = RANKME_EPS) -> Tensor:
+@quiet
+def rankme_from_singular_values(s: Array, k: Array | float | None = None,
+                                eps: float = RANKME_EPS) -> Array:
     """RankMe (Garrido, Balestriero, Najman & LeCun, ICML 2023, Eq. 1–2).
 
     ``RankMe = exp(−Σ_{k≤K} p_k log p_k)``, ``p_k = σ_k/‖σ‖₁ + ε`` over the ``K = min(n, d)``
@@ -60,30 +80,33 @@ def rankme_from_singular_values(s: Tensor, k: Tensor | int | float | None = None
     after normalisation, as in the paper and stable-SSL, so a complete collapse reads slightly
     above 1 (1.0033 for K = 2048).
     """
-    s = s.to(torch.float64).clamp_min(0.0)
-    mask = _rank_mask(s.shape[0], s.shape[0] if k is None else k, s.device)
-    s = torch.where(mask, s, torch.zeros_like(s))
-    total = s.sum()
+    xp = array_namespace(s)
+    s = xp.clip(f64(xp, s), min=0.0)
+    mask = _rank_mask(xp, s.shape[0], s.shape[0] if k is None else k, s)
+    s = xp.where(mask, s, 0.0)
+    total = xp.sum(s)
     p = s / total + eps
-    h = -(torch.where(mask, p * torch.log(p), torch.zeros_like(p))).sum()
-    return torch.where(total > 0, torch.exp(h), torch.full_like(h, math.nan))
+    h = -xp.sum(xp.where(mask, p * xp.log(p), 0.0))
+    return xp.where(total > 0, xp.exp(h), math.nan)
 
 
-def effective_rank_from_singular_values(s: Tensor) -> Tensor:
+@quiet
+def effective_rank_from_singular_values(s: Array) -> Array:
     """Roy & Vetterli (2007) effective rank ``exp(H(σ/‖σ‖₁))`` with ``0·log 0 = 0``, no ε.
 
     This is the erank used by Dohare et al. (2024) for plasticity; ``1 ≤ erank ≤ rank``.
     """
-    s = s.to(torch.float64).clamp_min(0.0)
-    total = s.sum()
+    xp = array_namespace(s)
+    s = xp.clip(f64(xp, s), min=0.0)
+    total = xp.sum(s)
     p = s / total
-    plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))),
-                        torch.zeros_like(p))
-    h = -plogp.sum()
-    return torch.where(total > 0, torch.exp(h), torch.full_like(h, math.nan))
+    plogp = xp.where(p > 0, p * xp.log(xp.where(p > 0, p, 1.0)), 0.0)
+    h = -xp.sum(plogp)
+    return xp.where(total > 0, xp.exp(h), math.nan)
 
 
-def srank_from_singular_values(s: Tensor, delta: float = 0.01) -> Tensor:
+@quiet
+def srank_from_singular_values(s: Array, delta: float = 0.01) -> Array:
     """srank_δ (Kumar, Agarwal, Ghosh & Levine, ICLR 2021).
 
     ``min{k : Σ_{i≤k} σ_i / Σ_i σ_i ≥ 1 − δ}`` over descending singular values of the uncentred
@@ -92,22 +115,26 @@ def srank_from_singular_values(s: Tensor, delta: float = 0.01) -> Tensor:
     """
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    s = s.to(torch.float64).clamp_min(0.0)
-    total = s.sum()
-    c = torch.cumsum(s, 0) / total
-    k = (c < 1.0 - delta).sum().to(torch.float64) + 1.0
-    return torch.where(total > 0, k, torch.full_like(k, math.nan))
+    xp = array_namespace(s)
+    s = xp.clip(f64(xp, s), min=0.0)
+    total = xp.sum(s)
+    c = xp.cumulative_sum(s) / total
+    k = f64(xp, xp.sum(f64(xp, c < 1.0 - delta))) + 1.0
+    return xp.where(total > 0, k, math.nan)
 
 
-def top_eigenvalue_share_from_eigenvalues(lam: Tensor) -> Tensor:
+@quiet
+def top_eigenvalue_share_from_eigenvalues(lam: Array) -> Array:
     """Share of the largest eigenvalue of the second moment in its trace, ``λ₁ / Σλ`` (0–1)."""
-    lam = lam.to(torch.float64).clamp_min(0.0)
-    total = lam.sum()
-    return torch.where(total > 0, lam.max() / total, torch.full_like(total, math.nan))
+    xp = array_namespace(lam)
+    lam = xp.clip(f64(xp, lam), min=0.0)
+    total = xp.sum(lam)
+    return xp.where(total > 0, xp.max(lam) / total, math.nan)
 
 
-def participation_ratio_from_moments(s: Tensor, zsum: Tensor, n: Tensor | float,
-                                     corrected: bool = True) -> Tensor:
+@quiet
+def participation_ratio_from_moments(s: Array, zsum: Array, n: Array | float,
+                                     corrected: bool = True) -> Array:
     """Participation ratio ``PR = (tr C)² / tr(C²)`` of the centred covariance, no eigensolve.
 
     Gao et al. 2017; Recanatesi et al. 2019; used for rank collapse by Kumar et al. 2021.
@@ -118,29 +145,27 @@ def participation_ratio_from_moments(s: Tensor, zsum: Tensor, n: Tensor | float,
     Gaussian features, approximate otherwise. The corrected value is clamped to ``[1, d]``.
     Needs ``n ≥ 3`` (corrected) or ``n ≥ 2``; otherwise NaN.
     """
-    s = s.to(torch.float64)
-    zsum = zsum.to(torch.float64)
-    n = torch.as_tensor(n, dtype=torch.float64, device=s.device)
-    safe_n = n.clamp_min(1.0)
-    w = s - torch.outer(zsum, zsum) / safe_n
+    xp = array_namespace(s)
+    s = f64(xp, s)
+    zsum = f64(xp, zsum)
+    n = scalar(xp, n, s)
+    w = s - (zsum[:, None] * zsum[None, :]) / xp.clip(n, min=1.0)
     w = 0.5 * (w + w.T)
-    tr = torch.diagonal(w).sum()
-    tr2 = (w * w).sum()
-    nan = torch.full_like(tr, math.nan)
+    tr = xp.linalg.trace(w)
+    tr2 = xp.sum(w * w)
     if not corrected:
-        pr = tr * tr / tr2
-        return torch.where((n >= 2) & (tr2 > 0), pr, nan)
+        return xp.where((n >= 2) & (tr2 > 0), tr * tr / tr2, math.nan)
     m = n - 1.0
-    a_hat = (tr2 - tr * tr / m.clamp_min(1.0)) / ((m + 2.0) * (m - 1.0)).clamp_min(1.0)
-    b_hat = (tr * tr - 2.0 * m * a_hat) / (m * m).clamp_min(1.0)
-    d = float(s.shape[0])
-    pr = (b_hat / a_hat).clamp(1.0, d)
-    return torch.where((n >= 3) & (a_hat > 0) & (b_hat > 0), pr, nan)
+    a_hat = (tr2 - tr * tr / xp.clip(m, min=1.0)) / xp.clip((m + 2.0) * (m - 1.0), min=1.0)
+    b_hat = (tr * tr - 2.0 * m * a_hat) / xp.clip(m * m, min=1.0)
+    pr = xp.clip(b_hat / a_hat, min=1.0, max=float(s.shape[0]))
+    return xp.where((n >= 3) & (a_hat > 0) & (b_hat > 0), pr, math.nan)
 
 
-def spectrum_alpha_from_eigenvalues(lam: Tensor, k: Tensor | int | float | None = None,
+@quiet
+def spectrum_alpha_from_eigenvalues(lam: Array, k: Array | float | None = None,
                                     fit_start: int = 10, fit_stop: int = 100,
-                                    min_points: int = 5, rel_floor: float = 1e-12) -> Tensor:
+                                    min_points: int = 5, rel_floor: float = 1e-12) -> Array:
     """α-ReQ power-law decay coefficient (Agrawal, Mondal, Ghosh & Richards, NeurIPS 2022).
 
     Fits ``log λ_i ≈ c − α log i`` by weighted least squares with weights ``1/i`` (Stringer &
@@ -153,30 +178,32 @@ def spectrum_alpha_from_eigenvalues(lam: Tensor, k: Tensor | int | float | None 
     """
     if not 0 <= fit_start < fit_stop:
         raise ValueError(f"need 0 <= fit_start < fit_stop, got {fit_start}, {fit_stop}")
-    lam = lam.to(torch.float64)
+    xp = array_namespace(lam)
+    lam = f64(xp, lam)
     length = lam.shape[0]
     stop = min(fit_stop, length)
     if stop <= fit_start:
-        return torch.full((), math.nan, dtype=torch.float64, device=lam.device)
+        return scalar(xp, math.nan, lam)
     y_all = lam[fit_start:stop]
-    rank = torch.arange(fit_start + 1, stop + 1, dtype=torch.float64, device=lam.device)
+    rank = xp.arange(fit_start + 1, stop + 1, dtype=xp.float64, device=device(lam))
     # Eigenvalues below rel_floor·λ₁ are numerical zeros (a rank-deficient window), not spectrum.
-    valid = y_all > rel_floor * lam.max().clamp_min(0.0)
+    valid = y_all > rel_floor * xp.clip(xp.max(lam), min=0.0)
     if k is not None:
-        valid = valid & _rank_mask(length, k, lam.device)[fit_start:stop]
-    w = torch.where(valid, 1.0 / rank, torch.zeros_like(rank))
-    y = torch.log(torch.where(valid, y_all, torch.ones_like(y_all)))
-    x = -torch.log(rank)
+        valid = valid & _rank_mask(xp, length, k, lam)[fit_start:stop]
+    w = xp.where(valid, 1.0 / rank, 0.0)
+    y = xp.log(xp.where(valid, y_all, 1.0))
+    x = -xp.log(rank)
     # Weighted least squares for y = α·x + c, closed form (2×2 normal equations).
-    sw, swx, swy = w.sum(), (w * x).sum(), (w * y).sum()
-    swxx, swxy = (w * x * x).sum(), (w * x * y).sum()
+    sw, swx, swy = xp.sum(w), xp.sum(w * x), xp.sum(w * y)
+    swxx, swxy = xp.sum(w * x * x), xp.sum(w * x * y)
     det = sw * swxx - swx * swx
     alpha = (sw * swxy - swx * swy) / det
-    ok = (valid.sum() >= min_points) & (det.abs() > 0)
-    return torch.where(ok, alpha, torch.full_like(alpha, math.nan))
+    ok = (xp.sum(f64(xp, valid)) >= min_points) & (xp.abs(det) > 0)
+    return xp.where(ok, alpha, math.nan)
 
 
-def l2_normalized_std_from_sums(nsum: Tensor, nsq: Tensor, n: Tensor | float) -> Tensor:
+@quiet
+def l2_normalized_std_from_sums(nsum: Array, nsq: Array, n: Array | float) -> Array:
     """SimSiam collapse measure (Chen & He, CVPR 2021) from per-dimension sums.
 
     ``std_l2 = (1/d) Σ_j std_i(ẑ_ij)``, ``ẑ_i = z_i/‖z_i‖₂``, unbiased std (ddof = 1) as in
@@ -184,29 +211,33 @@ def l2_normalized_std_from_sums(nsum: Tensor, nsq: Tensor, n: Tensor | float) ->
     ≈ 1/√d for healthy isotropic embeddings, → 0 on complete collapse. Blind to dimensional
     collapse (docs/metrics.md §5a): pair it with RankMe.
     """
-    nsum = nsum.to(torch.float64)
-    nsq = nsq.to(torch.float64)
-    n = torch.as_tensor(n, dtype=torch.float64, device=nsum.device)
-    var = (nsq - nsum * nsum / n.clamp_min(1.0)) / (n - 1.0).clamp_min(1.0)
-    std = var.clamp_min(0.0).sqrt().mean()
-    return torch.where(n >= 2, std, torch.full_like(std, math.nan))
+    xp = array_namespace(nsum)
+    nsum = f64(xp, nsum)
+    nsq = f64(xp, nsq)
+    n = scalar(xp, n, nsum)
+    var = (nsq - nsum * nsum / xp.clip(n, min=1.0)) / xp.clip(n - 1.0, min=1.0)
+    std = xp.mean(xp.sqrt(xp.clip(var, min=0.0)))
+    return xp.where(n >= 2, std, math.nan)
 
 
-def mean_cosine_similarity_from_sums(nsum: Tensor, nsq: Tensor, n: Tensor | float) -> Tensor:
+@quiet
+def mean_cosine_similarity_from_sums(nsum: Array, nsq: Array, n: Array | float) -> Array:
     """Mean pairwise cosine similarity over distinct rows, exact from ``Σẑ`` and ``Σẑ²``.
 
     ``(‖Σ_i ẑ_i‖² − Σ_i ‖ẑ_i‖²) / (n(n−1))``; 1 on complete collapse, ≈ 0 for centred isotropic
     embeddings (a high value means every row points the same way).
     """
-    nsum = nsum.to(torch.float64)
-    n = torch.as_tensor(n, dtype=torch.float64, device=nsum.device)
-    num = (nsum * nsum).sum() - nsq.to(torch.float64).sum()
-    val = num / (n * (n - 1.0)).clamp_min(1.0)
-    return torch.where(n >= 2, val, torch.full_like(val, math.nan))
+    xp = array_namespace(nsum)
+    nsum = f64(xp, nsum)
+    n = scalar(xp, n, nsum)
+    num = xp.sum(nsum * nsum) - xp.sum(f64(xp, nsq))
+    val = num / xp.clip(n * (n - 1.0), min=1.0)
+    return xp.where(n >= 2, val, math.nan)
 
 
-def mean_variance_from_moments(s: Tensor, zsum: Tensor, n: Tensor | float, dim: int | None = None
-                               ) -> Tensor:
+@quiet
+def mean_variance_from_moments(s: Array, zsum: Array, n: Array | float, dim: int | None = None
+                               ) -> Array:
     """Mean per-dimension variance of the raw (not normalised) rows, from ``S = ZᵀZ`` and ``Σz``.
 
     ``tr C / d`` with ``C = (S − Σz Σzᵀ/n)/(n − 1)`` (ddof = 1); VICReg's variance term
@@ -214,81 +245,163 @@ def mean_variance_from_moments(s: Tensor, zsum: Tensor, n: Tensor | float, dim: 
     when all rows shrink to one point, wherever that point is (to 0 included). ``dim`` divides
     the trace (default: ``s``'s size; a sketch passes the true d). NaN below two rows.
     """
-    s = s.to(torch.float64)
-    zsum = zsum.to(torch.float64)
-    n = torch.as_tensor(n, dtype=torch.float64, device=s.device)
+    xp = array_namespace(s)
+    s = f64(xp, s)
+    zsum = f64(xp, zsum)
+    n = scalar(xp, n, s)
     d = float(dim if dim is not None else s.shape[0])
-    tr = torch.diagonal(s).sum() - (zsum * zsum).sum() / n.clamp_min(1.0)
-    var = tr.clamp_min(0.0) / ((n - 1.0).clamp_min(1.0) * d)
-    return torch.where(n >= 2, var, torch.full_like(var, math.nan))
+    tr = xp.linalg.trace(s) - xp.sum(zsum * zsum) / xp.clip(n, min=1.0)
+    var = xp.clip(tr, min=0.0) / (xp.clip(n - 1.0, min=1.0) * d)
+    return xp.where(n >= 2, var, math.nan)
 
 
-def normalize_rows(z: Tensor, eps: float = 1e-12) -> Tensor:
+# ---------------------------------------------------------------- a window's whole set
+
+
+SPECTRAL_SIGNALS: tuple[str, ...] = (
+    "effective_rank", "effective_rank_ratio", "participation_ratio", "spectrum_alpha",
+    "srank", "top_eigenvalue_share", "window_samples", "embedding_dim",
+)
+COLLAPSE_SIGNALS: tuple[str, ...] = ("embedding_std_ratio", "mean_cosine_similarity",
+                                     "embedding_variance")
+
+
+@quiet
+def window_spectral_signals(s: Array, zsum: Array, n: Array | float, *,
+                            eps: float = RANKME_EPS, srank_delta: float = 0.01,
+                            alpha_fit: tuple[int, int] = (10, 100),
+                            alpha_centered: bool = False, pr_corrected: bool = True
+                            ) -> dict[str, Array]:
+    """The spectral signals of a window (:data:`SPECTRAL_SIGNALS`, 0-d arrays) and its
+    ``spectrum`` (eigenvalues of ``S/n``, descending) from one ``eigvalsh`` of ``S``.
+
+    RankMe and its ratio to ``K = min(n, d)``, srank, α-ReQ (of the uncentred ``S`` unless
+    ``alpha_centered``: interlacing moves the fit window by at most one rank), ``λ₁/Σλ`` and
+    the corrected participation ratio; NaN below two rows. No host synchronisation.
+    """
+    xp = array_namespace(s)
+    n = scalar(xp, n, s)
+    d = scalar(xp, float(s.shape[0]), s)
+    k = xp.minimum(n, d)
+    lam = eigenvalues_desc(s)                                            # (d,) descending
+    sigma = xp.sqrt(lam)
+    rank = rankme_from_singular_values(sigma, k, eps)
+    if alpha_centered:
+        scatter = f64(xp, s) - (zsum[:, None] * zsum[None, :]) / xp.clip(n, min=1.0)
+        alpha = spectrum_alpha_from_eigenvalues(eigenvalues_desc(scatter), n - 1.0, *alpha_fit)
+    else:
+        alpha = spectrum_alpha_from_eigenvalues(lam, k, *alpha_fit)
+    out = {
+        "effective_rank": rank,
+        "effective_rank_ratio": rank / xp.clip(k, min=1.0),
+        "participation_ratio": participation_ratio_from_moments(s, zsum, n, pr_corrected),
+        "spectrum_alpha": alpha,
+        "srank": srank_from_singular_values(sigma, srank_delta),
+        "top_eigenvalue_share": top_eigenvalue_share_from_eigenvalues(lam),
+    }
+    enough = n >= 2
+    out = {key: xp.where(enough, value, math.nan) for key, value in out.items()}
+    out["window_samples"] = n
+    out["embedding_dim"] = d
+    out["spectrum"] = lam / xp.clip(n, min=1.0)
+    return out
+
+
+@quiet
+def window_collapse_signals(s: Array, zsum: Array, nsum: Array, nsq: Array, n: Array | float,
+                            dim: int | None = None) -> dict[str, Array]:
+    """The complete-collapse signals of a window (:data:`COLLAPSE_SIGNALS`, 0-d arrays): the
+    SimSiam std of L2-normalised rows × √(width of ``nsum``), the mean pairwise cosine and the
+    raw ``tr C / d``. ``dim`` is the rows' true d (default: ``s``'s size; a sketch's is k)."""
+    std = l2_normalized_std_from_sums(nsum, nsq, n)
+    return {
+        "embedding_std_ratio": std * math.sqrt(nsum.shape[0]),
+        "mean_cosine_similarity": mean_cosine_similarity_from_sums(nsum, nsq, n),
+        "embedding_variance": mean_variance_from_moments(s, zsum, n, dim),
+    }
+
+
+@quiet
+def normalize_rows(z: Array, eps: float = 1e-12) -> Array:
     """Row L2 normalisation; an all-zero row stays zero."""
-    return z / z.norm(dim=1, keepdim=True).clamp_min(eps)
+    xp = array_namespace(z)
+    return z / xp.clip(xp.linalg.vector_norm(z, axis=1, keepdims=True), min=eps)
 
 
 # ---------------------------------------------------------------- one-shot on (n, d) rows
 
 
-def _singular_values(z: Tensor) -> tuple[Tensor, int]:
+def _singular_values(z: Array) -> tuple[Array, int]:
     x = _as_rows(z)
-    return torch.linalg.svdvals(x), min(x.shape)
+    return array_namespace(x).linalg.svdvals(x), min(x.shape)
 
 
-def rankme(z: Tensor, eps: float = RANKME_EPS) -> Tensor:
+@quiet
+def rankme(z: Array, eps: float = RANKME_EPS) -> Array:
     """RankMe of rows ``z`` (n, d): paper convention (uncentred σ, ε = 1e-7). See
     :func:`rankme_from_singular_values`."""
     s, k = _singular_values(z)
     return rankme_from_singular_values(s, k, eps)
 
 
-def effective_rank(z: Tensor) -> Tensor:
+@quiet
+def effective_rank(z: Array) -> Array:
     """Roy–Vetterli effective rank of rows ``z`` (n, d) (no ε)."""
     s, _ = _singular_values(z)
     return effective_rank_from_singular_values(s)
 
 
-def srank(z: Tensor, delta: float = 0.01) -> Tensor:
+@quiet
+def srank(z: Array, delta: float = 0.01) -> Array:
     """srank_δ of rows ``z`` (n, d) (Kumar et al. 2021), δ = 0.01."""
     s, _ = _singular_values(z)
     return srank_from_singular_values(s, delta)
 
 
-def participation_ratio(z: Tensor, corrected: bool = True) -> Tensor:
+@quiet
+def participation_ratio(z: Array, corrected: bool = True) -> Array:
     """Participation ratio of the centred covariance of rows ``z`` (n, d); see
     :func:`participation_ratio_from_moments`."""
     s, zsum, n = second_moment(z)
     return participation_ratio_from_moments(s, zsum, n, corrected)
 
 
-def spectrum_alpha(z: Tensor, fit_start: int = 10, fit_stop: int = 100,
-                   centered: bool = True) -> Tensor:
+@quiet
+def spectrum_alpha(z: Array, fit_start: int = 10, fit_stop: int = 100,
+                   centered: bool = True) -> Array:
     """α-ReQ of rows ``z`` (n, d) from the eigenvalues of the centred covariance (reference
     convention) or, with ``centered=False``, of the uncentred second moment."""
     s, zsum, n = second_moment(z)
     if centered:
-        s = s - torch.outer(zsum, zsum) / n.clamp_min(1.0)  # n = 0: zero matrix, not 0/0 = NaN
+        xp = array_namespace(s)
+        # n = 0: a zero matrix, not 0/0 = NaN
+        s = s - (zsum[:, None] * zsum[None, :]) / xp.clip(n, min=1.0)
         k = min(z.shape[0] - 1, z.shape[1])
     else:
         k = min(z.shape)
     return spectrum_alpha_from_eigenvalues(eigenvalues_desc(s), k, fit_start, fit_stop)
 
 
-def l2_normalized_std(z: Tensor) -> Tensor:
+@quiet
+def l2_normalized_std(z: Array) -> Array:
     """SimSiam std of L2-normalised rows (not multiplied by √d); see
     :func:`l2_normalized_std_from_sums`."""
     x = normalize_rows(_as_rows(z))
-    return l2_normalized_std_from_sums(x.sum(0), (x * x).sum(0), float(x.shape[0]))
+    xp = array_namespace(x)
+    return l2_normalized_std_from_sums(xp.sum(x, axis=0), xp.sum(x * x, axis=0), float(x.shape[0]))
 
 
-def mean_cosine_similarity(z: Tensor) -> Tensor:
+@quiet
+def mean_cosine_similarity(z: Array) -> Array:
     """Mean pairwise cosine similarity of distinct rows of ``z`` (n, d)."""
     x = normalize_rows(_as_rows(z))
-    return mean_cosine_similarity_from_sums(x.sum(0), (x * x).sum(0), float(x.shape[0]))
+    xp = array_namespace(x)
+    return mean_cosine_similarity_from_sums(xp.sum(x, axis=0), xp.sum(x * x, axis=0),
+                                            float(x.shape[0]))
 
 
-def mean_variance(z: Tensor) -> Tensor:
+@quiet
+def mean_variance(z: Array) -> Array:
     """Mean per-dimension variance (ddof 1) of rows ``z`` ``(n, d)``; see
     :func:`mean_variance_from_moments`."""
     s, zsum, n = second_moment(z)

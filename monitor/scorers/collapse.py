@@ -16,31 +16,19 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
-from monitor.functional.spectral import (
-    l2_normalized_std_from_sums,
-    mean_cosine_similarity_from_sums,
-    mean_variance_from_moments,
-)
+from monitor.functional.spectral import COLLAPSE_SIGNALS, window_collapse_signals
 from monitor.scorers.moments import WindowMoments
 
 
 class CollapseScorer:
     """Std of L2-normalised rows (× √d), mean pairwise cosine similarity, raw variance."""
 
-    signals: tuple[str, ...] = ("embedding_std_ratio", "mean_cosine_similarity",
-                                "embedding_variance")
+    signals: tuple[str, ...] = COLLAPSE_SIGNALS
 
     def compute(self, m: WindowMoments) -> dict[str, Tensor]:
         """Collapse signals of the window as device tensors (no host sync)."""
         m.settle()
-        std = l2_normalized_std_from_sums(m.nsum, m.nsq, m.n)
-        return {
-            "embedding_std_ratio": std * math.sqrt(m.dim),
-            "mean_cosine_similarity": mean_cosine_similarity_from_sums(m.nsum, m.nsq, m.n),
-            "embedding_variance": mean_variance_from_moments(
-                m.s, m.zsum, m.n, getattr(m, "input_dim", m.dim)),
-        }
+        return window_collapse_signals(m.s, m.zsum, m.nsum, m.nsq, m.n,
+                                       getattr(m, "input_dim", m.dim))

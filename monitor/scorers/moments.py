@@ -32,6 +32,7 @@ from torch import Tensor
 from monitor.functional.moments import add_window_delta_, clean_rows, symmetrize_
 from monitor.functional.spectral import normalize_rows
 from monitor.scorer import Scorer
+from monitor.window import RingCursor
 
 
 class WindowMoments(Scorer):
@@ -59,16 +60,14 @@ class WindowMoments(Scorer):
         self.add_state("ring", torch.zeros(window, dim, dtype=torch.float32, device=self.device),
                        reduce="none", fill=0.0)
         self.add_state("ring_valid", torch.zeros(window, **f64), reduce="none", fill=0.0)
-        self._pos = 0
-        self._wraps = 0
+        self._ring = RingCursor(window, rebuild_every_wraps)
         self._pending = 0        # rows since the last settle (host int: from shapes, no sync)
         self._stale = False      # sums lag the ring; settle() rebuilds them
         self._asym = False       # s holds an unsymmetrised sum; settle() symmetrises it
 
     def reset(self) -> None:
         super().reset()
-        self._pos = 0
-        self._wraps = 0
+        self._ring.reset()
         self._pending = 0
         self._stale = False
         self._asym = False
@@ -93,17 +92,13 @@ class WindowMoments(Scorer):
             return
         self._add_clean(*clean_rows(rows.detach().to(self.device)))        # (b, d), (b,), ()
 
-    def _next_positions(self, b: int) -> Tensor:
-        """Ring slots ``(b,)`` the next ``b`` rows go to (from host integers: no sync)."""
-        return (torch.arange(b, device=self.device) + self._pos) % self.window
-
     def _add_clean(self, x: Tensor, valid: Tensor, nonfinite: Tensor) -> None:
         """Add clean float32 rows ``x`` (b, dim) with validity ``valid`` (b,) (1 ≤ b ≤ window)."""
         b = x.shape[0]
         self.nonfinite += nonfinite
         self.seen += valid.sum()
 
-        idx = self._next_positions(b)
+        idx = self._ring.slots(b, self.ring)
         self._pending += b
         self._stale = self._stale or self._pending > self.window
         if self._stale:                                                     # settle() rebuilds
@@ -122,12 +117,8 @@ class WindowMoments(Scorer):
         self._advance(b, rebuild=True)
 
     def _advance(self, b: int, rebuild: bool) -> None:
-        self._pos += b
-        if self._pos >= self.window:
-            self._pos -= self.window
-            self._wraps += 1
-            if rebuild and self.rebuild_every_wraps and self._wraps % self.rebuild_every_wraps == 0:
-                self.rebuild()
+        if self._ring.advance(b) and rebuild:
+            self.rebuild()
 
     def rebuild(self) -> None:
         """Recompute the window sums exactly from the ring (removes accumulated round-off)."""
@@ -150,14 +141,13 @@ class WindowMoments(Scorer):
     def state_dict(self) -> dict[str, Tensor]:
         self.settle()
         state = super().state_dict()
-        state["_pos"] = torch.tensor(self._pos)
-        state["_wraps"] = torch.tensor(self._wraps)
+        state["_pos"] = torch.tensor(self._ring.pos)
+        state["_wraps"] = torch.tensor(self._ring.wraps)
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         super().load_state_dict(state)
-        self._pos = int(state.get("_pos", torch.tensor(0)))
-        self._wraps = int(state.get("_wraps", torch.tensor(0)))
+        self._ring.load(state)
         self._pending = 0
         self._stale = False
         self._asym = False

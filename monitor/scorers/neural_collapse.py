@@ -42,28 +42,23 @@ import torch
 from torch import Tensor
 
 from monitor.functional.neural_collapse import (
-    _class_statistics,
+    NC_SIGNALS,
     class_means,
+    class_statistics_unchecked,
     centered_class_means,
-    nc1_from_stats,
-    nc2_equiangularity,
-    nc2_equinorm,
-    nc2_max_angle,
     nc3_self_duality,
     nc4_ncc_mismatch,
+    window_neural_collapse_signals,
 )
 from monitor.scorer import Scorer
+from monitor.window import RingCursor
 
 
 class NeuralCollapseScorer(Scorer):
     """Sliding-window NC1–NC4 of ``(b, dim)`` features with integer labels in ``[0, max_classes)``."""
 
-    signals: tuple[str, ...] = (
-        "neural_collapse_nc1", "neural_collapse_nc2_equinorm",
-        "neural_collapse_nc2_equiangularity", "neural_collapse_nc2_max_angle",
-        "neural_collapse_nc3", "neural_collapse_nc4", "neural_collapse_classes",
-        "neural_collapse_window_samples", "labels_out_of_range", "nonfinite_rows",
-    )
+    signals: tuple[str, ...] = (*NC_SIGNALS, "neural_collapse_nc3", "neural_collapse_nc4",
+                                "labels_out_of_range", "nonfinite_rows")
 
     def __init__(self, dim: int, max_classes: int, window: int,
                  device: torch.device | str = "cpu") -> None:
@@ -85,11 +80,11 @@ class NeuralCollapseScorer(Scorer):
         self.add_state("ring_valid", torch.zeros(window, **f64), reduce="none", fill=0.0)
         self.add_state("out_of_range", torch.zeros((), **f64), reduce="sum", fill=0.0)
         self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum", fill=0.0)
-        self._pos = 0                       # next ring slot (host int, from shapes only)
+        self._ring = RingCursor(window)     # next ring slot (host int, from shapes only)
 
     def reset(self) -> None:
         super().reset()
-        self._pos = 0
+        self._ring.reset()
 
     def update(self, rows: Tensor, labels: Tensor) -> None:
         """Add a batch of rows (b, dim) with labels (b,), both on this scorer's device."""
@@ -114,16 +109,16 @@ class NeuralCollapseScorer(Scorer):
         valid = in_range & finite                                           # (b,)
         x = torch.where(valid[:, None], x, torch.zeros_like(x))
         y = torch.where(valid, y, torch.zeros_like(y))
-        idx = (torch.arange(b, device=self.device) + self._pos) % self.window
+        idx = self._ring.slots(b, self.ring)
         self.ring.index_copy_(0, idx, x)
         self.ring_labels.index_copy_(0, idx, y)
         self.ring_valid.index_copy_(0, idx, valid.to(torch.float64))
-        self._pos = (self._pos + b) % self.window
+        self._ring.advance(b)
 
     def statistics(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(S (d,d), class_sums (C,d), counts (C,))`` of the window, float64, rebuilt from the ring."""
         x = self.ring.to(torch.float64)                                     # (window, d)
-        return _class_statistics(x, self.ring_labels, self.max_classes, self.ring_valid)
+        return class_statistics_unchecked(x, self.ring_labels, self.max_classes, self.ring_valid)
 
     def compute(self, weight: Tensor | None = None,
                 bias: Tensor | None = None) -> dict[str, Tensor]:
@@ -133,13 +128,7 @@ class NeuralCollapseScorer(Scorer):
         these features add ``neural_collapse_nc3`` and ``neural_collapse_nc4``.
         """
         s, sums, counts = self.statistics()
-        m_tilde, present = centered_class_means(sums, counts)               # (C, d), (C,)
-        out = {
-            "neural_collapse_nc1": nc1_from_stats(s, sums, counts),
-            "neural_collapse_nc2_equinorm": nc2_equinorm(m_tilde, present),
-            "neural_collapse_nc2_equiangularity": nc2_equiangularity(m_tilde, present),
-            "neural_collapse_nc2_max_angle": nc2_max_angle(m_tilde, present),
-        }
+        out = window_neural_collapse_signals(s, sums, counts)
         if weight is not None:
             if weight.shape != (self.max_classes, self.dim):
                 raise ValueError(f"expected classifier weight of shape ({self.max_classes}, "
@@ -147,20 +136,19 @@ class NeuralCollapseScorer(Scorer):
             w = weight.detach().to(self.device)
             b = None if bias is None else bias.detach().to(self.device)
             mu, _, _ = class_means(sums, counts)
+            m_tilde, present = centered_class_means(sums, counts)           # (C, d), (C,)
             out["neural_collapse_nc3"] = nc3_self_duality(w, m_tilde, present)
             out["neural_collapse_nc4"] = nc4_ncc_mismatch(self.ring, w, b, mu, present,
                                                           row_weights=self.ring_valid)
-        out["neural_collapse_classes"] = present.sum().to(torch.float64)
-        out["neural_collapse_window_samples"] = counts.sum()
         out["labels_out_of_range"] = self.out_of_range.clone()
         out["nonfinite_rows"] = self.nonfinite.clone()
         return out
 
     def state_dict(self) -> dict[str, Tensor]:
         state = super().state_dict()
-        state["_pos"] = torch.tensor(self._pos)
+        state["_pos"] = torch.tensor(self._ring.pos)
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         super().load_state_dict(state)
-        self._pos = int(state.get("_pos", torch.tensor(0)))
+        self._ring.load(state)

@@ -34,24 +34,22 @@ import math
 import torch
 from torch import Tensor
 
-from monitor.functional.qscore import (
-    QSCORE_FORMS,
-    QScoreForm,
-    auprc,
+from monitor.functional.qscore import QSCORE_FORMS, QScoreForm, auprc, qscore
+from monitor.functional.qscore_window import (
+    QSCORE_WINDOW_SIGNALS,
+    bucket_edges,
     histogram_counts,
     nan_quantile,
-    qscore,
+    window_qscore_signals,
 )
 from monitor.scorer import Scorer
+from monitor.window import RingCursor
 
 
 def default_bucket_edges(device: torch.device | str = "cpu") -> Tensor:
-    """Log-spaced ``le`` edges 1e-6 … 1e4, 4 per decade (41 edges), float64.
-
-    Covers "linf_over_l1" (≈ sqrt(2 ln d)/‖z‖₁, tiny for large d or large activations) and
-    "scale_free" (between max ζ and max ζ·sqrt(d) < d).
-    """
-    return torch.logspace(-6.0, 4.0, 41, dtype=torch.float64, device=device)
+    """The default ``le`` edges (:data:`monitor.functional.qscore_window.BUCKET_EDGES`) on
+    ``device``, float64."""
+    return bucket_edges(torch.zeros((), dtype=torch.float64, device=device))
 
 
 class QScoreScorer(Scorer):
@@ -63,10 +61,8 @@ class QScoreScorer(Scorer):
     ``(q, row_index)``. See :mod:`monitor.scorers.qscore` for the definitions.
     """
 
-    signals: tuple[str, ...] = (
-        "low_quality_samples_ratio", "qscore_threshold", "qscore_p10", "qscore_p50",
-        "qscore_auprc", "qscore_misclassified_ratio",
-    )
+    signals: tuple[str, ...] = (*QSCORE_WINDOW_SIGNALS, "qscore_auprc",
+                                "qscore_misclassified_ratio")
 
     def __init__(self, window: int = 8192, form: QScoreForm = "linf_over_l1",
                  threshold: float | None = None, calibration_quantile: float = 0.1,
@@ -120,10 +116,8 @@ class QScoreScorer(Scorer):
         self._init_host()
 
     def _init_host(self) -> None:
-        self._pos = 0            # next ring slot (host ints from shapes: no sync)
-        self._filled = 0         # samples in the ring
-        self._eval_pos = 0
-        self._eval_filled = 0
+        self._ring = RingCursor(self.window)          # host ints from shapes: no sync
+        self._eval_ring = RingCursor(self.eval_window)
         self.calibrated: bool = self.user_threshold is not None
         self._last_q = torch.empty(0, dtype=torch.float64, device=self.device)
         self._last_index = torch.empty(0, dtype=torch.long, device=self.device)
@@ -167,27 +161,25 @@ class QScoreScorer(Scorer):
         self.hist_sum += torch.where(finite, q, torch.zeros_like(q)).sum()
         self.hist_count += finite.sum().to(torch.float64)
         self.nonfinite += (~finite).sum().to(torch.float64)
-        self._pos, self._filled = self._write(self.ring_q, q, self._pos, self._filled)
+        self._write(self.ring_q, q, self._ring)
 
         if labels is not None and predictions is not None:
             pred = predictions.detach().to(self.device)
             if pred.dim() == 2:
                 pred = pred.argmax(dim=1)                                # (b,)
             wrong = (pred != labels.detach().to(self.device)).to(torch.float64)  # (b,)
-            pos, filled = self._eval_pos, self._eval_filled
-            self._eval_pos, self._eval_filled = self._write(self.eval_q, q, pos, filled)
-            self._write(self.eval_wrong, wrong, pos, filled)
+            self._write(self.eval_wrong, wrong, self._eval_ring, advance=False)
+            self._write(self.eval_q, q, self._eval_ring)
 
     @staticmethod
-    def _write(ring: Tensor, values: Tensor, pos: int, filled: int) -> tuple[int, int]:
-        """Write ``values`` into ``ring`` from ``pos`` (wrapping); return the new (pos, filled)."""
-        size = ring.shape[0]
-        if values.shape[0] > size:
-            values = values[-size:]
+    def _write(ring: Tensor, values: Tensor, cursor: RingCursor, advance: bool = True) -> None:
+        """Write ``values`` into ``ring`` at ``cursor`` (wrapping), then move the cursor."""
+        if values.shape[0] > cursor.size:
+            values = values[-cursor.size:]
         b = values.shape[0]
-        idx = (torch.arange(b, device=ring.device) + pos) % size         # (b,)
-        ring.index_copy_(0, idx, values.to(ring.dtype))
-        return (pos + b) % size, min(size, filled + b)
+        ring.index_copy_(0, cursor.slots(b, ring), values.to(ring.dtype))
+        if advance:
+            cursor.advance(b)
 
     # ------------------------------------------------------------------ publish
 
@@ -197,28 +189,18 @@ class QScoreScorer(Scorer):
         ``calibrate=False`` postpones the calibration (e.g. during a training warm-up, when
         the representation is not yet the healthy reference)."""
         ring = self.ring_q                                               # (window,)
-        if calibrate and not self.calibrated and self._filled >= self.min_calibration_samples:
+        if calibrate and not self.calibrated and self._ring.filled >= self.min_calibration_samples:
             # Freeze τ_q: the calibration quantile of the window at this first chance.
             self.threshold_q = nan_quantile(ring, self.calibration_quantile)
             self.calibrated = True
-        thr = self.threshold_q
         nan = torch.full((), math.nan, dtype=torch.float64, device=self.device)
-        valid = torch.isfinite(ring)
-        n_valid = valid.sum().to(torch.float64)
-        below = ((ring < thr) & valid).sum().to(torch.float64)
-        ratio = torch.where(torch.isfinite(thr) & (n_valid > 0), below / n_valid.clamp_min(1.0),
-                            nan)
         ev = torch.isfinite(self.eval_q)
         n_eval = ev.sum().to(torch.float64)
         wrong_rate = (self.eval_wrong * ev).sum() / n_eval.clamp_min(1.0)
-        return {
-            "low_quality_samples_ratio": ratio,
-            "qscore_threshold": thr.clone(),
-            "qscore_p10": nan_quantile(ring, 0.1),
-            "qscore_p50": nan_quantile(ring, 0.5),
-            "qscore_auprc": auprc(-self.eval_q, self.eval_wrong, ev.to(torch.float64)),
-            "qscore_misclassified_ratio": torch.where(n_eval > 0, wrong_rate, nan),
-        }
+        out = window_qscore_signals(ring, self.threshold_q)
+        out["qscore_auprc"] = auprc(-self.eval_q, self.eval_wrong, ev.to(torch.float64))
+        out["qscore_misclassified_ratio"] = torch.where(n_eval > 0, wrong_rate, nan)
+        return out
 
     def histogram(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(edges (k,), cumulative counts (k+1,) with +Inf last, sum, count)`` since start,
@@ -234,18 +216,17 @@ class QScoreScorer(Scorer):
 
     def state_dict(self) -> dict[str, Tensor]:
         state = super().state_dict()
-        state["_pos"] = torch.tensor(self._pos)
-        state["_filled"] = torch.tensor(self._filled)
-        state["_eval_pos"] = torch.tensor(self._eval_pos)
-        state["_eval_filled"] = torch.tensor(self._eval_filled)
+        state["_pos"] = torch.tensor(self._ring.pos)
+        state["_filled"] = torch.tensor(self._ring.filled)
+        state["_eval_pos"] = torch.tensor(self._eval_ring.pos)
+        state["_eval_filled"] = torch.tensor(self._eval_ring.filled)
         state["_calibrated"] = torch.tensor(self.calibrated)
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         super().load_state_dict(state)
-        self._pos = int(state.get("_pos", torch.tensor(0)))
-        self._filled = int(state.get("_filled", torch.tensor(0)))
-        self._eval_pos = int(state.get("_eval_pos", torch.tensor(0)))
-        self._eval_filled = int(state.get("_eval_filled", torch.tensor(0)))
+        self._ring.load(state)
+        self._eval_ring.load({"_pos": state.get("_eval_pos", 0),
+                              "_filled": state.get("_eval_filled", 0)})
         self.calibrated = bool(state.get("_calibrated", torch.tensor(self.user_threshold
                                                                       is not None)))

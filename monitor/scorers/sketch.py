@@ -87,7 +87,7 @@ class SketchedMoments(WindowMoments):
         if b == 0:
             return
         x, valid, nonfinite = clean_rows(rows.detach().to(self.device))    # (b, d), (b,), ()
-        self.ring_neg.index_copy_(0, self._next_positions(b),
+        self.ring_neg.index_copy_(0, self._ring.slots(b, self.ring_neg),
                                   (x < 0).sum(1).to(torch.float64))          # (b,) original
         self._add_clean(project_rows(x, self.omega), valid, nonfinite)     # (b, k)
 

@@ -39,7 +39,8 @@ class SketchedSpectrumScorer(SpectrumScorer):
             raise TypeError(f"SketchedSpectrumScorer reads a SketchedMoments state, "
                             f"got {type(m).__name__}")
         out = super().compute(m)
-        pr = sketched_participation_ratio(m.s, m.zsum, m.n, self.pr_corrected, m.input_dim)
+        pr = sketched_participation_ratio(m.s, m.zsum, m.n, self.options["pr_corrected"],
+                                          m.input_dim)
         out["participation_ratio"] = pr
         f64 = {"dtype": torch.float64, "device": m.device}
         out["embedding_dim"] = torch.tensor(float(m.input_dim), **f64)

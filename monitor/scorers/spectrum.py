@@ -24,30 +24,16 @@ window's embedding matrix, which feed:
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor
 
-from monitor.functional.spectral import (
-    RANKME_EPS,
-    eigenvalues_desc,
-    participation_ratio_from_moments,
-    rankme_from_singular_values,
-    spectrum_alpha_from_eigenvalues,
-    srank_from_singular_values,
-    top_eigenvalue_share_from_eigenvalues,
-)
+from monitor.functional.spectral import RANKME_EPS, SPECTRAL_SIGNALS, window_spectral_signals
 from monitor.scorers.moments import WindowMoments
 
 
 class SpectrumScorer:
     """RankMe, effective-rank ratio, srank, α, top share and PR from one eigendecomposition."""
 
-    signals: tuple[str, ...] = (
-        "effective_rank", "effective_rank_ratio", "participation_ratio", "spectrum_alpha",
-        "srank", "top_eigenvalue_share", "window_samples", "embedding_dim",
-    )
+    signals: tuple[str, ...] = SPECTRAL_SIGNALS
 
     def __init__(self, eps: float = RANKME_EPS, srank_delta: float = 0.01,
                  alpha_fit: tuple[int, int] = (10, 100), alpha_centered: bool = False,
@@ -56,40 +42,10 @@ class SpectrumScorer:
             raise ValueError(f"srank_delta must be in (0, 1), got {srank_delta!r}")
         if not (0 <= alpha_fit[0] < alpha_fit[1]):
             raise ValueError(f"alpha_fit must be (start, stop) with 0 <= start < stop, got {alpha_fit!r}")
-        self.eps = eps
-        self.srank_delta = srank_delta
-        self.alpha_fit = alpha_fit
-        self.alpha_centered = alpha_centered
-        self.pr_corrected = pr_corrected
+        self.options = {"eps": eps, "srank_delta": srank_delta, "alpha_fit": tuple(alpha_fit),
+                        "alpha_centered": alpha_centered, "pr_corrected": pr_corrected}
 
     def compute(self, m: WindowMoments) -> dict[str, Tensor]:
         """All spectral signals of the window as device tensors (no host sync)."""
         m.settle()
-        n = m.n
-        d = torch.tensor(float(m.dim), dtype=torch.float64, device=m.device)
-        k = torch.minimum(n, d)
-        lam = eigenvalues_desc(m.s)                                     # (d,) descending
-        sigma = lam.sqrt()
-        rank = rankme_from_singular_values(sigma, k, self.eps)
-        nan = torch.full_like(rank, math.nan)
-        enough = n >= 2
-        if self.alpha_centered:
-            scatter = m.s - torch.outer(m.zsum, m.zsum) / n.clamp_min(1.0)
-            alpha = spectrum_alpha_from_eigenvalues(eigenvalues_desc(scatter), n - 1.0,
-                                                    *self.alpha_fit)
-        else:
-            alpha = spectrum_alpha_from_eigenvalues(lam, k, *self.alpha_fit)
-        out = {
-            "effective_rank": rank,
-            "effective_rank_ratio": rank / k.clamp_min(1.0),
-            "participation_ratio": participation_ratio_from_moments(m.s, m.zsum, n,
-                                                                    self.pr_corrected),
-            "spectrum_alpha": alpha,
-            "srank": srank_from_singular_values(sigma, self.srank_delta),
-            "top_eigenvalue_share": top_eigenvalue_share_from_eigenvalues(lam),
-        }
-        out = {key: torch.where(enough, value, nan) for key, value in out.items()}
-        out["window_samples"] = n
-        out["embedding_dim"] = d
-        out["spectrum"] = lam / n.clamp_min(1.0)
-        return out
+        return window_spectral_signals(m.s, m.zsum, m.n, **self.options)

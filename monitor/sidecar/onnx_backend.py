@@ -6,9 +6,10 @@ float64 sums ``S``, ``Σz``, ``Σẑ``, ``Σẑ²``, ``n`` updated by the ONNX k
 (:mod:`monitor.sidecar.kernels`: the torch scorers' per-batch code, exported), rebuilt exactly
 from the ring every 64 wraps. Q-Score: a ring of per-row scores from the same kernel, a
 threshold calibrated once after the warm-up (10th percentile), a cumulative ``le`` histogram
-with the in-process buckets. At publish, :mod:`monitor.sidecar.publish` (numpy) computes the
-spectral and collapse signals; :class:`monitor.tracking.RunTracker` the peaks;
-:class:`monitor.alerts.AlertEngine` the alerts.
+with the in-process buckets. At publish the same functions as the in-process scorers
+(:mod:`monitor.functional`, written once for numpy and torch) compute the spectral, collapse,
+Q-Score and neural-collapse signals; :class:`monitor.tracking.RunTracker` the run-relative
+ones; :class:`monitor.alerts.AlertEngine` the alerts.
 
 Labels (neural collapse): a stream's first labelled batch starts its NC window, the last
 ``window`` labelled rows as in the torch ``NeuralCollapseScorer`` (:class:`LabelWindow`): rows
@@ -17,8 +18,9 @@ counted in ``labels_out_of_range``, non-finite rows in ``nonfinite_rows``, and b
 every batch of the stream is labelled, the window is a label ring aligned with the row ring (no
 copy of the rows); an unlabelled batch after labelled ones gives it its own ring (then it keeps,
 as the torch scorer, the last labelled rows). At publish
-:mod:`monitor.sidecar.neural_collapse_np` computes NC1, the NC2 measures, the classes and rows
-of the window from float64 statistics rebuilt from the ring, and the run signal
+:func:`monitor.functional.neural_collapse.window_neural_collapse_signals` computes NC1, the NC2
+measures, the classes and rows of the window from float64 statistics rebuilt from the ring, and
+the run signal
 ``neural_collapse_effective_depth`` (``monitor_options["nc1_depth_threshold"]``, default 0.1).
 NC3 and NC4 need the classifier's weights, which the sidecar does not receive: not exported.
 
@@ -31,26 +33,30 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
 from typing import Any
 
 import numpy as np
 
-from monitor.alerts import AlertEngine
 from monitor.errors import ErrorLog
-from monitor.sidecar.kernels import OnnxBatchKernel
-from monitor.sidecar.neural_collapse_np import (
-    class_statistics,
-    effective_depth,
-    neural_collapse_signals,
+from monitor.functional.neural_collapse import (
+    class_statistics_unchecked,
+    window_neural_collapse_signals,
 )
-from monitor.sidecar.publish import spectral_signals
+from monitor.functional.qscore_window import (
+    BUCKET_EDGES,
+    histogram_counts,
+    nan_quantile,
+    window_qscore_signals,
+)
+from monitor.functional.spectral import window_collapse_signals, window_spectral_signals
+from monitor.sidecar.kernels import OnnxBatchKernel
+from monitor.run import BatchClock, Readings, RunPublisher, publish_due
 from monitor.snapshot import Histogram, Snapshot
 from monitor.tracking import RunTracker
 from monitor.validation import check_int
+from monitor.window import RingCursor
 
-BUCKET_EDGES: np.ndarray = np.logspace(-6.0, 4.0, 41)
-"""Q-Score ``le`` bucket edges, as the in-process ``QScoreScorer`` (1e-6 … 1e4, 4 per decade)."""
+_EDGES = np.asarray(BUCKET_EDGES)
 
 
 class LabelWindow:
@@ -70,7 +76,7 @@ class LabelWindow:
         self.labels = np.zeros(window, np.int64)
         self.valid = np.zeros(window, np.float64)
         self.rows: np.ndarray | None = None
-        self.pos = 0
+        self.cursor = RingCursor(window)      # the own ring's (after detach)
         self.out_of_range = 0.0
         self.nonfinite = 0.0
 
@@ -78,7 +84,7 @@ class LabelWindow:
         """Own a copy of the row ring; the next write goes where the row ring's would (its
         oldest rows), so labelled rows leave in the torch scorer's order."""
         self.rows = ring.copy()
-        self.pos = ring_pos
+        self.cursor.pos = ring_pos
 
     def update(self, idx: np.ndarray, rows: np.ndarray, finite: np.ndarray,
                labels: np.ndarray) -> None:
@@ -90,18 +96,19 @@ class LabelWindow:
         valid = in_range & finite                                          # (b,)
         slots = idx
         if self.rows is not None:                      # own ring: its own next slots
-            slots = (np.arange(rows.shape[0]) + self.pos) % self.window
+            slots = self.cursor.slots(rows.shape[0], self.rows)
             self.rows[slots] = np.where(valid[:, None], rows, 0.0)
-            self.pos = (self.pos + rows.shape[0]) % self.window
+            self.cursor.advance(rows.shape[0])
         self.labels[slots] = np.where(valid, labels, 0)
         self.valid[slots] = valid
 
     def compute(self, ring: np.ndarray) -> dict[str, float]:
         """The window's NC signals (``ring``: the stream's row ring, used while aligned)."""
         keep = self.valid > 0
-        x = (ring if self.rows is None else self.rows)[keep]               # (n, d) float32
-        s, sums, counts = class_statistics(x, self.labels[keep], self.max_classes)
-        out = neural_collapse_signals(s, sums, counts)
+        x = (ring if self.rows is None else self.rows)[keep].astype(np.float64)  # (n, d)
+        s, sums, counts = class_statistics_unchecked(x, self.labels[keep], self.max_classes,
+                                                     None)
+        out = {k: float(v) for k, v in window_neural_collapse_signals(s, sums, counts).items()}
         out["labels_out_of_range"] = self.out_of_range
         out["nonfinite_rows"] = self.nonfinite
         return out
@@ -127,12 +134,9 @@ class NumpyStream:
         self.n = 0.0
         self.seen = 0.0
         self.nonfinite = 0.0
-        self.pos = 0
-        self.wraps = 0
-        self.rebuild_every_wraps = rebuild_every_wraps
+        self.cursor = RingCursor(window, rebuild_every_wraps)   # rows and Q-Score share it
         self.q_ring = np.full(window, math.nan)
-        self.q_filled = 0
-        self.hist = np.zeros(BUCKET_EDGES.shape[0] + 1)
+        self.hist = np.zeros(_EDGES.shape[0] + 1)
         self.hist_sum = 0.0
         self.hist_count = 0.0
         self.threshold = math.nan
@@ -156,7 +160,7 @@ class NumpyStream:
         b = rows.shape[0]
         if b == 0:
             return
-        idx = (np.arange(b) + self.pos) % self.window
+        idx = self.cursor.slots(b, self.ring)
         old = self.ring[idx]
         old_valid = self.ring_valid[idx].sum()
         if self.device_sums is not None:
@@ -166,7 +170,7 @@ class NumpyStream:
         if labels is not None and self.nc is None:
             self.nc = LabelWindow(self.window, self.max_classes)
         if labels is None and self.nc is not None and self.nc.rows is None:
-            self.nc.detach(self.ring, self.pos)          # before the ring loses labelled rows
+            self.nc.detach(self.ring, self.cursor.pos)   # before the ring loses labelled rows
         self.ring[idx] = r.rows
         self.ring_valid[idx] = r.valid
         if self.device_sums is None:
@@ -182,18 +186,12 @@ class NumpyStream:
         if labels is not None:
             assert self.nc is not None
             self.nc.update(idx, r.rows, r.valid > 0, labels.astype(np.int64, copy=False))
-        self.q_filled = min(self.window, self.q_filled + b)
         finite_q = r.q[np.isfinite(r.q)]
-        # Prometheus ``le`` buckets: bucket i counts e[i-1] < q <= e[i] (as torch.bucketize).
-        np.add.at(self.hist, np.searchsorted(BUCKET_EDGES, finite_q, side="left"), 1.0)
+        self.hist += histogram_counts(r.q, _EDGES)
         self.hist_sum += float(finite_q.sum())
         self.hist_count += float(finite_q.shape[0])
-        self.pos += b
-        if self.pos >= self.window:
-            self.pos -= self.window
-            self.wraps += 1
-            if self.rebuild_every_wraps and self.wraps % self.rebuild_every_wraps == 0:
-                self.rebuild()
+        if self.cursor.advance(b):
+            self.rebuild()
 
     def rebuild(self) -> None:
         """Recompute the sums exactly from the ring (the kernel on the whole ring)."""
@@ -214,23 +212,22 @@ class NumpyStream:
 
     def compute(self, calibrate: bool) -> tuple[dict[str, float], list[float], Histogram]:
         """The stream's signals, spectrum and Q-Score histogram."""
-        out, spectrum = spectral_signals(*self.sums(), self.n)
-        q = self.q_ring[np.isfinite(self.q_ring)]
-        if calibrate and not self.calibrated and self.q_filled >= self.min_calibration_samples:
-            self.threshold = float(np.quantile(q, self.calibration_quantile)) if q.size else math.nan
+        s, zsum, nsum, nsq = self.sums()
+        values = window_spectral_signals(s, zsum, self.n)
+        spectrum = values.pop("spectrum")
+        values.update(window_collapse_signals(s, zsum, nsum, nsq, self.n))
+        if calibrate and not self.calibrated and self.cursor.filled >= self.min_calibration_samples:
+            self.threshold = float(nan_quantile(self.q_ring, self.calibration_quantile))
             self.calibrated = True
-        out["low_quality_samples_ratio"] = (float((q < self.threshold).mean())
-                                            if q.size and math.isfinite(self.threshold) else math.nan)
-        out["qscore_threshold"] = self.threshold
-        out["qscore_p10"] = float(np.quantile(q, 0.1)) if q.size else math.nan
-        out["qscore_p50"] = float(np.quantile(q, 0.5)) if q.size else math.nan
+        values.update(window_qscore_signals(self.q_ring, self.threshold))
+        out = {key: float(v) for key, v in values.items()}
         valid = self.ring_valid > 0
         total = float(valid.sum()) * self.dim
         out["negative_values_ratio"] = (float((self.ring[valid] < 0).sum()) / total
                                         if total > 0 else math.nan)
         if self.nc is not None:
             out.update(self.nc.compute(self.ring))
-        hist = Histogram(bounds=[*BUCKET_EDGES.tolist(), math.inf],
+        hist = Histogram(bounds=[*BUCKET_EDGES, math.inf],
                          cumulative=np.cumsum(self.hist).tolist(), sum=self.hist_sum,
                          count=self.hist_count)
         return out, spectrum.tolist(), hist
@@ -242,14 +239,11 @@ class _OnnxRun:
         self.run = run
         self.streams: dict[str, NumpyStream] = {}
         self.step = 0
-        self.first_stream: str | None = None
-        self.batches = 0
+        self.clock = BatchClock()
         self.warmup = int(config.monitor_options.get("peak_warmup", 100))
-        self.tracker = RunTracker(config.window, self.warmup)
-        self.alerts = AlertEngine(config.rules, run=run)
         self.errors = ErrorLog()
-        self.latest: Snapshot | None = None
-        self.history: deque[Snapshot] = deque(maxlen=config.history)
+        self.publisher = RunPublisher(run, config.rules, RunTracker(config.window, self.warmup),
+                                      self.errors, config.history, backend.nc1_depth_threshold)
 
 
 class OnnxBackend:
@@ -282,13 +276,9 @@ class OnnxBackend:
             r = _OnnxRun(run, self)
             with self._lock:
                 self._runs[run] = r
-        if step is not None:
-            if step > r.step:
-                self._advance(r, step - r.step)
-        elif stream == r.first_stream and r.batches > 0:
-            self._advance(r, 1)
-        if r.first_stream is None:
-            r.first_stream = stream
+        steps = r.clock.advance(stream, step, r.step)
+        if steps:
+            self._advance(r, steps)
         s = r.streams.get(stream)
         if s is None:
             s = NumpyStream(rows.shape[1], self.config.window, self.kernel,
@@ -298,58 +288,40 @@ class OnnxBackend:
             raise ValueError(f"stream {stream!r} has dimension {s.dim}; got rows of dimension "
                              f"{rows.shape[1]}")
         s.update(np.ascontiguousarray(rows, dtype=np.float32), labels)
-        r.batches += 1
+        r.clock.scored(stream)
 
     def _advance(self, r: _OnnxRun, steps: int) -> None:
         before = r.step
         r.step += steps
-        if r.step // self.config.every > before // self.config.every:
+        if publish_due(before, r.step, self.config.every):
             self.publish(r)
 
     def publish(self, r: _OnnxRun) -> Snapshot:
-        """Compute every stream of run ``r`` and evaluate its alerts."""
+        """Compute every stream of run ``r`` and publish it (alerts, snapshot, history)."""
         t0 = time.perf_counter()
-        warm = r.step >= r.warmup
-        streams: dict[str, dict[str, float]] = {}
-        counters: dict[str, dict[str, float]] = {}
-        spectra: dict[str, list[float]] = {}
-        hists: dict[str, Histogram] = {}
+        readings = Readings(histograms={"qscore": {}})
         for name, s in r.streams.items():
             try:
-                values, spectrum, hist = s.compute(calibrate=warm)
+                values, spectrum, hist = s.compute(calibrate=r.step >= r.warmup)
             except Exception as exc:
                 r.errors.record("scorer", exc, key=f"scorer[{name}]")
                 continue
-            r.tracker.derive({name: values}, None, r.step)
-            streams[name] = values
-            counters[name] = {"samples": s.seen, "nonfinite_values": s.nonfinite}
-            spectra[name] = spectrum
-            hists[name] = hist
-        run_signals: dict[str, float] = {}
-        depth = effective_depth((v.get("neural_collapse_nc1", math.nan) for v in streams.values()),
-                                self.nc1_depth_threshold)
-        if depth is not None:
-            run_signals["neural_collapse_effective_depth"] = depth
-        firing, _, _ = r.alerts.evaluate({"stream": streams, "run": {"model": run_signals}},
-                                         r.step)
-        snap = Snapshot(run=r.run, step=r.step, time=time.time(), streams=streams,
-                        counters=counters, spectra=spectra, run_signals=run_signals,
-                        histograms={"qscore": hists},
-                        alerts=firing, errors=r.errors.counts(),
-                        publish_duration_seconds=time.perf_counter() - t0)
-        r.latest = snap
-        r.history.append(snap)
+            readings.streams[name] = values
+            readings.counters[name] = {"samples": s.seen, "nonfinite_values": s.nonfinite}
+            readings.spectra[name] = spectrum
+            readings.histograms["qscore"][name] = hist
+        snap, _, _ = r.publisher.publish(readings, r.step, t0)
         return snap
 
     def snapshots(self) -> list[Snapshot]:
         with self._lock:
             runs = sorted(self._runs.items())
-        return [r.latest for _, r in runs if r.latest is not None]
+        return [r.publisher.latest for _, r in runs if r.publisher.latest is not None]
 
     def history(self, run: str) -> list[Snapshot] | None:
         with self._lock:
             r = self._runs.get(run)
-        return None if r is None else list(r.history)
+        return None if r is None else list(r.publisher.history)
 
     def close(self) -> None:
         with self._lock:

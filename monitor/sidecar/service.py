@@ -53,9 +53,10 @@ from exporters.catalogue import BY_NAME, PREFIX
 from exporters.prometheus import CONTENT_TYPE, RepwatchCollector, render
 from monitor._version import __version__
 from monitor.alerts import DEFAULT_RULES, AlertRule
-from monitor.dashboard import (HISTOGRAMS, HISTORY_LIMIT, SINCE_STEP, history_payload,
-                               mount_dashboard, spectra_payload)
+from monitor.server.dashboard import (HISTOGRAMS, HISTORY_LIMIT, SINCE_STEP, history_payload,
+                                      mount_dashboard, spectra_payload)
 from monitor.errors import ErrorLog
+from monitor.run import BatchClock
 from monitor.sidecar.errors import REJECT_REASONS, Rejected
 from monitor.validation import NAME_PATTERN, check_int, is_name
 from monitor.sidecar import protocol
@@ -158,19 +159,14 @@ class _Run:
 
     def __init__(self, monitor: Any) -> None:
         self.monitor = monitor
-        self.first_stream: str | None = None
-        self.batches = 0
+        self.clock = BatchClock()
 
 
 class TorchBackend:
     """One :class:`monitor.Monitor` per run, on ``device``; the same scorers as in-process.
 
-    The run's step: a batch carrying ``step`` greater than the run's step first advances the
-    run to it (``Monitor.step(step - current)``, which publishes on the ``every`` cadence), then
-    is scored. ``step`` is the number of steps the trainer had completed when it captured the
-    batch (``Monitor.step_count``), so a publish at step s covers the batches captured before
-    step s, as in-process. Batches without a step advance the run by one at each batch of the
-    run's first stream (except its very first batch).
+    The run's step advances by :class:`monitor.run.BatchClock` (``Monitor.step``, which
+    publishes on the ``every`` cadence), as in the ONNX backend.
     """
 
     def __init__(self, config: SidecarConfig) -> None:
@@ -212,20 +208,16 @@ class TorchBackend:
         r = self._run(run)
         mon = r.monitor
         try:                                   # a failing publish is not this batch's fault
-            if step is not None:
-                if step > mon.step_count:
-                    mon.step(step - mon.step_count)
-            elif stream == r.first_stream and r.batches > 0:
-                mon.step(1)
+            steps = r.clock.advance(stream, step, mon.step_count)
+            if steps:
+                mon.step(steps)
         except Exception as exc:  # noqa: BLE001 - counted and logged once; scoring goes on
             self._errors.record("publish", exc, key=f"publish[{run}]")
-        if r.first_stream is None:
-            r.first_stream = stream
         torch = self._torch
         x = torch.from_numpy(rows).to(self.device, non_blocking=True)        # (b, d) float32
         y = torch.from_numpy(labels).to(self.device) if labels is not None else None  # (b,)
         mon.observe(stream, x, labels=y)       # strict Monitor: raises, the service counts it
-        r.batches += 1
+        r.clock.scored(stream)
 
     def snapshots(self) -> list[Snapshot]:
         with self._lock:

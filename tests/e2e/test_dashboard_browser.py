@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from monitor.dashboard import index_html
+from monitor.server.dashboard import index_html
 from monitor.server import BackgroundServer
 from monitor.sidecar.protocol import encode_batch
 from monitor.sidecar.service import Sidecar, SidecarConfig, create_sidecar_app
@@ -36,7 +36,7 @@ class _Stop(Exception):
 @pytest.fixture(scope="module")
 def demo_url() -> Iterator[str]:
     """The collapse demo (stop-gradient removed after step 5) serving on a free port."""
-    from monitor.demo import run_demo
+    from monitor.tools.demo import run_demo
 
     started = threading.Event()
     stop = threading.Event()
@@ -242,13 +242,13 @@ def test_sidecar_serves_the_same_dashboard(browser: Any,
 
 
 def test_dashboard_loads_nothing_from_outside_its_server() -> None:
-    """The page's assets are package data (monitor/web/*; the wheel's content is checked in
+    """The page's assets are package data (monitor/server/web/*; the wheel's content is checked in
     tests/test_packaging.py) and load nothing from outside the server that serves them."""
     from importlib import resources
 
-    from monitor.dashboard import ASSETS
+    from monitor.server.dashboard import ASSETS
 
-    web = resources.files("monitor").joinpath("web")
+    web = resources.files("monitor.server").joinpath("web")
     page = index_html()
     assert '<script src="/ui/app.js"' in page and 'href="/ui/app.css"' in page
     for asset in ASSETS:                           # no CDN: no absolute URL but the SVG namespace

@@ -22,10 +22,12 @@ from monitor.functional.qscore import (
     QSCORE_FORMS,
     auprc,
     feature_zscores,
-    histogram_counts,
-    nan_quantile,
     qscore,
     qscore_regularizer,
+)
+from monitor.functional.qscore_window import (
+    histogram_counts,
+    nan_quantile,
     quantile_from_histogram,
 )
 
@@ -271,7 +273,7 @@ def test_histogram_counts_le_boundaries_weights_nonfinite() -> None:
     assert histogram_counts(v, edges).tolist() == [2.0, 2.0, 1.0, 1.0]
     w = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.0, 3.0, 1.0, 1.0, 1.0], dtype=torch.float64)
     assert histogram_counts(v, edges, w).tolist() == [1.5, 2.0, 1.0, 3.0]
-    with pytest.raises(ValueError, match=r"non-empty 1-D tensor, got shape \(0,\)"):
+    with pytest.raises(ValueError, match=r"non-empty 1-D array, got shape \(0,\)"):
         histogram_counts(v, torch.empty(0))
 
 

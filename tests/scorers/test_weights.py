@@ -11,7 +11,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from monitor.demo_model import load_digits_tensor
+from monitor.tools.demo_model import load_digits_tensor
 from monitor.scorers.weights import EarlyBirdTracker, prunable_weights
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -25,7 +25,7 @@ from torch import nn
 pytest.importorskip("onnxruntime")
 
 from monitor import Monitor  # noqa: E402
-from monitor.demo import run_demo  # noqa: E402
+from monitor.tools.demo import run_demo  # noqa: E402
 from monitor.server import BackgroundServer  # noqa: E402
 from monitor.sidecar.service import Sidecar, SidecarConfig, create_sidecar_app  # noqa: E402
 

@@ -283,8 +283,8 @@ def test_io_binding_backend_equals_the_plain_backend() -> None:
         for i, (stream, rows, step) in enumerate(_batches(collapse_after=30)):
             backend.ingest("r", stream, rows, None, step)
             if i == 0:                                   # exact rebuilds every 3rd wrap (of 20)
-                backend._runs["r"].streams["enc"].rebuild_every_wraps = 3
-        assert backend._runs["r"].streams["enc"].wraps >= 6
+                backend._runs["r"].streams["enc"].cursor.rebuild_every_wraps = 3
+        assert backend._runs["r"].streams["enc"].cursor.wraps >= 6
         backend.ingest("r", "enc", _batches()[0][1], None, 50)
         snaps = backend.history("r")
         backend.close()

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.demo import DemoResult, run_demo
-from monitor.demo_model import load_digits_tensor
+from monitor.tools.demo import DemoResult, run_demo
+from monitor.tools.demo_model import load_digits_tensor
 from tests.trained import SIMSIAM_STEPS as STEPS
 
 pytestmark = pytest.mark.slow

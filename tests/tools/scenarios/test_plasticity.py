@@ -1,5 +1,5 @@
 """Scenario (Lyle et al. 2023; Sokar et al. 2023; Dohare et al. 2024): loss of plasticity is real
-in ``monitor.scenarios.plasticity``, repwatch sees it while it happens, and ReDo wired to its
+in ``monitor.tools.scenarios.plasticity``, repwatch sees it while it happens, and ReDo wired to its
 alert restores it.
 
 The MLP trains on 30 random-label tasks over digits with the Monitor watching its ReLU layers
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import pytest
 
-from monitor.demo_plasticity import PLASTICITY_ALERT
-from monitor.scenarios.plasticity import build_plasticity, run_tasks
+from monitor.tools.demo_plasticity import PLASTICITY_ALERT
+from monitor.tools.scenarios.plasticity import build_plasticity, run_tasks
 from tests.trained import PLASTICITY_STEPS as STEPS
 from tests.trained import PLASTICITY_TASKS as TASKS
 from tests.trained import PlasticityRun

@@ -1,8 +1,8 @@
 """Measurement (Kalibhat et al. 2022/2024): does low Q-Score find the samples a linear probe gets
 wrong, on a real self-supervised training run?
 
-Setup: the demo SimSiam (``monitor.demo_model``) trained ``STEPS`` steps on scikit-learn's digits
-(seeded); representation = the backbone output (post-ReLU, 128-d: the layer a linear probe
+Setup: the demo SimSiam (``monitor.tools.demo_model``) trained ``STEPS`` steps on scikit-learn's
+digits (seeded); representation = the backbone output (post-ReLU, 128-d: the layer a linear probe
 reads), eval mode, on all 1797 images. Probe: multinomial logistic regression on standardised
 features (torch LBFGS, L2 1e-3), cross-fitted over 5 stratified folds so that every image's
 prediction comes from a probe that never saw it (held out). Positives = misclassified images.
@@ -29,7 +29,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold
 
-from monitor.demo_model import build, train_step
+from monitor.tools.demo_model import build, train_step
 from monitor.functional.qscore import auprc, qscore
 from monitor.scorers.qscore import QScoreScorer
 

@@ -1,8 +1,8 @@
 """The ``repwatch select`` sub-command's arguments, importable without torch.
 
 ``repwatch serve`` (the torch-free sidecar image) builds the whole command line; importing
-:mod:`monitor.select` there would load torch for nothing, so the ranking code is imported only
-when ``select`` runs.
+:mod:`monitor.model_selection` there would load torch for nothing, so the ranking code is
+imported only when ``select`` runs.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Import :mod:`monitor.select` (needs torch) and run it; 2 with a message without torch."""
-    select = torch_module("select", "monitor.select")
+    """Import :mod:`monitor.model_selection` (needs torch) and run it; 2 with a message without
+    torch."""
+    select = torch_module("select", "monitor.model_selection")
     return 2 if select is None else int(select.run(args))

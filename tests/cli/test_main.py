@@ -112,7 +112,7 @@ def test_demo_trains_on_few_threads(argv: list[str], threads: int,
     busy 2-core machine the default thread count made 700 steps take 188 s instead of 17 s)."""
     import torch
 
-    from monitor import demo
+    from monitor.tools import demo
     from monitor.cli import main
 
     seen: list[int] = []

@@ -18,7 +18,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from monitor.demo_model import load_digits_tensor
+from monitor.tools.demo_model import load_digits_tensor
 from monitor.scorers.neural_collapse import NeuralCollapseScorer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]

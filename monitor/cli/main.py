@@ -89,7 +89,7 @@ def _demo(args: argparse.Namespace) -> int:
         return _demo_plasticity(args)
     if args.sink is not None:
         return _demo_sidecar(args)
-    from monitor.demo import DemoResult, run_demo
+    from monitor.tools.demo import DemoResult, run_demo
 
     console = Console(highlight=False, soft_wrap=True)
     collapse_at = 0 if args.collapse else args.collapse_at
@@ -186,7 +186,7 @@ def _demo_sidecar(args: argparse.Namespace) -> int:
     what the trainer ships."""
     import time
 
-    from monitor.demo import DemoResult, run_demo
+    from monitor.tools.demo import DemoResult, run_demo
     from monitor.sidecar.cli import read_token
 
     console = Console(highlight=False, soft_wrap=True)
@@ -287,7 +287,8 @@ def _stop(proc: object) -> None:
 
 
 def _demo_plasticity(args: argparse.Namespace) -> int:
-    from monitor.demo_plasticity import PLASTICITY_ALERT, PlasticityResult, run_plasticity_demo
+    from monitor.tools.demo_plasticity import (PLASTICITY_ALERT, PlasticityResult,
+                                               run_plasticity_demo)
 
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"[bold]repwatch demo --scenario plasticity[/] — an MLP on {args.tasks} "
@@ -520,8 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "provisioned repwatch-prometheus)")
     gpush.set_defaults(func=_grafana_push)
 
-    from monitor.bench_cli import add_parser as add_bench
-    from monitor.select_cli import add_parser as add_select
+    from monitor.cli.bench import add_parser as add_bench
+    from monitor.cli.select import add_parser as add_select
     from monitor.sidecar.cli import add_parser as add_serve
     add_select(sub)
     add_serve(sub)
@@ -532,6 +533,3 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

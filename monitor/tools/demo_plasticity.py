@@ -1,9 +1,9 @@
 """`repwatch demo --scenario plasticity`: loss of plasticity on random-label tasks, watched live.
 
 An MLP trained on a sequence of random-label tasks over scikit-learn's digits (the scenario of
-:mod:`monitor.scenarios.plasticity`; Lyle et al. 2023, Dohare et al. 2024) gradually stops being
-able to fit new tasks while its ReLU units go dormant (Sokar et al. 2023). repwatch watches the
-hidden activations and the weights; ``RepwatchPlasticityLoss`` fires while the dormant fraction
+:mod:`monitor.tools.scenarios.plasticity`; Lyle et al. 2023, Dohare et al. 2024) gradually stops
+being able to fit new tasks while its ReLU units go dormant (Sokar et al. 2023). repwatch watches
+the hidden activations and the weights; ``RepwatchPlasticityLoss`` fires while the dormant fraction
 is high and rising. With ``redo=True``, ReDo (:func:`monitor.remedies.recycle_dormant`) recycles
 the dormant units at the end of every task *while that alert fires*: the user's remedy wired to
 the monitor's alert, not something the monitor does by itself.
@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from monitor.demo import linger_serving, pick_device
+from monitor.tools.demo import linger_serving, pick_device
 from monitor.monitor import Monitor
 from monitor.snapshot import Alert, Snapshot
 
 if TYPE_CHECKING:
-    from monitor.scenarios.plasticity import PlasticitySetup
+    from monitor.tools.scenarios.plasticity import PlasticitySetup
 
 PLASTICITY_ALERT = "RepwatchPlasticityLoss"
 
@@ -53,7 +53,7 @@ def run_plasticity_demo(tasks: int = 30, steps_per_task: int = 100, redo: bool =
                         linger: float = 0.0) -> PlasticityResult:
     """Train ``tasks`` random-label tasks with repwatch attached (and ReDo on alert if asked)."""
     from monitor.remedies import recycle_dormant
-    from monitor.scenarios.plasticity import build_plasticity, run_tasks
+    from monitor.tools.scenarios.plasticity import build_plasticity, run_tasks
 
     setup = build_plasticity(seed=seed, device=pick_device(device))
     result = PlasticityResult(setup=setup)

@@ -70,7 +70,7 @@ def run_demo(steps: int = 600, collapse_at: int | None = None, seed: int = 0,
     serving the final state for ``linger`` seconds (Ctrl-C ends it early). With ``sink`` (a
     sidecar URL, ``token`` its bearer token) the rows are shipped there and scored by the sidecar
     (sidecar mode)."""
-    from monitor.demo_model import build, train_step
+    from monitor.tools.demo_model import build, train_step
 
     dev = pick_device(device)
     setup = build(seed=seed, device=dev)

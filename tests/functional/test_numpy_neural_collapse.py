@@ -1,4 +1,5 @@
-"""The numpy NC1/NC2 of the ONNX backend equal the torch functions (and a pinv reference)."""
+"""NC1/NC2 on numpy arrays (the sidecar's publish) equal the same functions on torch tensors
+(``monitor.functional.neural_collapse``, array API) and a pinv reference."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 import monitor.functional.neural_collapse as tnc
-from monitor.sidecar import neural_collapse_np as nnc
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -62,8 +62,8 @@ def _close(got: float, ref: float, abs_: float = 1e-12) -> bool:
     return got == pytest.approx(ref, rel=1e-9, abs=abs_)
 
 
-def test_rtol_is_the_torch_one() -> None:
-    assert nnc.NC1_RTOL == tnc.NC1_RTOL
+def _signals(s: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    return {k: float(v) for k, v in tnc.window_neural_collapse_signals(s, sums, counts).items()}
 
 
 @pytest.mark.parametrize("name,x,y,c,w", _cases(), ids=[case[0] for case in _cases()])
@@ -71,7 +71,8 @@ def test_numpy_matches_torch(name: str, x: np.ndarray, y: np.ndarray, c: int,
                              w: np.ndarray | None) -> None:
     tw = None if w is None else torch.from_numpy(w)
     ts, tsums, tcounts = tnc.class_statistics(torch.from_numpy(x), torch.from_numpy(y), c, tw)
-    s, sums, counts = nnc.class_statistics(x, y, c, w)
+    s, sums, counts = tnc.class_statistics(x, y, c, w)
+    assert isinstance(s, np.ndarray)
     np.testing.assert_allclose(s, ts.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sums, tsums.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(counts, tcounts.numpy())
@@ -85,20 +86,20 @@ def test_numpy_matches_torch(name: str, x: np.ndarray, y: np.ndarray, c: int,
         "neural_collapse_classes": float(present.sum()),
         "neural_collapse_window_samples": float(tcounts.sum()),
     }
-    got = nnc.neural_collapse_signals(s, sums, counts)
+    got = _signals(s, sums, counts)
     assert set(got) == set(ref)
     for key, value in ref.items():
         # Duplicate rows: Σ_W is round-off (~1e-16 of S), so NC1 is too; compare absolutely.
         abs_ = 1e-10 if name == "duplicate rows" else 1e-12
         assert _close(got[key], value, abs_), (name, key, got[key], value)
     # The same numpy functions on the torch statistics (no statistics round-off in between).
-    assert _close(nnc.nc1_from_stats(ts.numpy(), tsums.numpy(), tcounts.numpy()),
+    assert _close(float(tnc.nc1_from_stats(ts.numpy(), tsums.numpy(), tcounts.numpy())),
                   ref["neural_collapse_nc1"], 1e-10 if name == "duplicate rows" else 1e-12)
 
 
 def test_expected_nan_and_zero_cases() -> None:
     """The cases above do reach the branches they are named after (not all-NaN parity)."""
-    got = {case[0]: nnc.neural_collapse_signals(*nnc.class_statistics(*case[1:]))
+    got = {case[0]: _signals(*tnc.class_statistics(*case[1:]))
            for case in _cases()}
     assert math.isnan(got["one class"]["neural_collapse_nc1"])
     assert got["one class"]["neural_collapse_classes"] == 1
@@ -120,7 +121,7 @@ def test_only_c_minus_1_directions_without_rtol(name: str) -> None:
     _, x, y, c, _ = next(case for case in _cases() if case[0] == name)
     ts, tsums, tcounts = tnc.class_statistics(torch.from_numpy(x), torch.from_numpy(y), c)
     ref = float(tnc.nc1_from_stats(ts, tsums, tcounts, rtol=0.0))
-    got = nnc.nc1_from_stats(*nnc.class_statistics(x, y, c), rtol=0.0)
+    got = float(tnc.nc1_from_stats(*tnc.class_statistics(x, y, c), rtol=0.0))
     assert got == pytest.approx(ref, rel=1e-9)
     assert ref == pytest.approx(float(tnc.nc1_from_stats(ts, tsums, tcounts)), rel=1e-9)
 
@@ -137,12 +138,12 @@ def test_nc1_equals_pinv_definition(name: str) -> None:
     sigma_b = (mus - mu_g).T @ (mus - mu_g) / present.shape[0]
     ref = float(np.trace(sigma_w @ np.linalg.pinv(sigma_b, rcond=1e-10, hermitian=True))
                 / present.shape[0])
-    assert nnc.nc1_from_stats(*nnc.class_statistics(x, y, c)) == pytest.approx(ref, rel=1e-7)
+    assert float(tnc.nc1_from_stats(*tnc.class_statistics(x, y, c))) == pytest.approx(ref, rel=1e-7)
 
 
 def test_effective_depth_rule() -> None:
-    assert nnc.effective_depth([], 0.1) is None
-    assert nnc.effective_depth([math.nan, math.nan], 0.1) is None
+    assert tnc.effective_depth([], 0.1) is None
+    assert tnc.effective_depth([math.nan, math.nan], 0.1) is None
     # Streams without a finite NC1 are skipped before counting (as Monitor._effective_depth).
-    assert nnc.effective_depth([math.nan, 0.5, 0.05, 0.01], 0.1) == 2.0
-    assert math.isnan(nnc.effective_depth([0.5, 0.3], 0.1))  # type: ignore[arg-type]
+    assert tnc.effective_depth([math.nan, 0.5, 0.05, 0.01], 0.1) == 2.0
+    assert math.isnan(tnc.effective_depth([0.5, 0.3], 0.1))  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from monitor import Monitor
-from monitor.select import add_parser, format_table, load_representation, run, select
+from monitor.model_selection import add_parser, format_table, load_representation, run, select
 
 
 def _orth(d: int, gen: torch.Generator) -> torch.Tensor:

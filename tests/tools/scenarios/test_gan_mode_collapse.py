@@ -7,8 +7,9 @@ them (5 %). The PairScorer is fed the fake/real batches of the last 300 steps of
 read every 50 steps (6 reads per run); each read is compared with an independent diversity
 ratio (numpy mean pairwise distance of 512 fresh generated ÷ 512 fresh real samples).
 
-Measured on a 2-core AMD EPYC VM, seeds 0–5 (``python -m tests.scenarios.test_gan_mode_collapse
-0 1 2 3 4 5`` prints every read), one torch thread:
+Measured on a 2-core AMD EPYC VM, seeds 0–5
+(``python -m tests.tools.scenarios.test_gan_mode_collapse 0 1 2 3 4 5`` prints every read), one
+torch thread:
 
 * healthy (1200 steps): 8 modes occupied at every read of every seed; repwatch's diversity
   ratio 0.989–1.023, independent 0.977–1.036; no alert. The 3σ *coverage* count is noisier
@@ -39,7 +40,7 @@ import pytest
 import torch
 
 from monitor import Monitor
-from monitor.scenarios.gan import build_gan, sample_ring, train_gan
+from monitor.tools.scenarios.gan import build_gan, sample_ring, train_gan
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from monitor.demo_model import load_digits_tensor
+from monitor.tools.demo_model import load_digits_tensor
 
 __all__ = ["PlasticitySetup", "build_plasticity", "hidden_activations", "run_tasks", "task_accuracy"]
 

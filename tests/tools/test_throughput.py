@@ -1,4 +1,4 @@
-"""The sidecar throughput harness (``monitor/sidecar/throughput.py``, ``repwatch bench`` figure 5
+"""The sidecar throughput harness (``monitor/tools/throughput.py``, ``repwatch bench`` figure 5
 and ``benchmarks/sidecar_throughput.py``): every client kind delivers every batch, the
 accounting is exact, a failing load generator is reported instead of hanging."""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from monitor.sidecar.service import SidecarConfig
-from monitor.sidecar.throughput import ingest_and_score, make_batches, parse_cores
+from monitor.tools.throughput import ingest_and_score, make_batches, parse_cores
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,5 @@
-"""The numpy publish step of the ONNX backend equals the torch scorers' publish to 1e-10."""
+"""The window functions on numpy arrays (the sidecar's publish) equal the torch scorers' publish
+to 1e-10: the same code (``monitor.functional.spectral``, array API) on both array libraries."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from monitor.scorers import CollapseScorer, SpectrumScorer, WindowMoments
-from monitor.sidecar.publish import spectral_signals
+from monitor.functional.spectral import window_collapse_signals, window_spectral_signals
 
 
 def _windows() -> list[tuple[str, np.ndarray]]:
@@ -35,8 +36,13 @@ def test_numpy_publish_matches_torch(name: str, z: np.ndarray) -> None:
     m.settle()
     ref = {k: float(v) for k, v in SpectrumScorer().compute(m).items() if k != "spectrum"}
     ref.update({k: float(v) for k, v in CollapseScorer().compute(m).items()})
-    got, spectrum = spectral_signals(m.s.numpy(), m.zsum.numpy(), m.nsum.numpy(),
-                                     m.nsq.numpy(), float(m.n))
+    s, zsum, nsum, nsq, n = (m.s.numpy(), m.zsum.numpy(), m.nsum.numpy(), m.nsq.numpy(),
+                             float(m.n))
+    values = window_spectral_signals(s, zsum, n)
+    spectrum = values.pop("spectrum")
+    assert isinstance(spectrum, np.ndarray)
+    values.update(window_collapse_signals(s, zsum, nsum, nsq, n))
+    got = {key: float(v) for key, v in values.items()}
     assert set(got) == set(ref)
     for key, value in ref.items():
         if math.isnan(value):

@@ -2,7 +2,7 @@
 
 Serves ``/metrics`` (Prometheus text format from :mod:`exporters.prometheus`), ``/healthz``,
 ``/v1/runs`` (status JSON), ``/v1/runs/{run}/history``, ``/v1/runs/{run}/spectra`` and the live
-dashboard at ``/`` (:mod:`monitor.dashboard`, shared with the sidecar). Every request reads
+dashboard at ``/`` (:mod:`monitor.server.dashboard`, shared with the sidecar). Every request reads
 plain-float Snapshots; no request touches a tensor.
 """
 
@@ -20,8 +20,8 @@ from fastapi.responses import Response
 from exporters.prometheus import CONTENT_TYPE, make_registry, render
 from monitor._version import __version__
 from monitor.alerts import DEFAULT_RULES, AlertRule
-from monitor.dashboard import (HISTOGRAMS, HISTORY_LIMIT, SINCE_STEP, history_payload,
-                               mount_dashboard, spectra_payload)
+from monitor.server.dashboard import (HISTOGRAMS, HISTORY_LIMIT, SINCE_STEP, history_payload,
+                                      mount_dashboard, spectra_payload)
 from monitor.snapshot import Snapshot
 
 def create_app(latest: Callable[[], Snapshot | None], history: Callable[[], Sequence[Snapshot]],

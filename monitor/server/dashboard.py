@@ -1,11 +1,11 @@
 """The built-in live dashboard, shared by the in-process server and the sidecar.
 
-The page itself is static (``monitor/web/``: index.html, app.js, app.css; package data, no
+The page itself is static (``monitor/server/web/``: index.html, app.js, app.css; package data, no
 third-party code, nothing fetched from a CDN). It polls the JSON API of whichever app serves it:
 ``/v1/runs`` (run selector, header, alerts), ``/v1/runs/{run}/history?since_step=`` (charts) and
-``/v1/runs/{run}/spectra`` (current and peak eigenvalue spectra). This module holds the pieces
-both apps use: the routes for the page and its assets, and the history / spectra payloads.
-Torch-free: the sidecar image imports it.
+``/v1/runs/{run}/spectra`` (current and peak eigenvalue spectra). This module holds the pieces both
+apps use: the routes for the page and its assets, and the history / spectra payloads. Torch-free:
+the sidecar image imports it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from monitor.snapshot import Snapshot
 
 ASSETS: tuple[str, ...] = ("index.html", "app.js", "app.css")
-"""The page's files in ``monitor/web/`` (shipped as package data)."""
+"""The page's files in ``monitor/server/web/`` (shipped as package data)."""
 
 ASSET_PREFIX = "/ui"
 """Where ``app.js`` and ``app.css`` are served."""
@@ -41,8 +41,8 @@ HISTOGRAMS: Any = Query(True, description="Include the cumulative histograms (fa
 
 
 def web_dir() -> resources.abc.Traversable:
-    """The packaged ``monitor/web`` folder."""
-    return resources.files("monitor").joinpath("web")
+    """The packaged ``monitor/server/web`` folder."""
+    return resources.files("monitor.server").joinpath("web")
 
 
 @cache
@@ -58,7 +58,7 @@ def _slug(text: str) -> str:
 
 @cache
 def runbooks_html() -> str:
-    """docs/runbooks.md (packaged as ``monitor/web/runbooks.md``) as a page whose headings
+    """docs/runbooks.md (packaged as ``monitor/server/web/runbooks.md``) as a page whose headings
     carry GitHub's anchors, so the alerts' default ``runbook_url``
     (``docs/runbooks.md#repwatchrepresentationcollapse``) resolves to ``/runbooks#…``."""
     from markdown_it import MarkdownIt
@@ -88,7 +88,8 @@ def mount_dashboard(app: FastAPI) -> None:
     def runbooks() -> HTMLResponse:
         return HTMLResponse(runbooks_html())
 
-    app.mount(ASSET_PREFIX, StaticFiles(packages=[("monitor", "web")]), name="dashboard-assets")
+    app.mount(ASSET_PREFIX, StaticFiles(packages=[("monitor.server", "web")]),
+              name="dashboard-assets")
 
 
 def history_payload(snaps: Sequence[Snapshot], limit: int, since_step: int | None = None,

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from monitor.functional.selection import centrality_ranking, rankme_ranking
-from monitor.select_cli import add_parser  # noqa: F401 - re-exported (the parser is torch-free)
+from monitor.cli.select import add_parser  # noqa: F401 - re-exported (the parser is torch-free)
 
 CRITERIA: tuple[str, ...] = ("rankme", "centrality")
 

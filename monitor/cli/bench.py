@@ -1,7 +1,7 @@
 """The ``repwatch bench`` sub-command's arguments, importable without torch.
 
-:mod:`monitor.bench` (the cost figures of docs/performance.md) loads torch, so it is imported only when
-``bench`` runs, as ``select`` does.
+:mod:`monitor.tools.bench` (the cost figures of docs/performance.md) loads torch, so it is
+imported only when ``bench`` runs, as ``select`` does.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Import :mod:`monitor.bench` (needs torch) and run it; 2 with a message without torch."""
-    bench = torch_module("bench", "monitor.bench")
+    """Import :mod:`monitor.tools.bench` (needs torch) and run it; 2 with a message without
+    torch."""
+    bench = torch_module("bench", "monitor.tools.bench")
     if bench is None:
         return 2
     return bench.main(device=args.device, quick=args.quick, out=args.out, only=args.only,

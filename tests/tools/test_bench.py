@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.bench import run_bench
+from monitor.tools.bench import run_bench
 from monitor.cli import main as cli_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]

@@ -5,7 +5,7 @@ says something about repwatch rather than about the machine:
 
 * ``training_overhead`` (1) — training time per step with repwatch attached at its defaults
   versus without, on a small CNN and a small transformer on the CPU (ResNet-50- and ViT-B-sized
-  models under bf16 autocast on a GPU; :mod:`monitor.bench_models`). Target ≤ 1.03 on the
+  models under bf16 autocast on a GPU; :mod:`monitor.tools.bench_models`). Target ≤ 1.03 on the
   CPU, ≤ 1.01 on a GPU.
 * ``update_throughput`` (2) — rows·d² per second of the sliding-window update of
   :class:`~monitor.scorers.moments.WindowMoments` (window full, float64 accumulation; a
@@ -51,10 +51,10 @@ import torch
 from torch import Tensor
 
 from monitor import Monitor
-from monitor.bench_cli import FIGURES
+from monitor.cli.bench import FIGURES
 from monitor.functional.spectral import rankme_from_singular_values
 from monitor.scorers import CollapseScorer, SpectrumScorer, WindowMoments
-from monitor.sidecar.throughput import cpu_seconds
+from monitor.tools.throughput import cpu_seconds
 
 Row = dict[str, Any]
 
@@ -358,7 +358,7 @@ def training_overhead(device: torch.device, workloads: Sequence[str], blocks: in
     ratio alike; the figure is the median of the block ratios (``details`` adds the ratio of
     the summed times, the CPU-time ratio and repwatch's own measurement of its overhead,
     ``repwatch_overhead_ratio``)."""
-    from monitor.bench_models import build
+    from monitor.tools.bench_models import build
 
     out: list[Row] = []
     for name in workloads:
@@ -464,7 +464,7 @@ def sidecar_ingest(batches: int, rows: int, dim: int, clients: int = 2,
     from contextlib import nullcontext
 
     from monitor.sidecar.service import SidecarConfig
-    from monitor.sidecar.throughput import ingest_and_score, make_batches, score_only
+    from monitor.tools.throughput import ingest_and_score, make_batches, score_only
 
     try:
         from threadpoolctl import threadpool_limits

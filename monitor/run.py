@@ -1,0 +1,119 @@
+"""A run's clock and its publish step, shared by the in-process monitor and both sidecar
+backends (torch-free).
+
+* :func:`publish_due` — the cadence: a publish whenever the step count crosses a multiple of the
+  period (``every``, stretched by the overhead budget in-process).
+* :class:`BatchClock` — how a sidecar run's step advances from the batches it receives.
+* :class:`Readings` — the host values of one compute (what a window produced).
+* :class:`RunPublisher` — turns readings into a :class:`~monitor.snapshot.Snapshot`: the
+  run-relative signals (:class:`~monitor.tracking.RunTracker`), the NC1 effective depth, the
+  alerts (:class:`~monitor.alerts.AlertEngine`), the latest snapshot and the history.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from monitor.alerts import AlertEngine, AlertRule
+from monitor.errors import ErrorLog
+from monitor.functional.neural_collapse import effective_depth
+from monitor.snapshot import Alert, Histogram, Snapshot
+from monitor.tracking import RunTracker
+
+
+def publish_due(before: int, after: int, period: int) -> bool:
+    """True when the step count went from ``before`` to ``after`` across a multiple of
+    ``period`` (one publish however many multiples a jump crosses)."""
+    return after // period > before // period
+
+
+class BatchClock:
+    """How a sidecar run's step advances, the same for every backend.
+
+    A batch carrying ``step`` greater than the run's step first advances the run to it, then is
+    scored: ``step`` is the number of steps the trainer had completed when it captured the batch
+    (``Monitor.step_count``), so a publish at step s covers the batches captured before step s,
+    as in-process. Batches without a step advance the run by one at each batch of the run's
+    first stream (except its very first batch).
+    """
+
+    def __init__(self) -> None:
+        self.first_stream: str | None = None
+        self.batches = 0
+
+    def advance(self, stream: str, step: int | None, current: int) -> int:
+        """Steps to advance the run (at ``current``) before scoring this batch of ``stream``."""
+        if step is not None:
+            return max(step - current, 0)
+        return 1 if stream == self.first_stream and self.batches > 0 else 0
+
+    def scored(self, stream: str) -> None:
+        """Count a batch of ``stream`` (the run's first stream is the first one seen)."""
+        if self.first_stream is None:
+            self.first_stream = stream
+        self.batches += 1
+
+
+@dataclass
+class Readings:
+    """Host values of one compute: stream → signal → float, counters, spectra, histograms."""
+
+    streams: dict[str, dict[str, float]] = field(default_factory=dict)
+    counters: dict[str, dict[str, float]] = field(default_factory=dict)
+    spectra: dict[str, list[float]] = field(default_factory=dict)
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    params: dict[str, dict[str, float]] = field(default_factory=dict)
+    run_signals: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, dict[str, Histogram]] = field(default_factory=dict)
+
+
+class RunPublisher:
+    """One run's publish step after the compute: run-relative signals, NC1 effective depth,
+    alerts, snapshot and history. ``tracker`` is the run's :class:`RunTracker` (kept in the
+    checkpoint by its owner); exceptions of the alert engine are counted in ``errors``."""
+
+    def __init__(self, run: str, rules: Sequence[AlertRule], tracker: RunTracker,
+                 errors: ErrorLog, history: int = 1000,
+                 nc1_depth_threshold: float = 0.1) -> None:
+        self.run = run
+        self.tracker = tracker
+        self.errors = errors
+        self.alerts = AlertEngine(rules, run=run)
+        self.nc1_depth_threshold = float(nc1_depth_threshold)
+        self.latest: Snapshot | None = None
+        self.history: deque[Snapshot] = deque(maxlen=history)
+
+    def publish(self, readings: Readings, step: int, started: float,
+                order: Iterable[str] | None = None, **extra: Any
+                ) -> tuple[Snapshot, list[Alert], list[Alert]]:
+        """The snapshot of ``readings`` at ``step`` and the alerts that fired and resolved.
+
+        ``started``: ``time.perf_counter()`` when the publish began (for its duration);
+        ``order``: the streams in watch order (effective depth; default: as computed);
+        ``extra``: further :class:`Snapshot` fields (``dropped``, ``overhead_ratio``, ...).
+        """
+        r = readings
+        self.tracker.derive(r.streams, r.layers, step)
+        names = [n for n in (order if order is not None else r.streams) if n in r.streams]
+        depth = effective_depth((r.streams[n].get("neural_collapse_nc1", math.nan)
+                                 for n in names), self.nc1_depth_threshold)
+        if depth is not None:
+            r.run_signals["neural_collapse_effective_depth"] = depth
+        groups = {"stream": r.streams, "layer": r.layers, "param": r.params,
+                  "run": {"model": r.run_signals}}
+        firing, fired, resolved = self.alerts.firing(), [], []
+        with self.errors.guard("alerts"):
+            firing, fired, resolved = self.alerts.evaluate(groups, step)
+        snap = Snapshot(run=self.run, step=step, time=time.time(), streams=r.streams,
+                        counters=r.counters, spectra=r.spectra, layers=r.layers,
+                        params=r.params, run_signals=r.run_signals, histograms=r.histograms,
+                        alerts=firing, errors=self.errors.counts(),
+                        publish_duration_seconds=time.perf_counter() - started, **extra)
+        self.latest = snap
+        self.history.append(snap)
+        return snap, fired, resolved
