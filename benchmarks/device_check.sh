@@ -27,7 +27,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-$PWD}"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/device.txt"
-python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_sink.py \
+python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py tests/transport/test_sender.py \
   tests/scorers/test_generative.py tests/scorers/test_neural_collapse.py \
   tests/scorers/test_activations.py tests/scorers/test_sketch.py tests/sidecar/test_kernels.py \
   2>&1 | tee "$OUT/cuda_tests.txt"

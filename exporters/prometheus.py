@@ -1,4 +1,4 @@
-"""Prometheus exposition of the latest Snapshot: a custom Collector on a private registry.
+"""Prometheus exposition of Snapshots: a custom Collector on a private registry.
 
 The collector reads plain floats at scrape time; a scrape never touches a tensor or the GPU.
 """
@@ -23,62 +23,57 @@ from monitor.snapshot import Snapshot, split_key
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+_Family = GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily
+
 
 class RepwatchCollector(Collector):
-    """Yields every catalogue metric from ``source()``, the latest Snapshot (or None)."""
+    """Yields every catalogue metric of ``snapshots()``, the latest Snapshot of each run (one
+    in process, every run in the sidecar): one family per metric, samples of every run."""
 
-    def __init__(self, source: Callable[[], Snapshot | None],
+    def __init__(self, snapshots: Callable[[], Sequence[Snapshot]],
                  rules: Sequence[AlertRule] = DEFAULT_RULES) -> None:
-        self._source = source
+        self._snapshots = snapshots
         self._rules = tuple(rules)
 
     def describe(self) -> list[Metric]:
-        return []  # families depend on the snapshot; no checks at registration
+        return []  # families depend on the snapshots; no checks at registration
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._source()
-        if snap is None:
+        snaps = list(self._snapshots())
+        if not snaps:
             return
-        rank = getattr(snap, "rank", None)
-        for family in self._families(snap):
-            if rank is not None:    # Monitor(per_rank=True): every sample gets its rank label
-                for sample in family.samples:
-                    sample.labels["rank"] = str(rank)
-            yield family
-
-    def _families(self, snap: Snapshot) -> Iterator[Metric]:
         for spec in CATALOGUE:
             if spec.source == "sidecar":
                 continue            # the sidecar service's own collector exports these
-            if spec.kind == "histogram":
-                yield from self._histogram(spec, snap)
-                continue
-            if spec.source == "dropped" and not snap.dropped:
+            if spec.source == "dropped" and not any(s.dropped for s in snaps):
                 continue            # only a trainer with a sink has these
             family = self._family(spec)
-            for labels, value in self._samples(spec, snap):
-                if math.isfinite(value):
-                    family.add_metric(labels, value)
-            yield family
+            for snap in snaps:
+                first = len(family.samples)
+                self._add(family, spec, snap)
+                if snap.rank is not None:   # Monitor(per_rank=True): its samples get a rank label
+                    for sample in family.samples[first:]:
+                        sample.labels["rank"] = str(snap.rank)
+            if family.samples or spec.kind != "histogram":
+                yield family
 
-    @staticmethod
-    def _histogram(spec: MetricSpec, snap: Snapshot) -> Iterator[Metric]:
-        per_stream = snap.histograms.get(spec.signal, {})
-        if not per_stream:
+    def _add(self, family: _Family, spec: MetricSpec, snap: Snapshot) -> None:
+        if isinstance(family, HistogramMetricFamily):
+            for stream, hist in sorted(snap.histograms.get(spec.signal, {}).items()):
+                buckets = [(_le(b), c) for b, c in zip(hist.bounds, hist.cumulative, strict=False)]
+                if not buckets or buckets[-1][0] != "+Inf":
+                    buckets.append(("+Inf", hist.count))
+                family.add_metric([snap.run, stream], buckets, hist.sum)
             return
-        family = HistogramMetricFamily(spec.name, spec.help, labels=list(spec.labels))
-        for stream, hist in sorted(per_stream.items()):
-            buckets = [(_le(b), c) for b, c in zip(hist.bounds, hist.cumulative, strict=False)]
-            if not buckets or buckets[-1][0] != "+Inf":
-                buckets.append(("+Inf", hist.count))
-            family.add_metric([snap.run, stream], buckets, hist.sum)
-        yield family
+        for labels, value in self._samples(spec, snap):
+            if math.isfinite(value):
+                family.add_metric(labels, value)
 
     @staticmethod
-    def _family(spec: MetricSpec) -> GaugeMetricFamily | CounterMetricFamily:
-        if spec.kind == "counter":
-            return CounterMetricFamily(spec.name, spec.help, labels=list(spec.labels))
-        return GaugeMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+    def _family(spec: MetricSpec) -> _Family:
+        cls = {"counter": CounterMetricFamily, "histogram": HistogramMetricFamily}.get(
+            spec.kind, GaugeMetricFamily)
+        return cls(spec.name, spec.help, labels=list(spec.labels))
 
     def _samples(self, spec: MetricSpec, snap: Snapshot) -> Iterator[tuple[list[str], float]]:
         if spec.source in KEYED_SOURCES:
@@ -123,11 +118,11 @@ def _le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
-def make_registry(source: Callable[[], Snapshot | None],
+def make_registry(snapshots: Callable[[], Sequence[Snapshot]],
                   rules: Sequence[AlertRule] = DEFAULT_RULES) -> CollectorRegistry:
-    """A private registry holding only the repwatch collector."""
+    """A private registry holding the repwatch collector over ``snapshots()``."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RepwatchCollector(source, rules))
+    registry.register(RepwatchCollector(snapshots, rules))
     return registry
 
 

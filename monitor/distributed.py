@@ -79,6 +79,26 @@ def world() -> tuple[int, int] | None:
     return (dist.get_rank(), size) if size > 1 else None
 
 
+def serving_port(port: int | None, per_rank: bool) -> int | None:
+    """The port this process serves on: ``port`` on local rank 0 (per rank: ``port`` + local
+    rank on every rank; 0 stays "any free port"), None when it does not serve."""
+    here = local_rank()
+    if port is None or not (per_rank or here == 0):
+        return None
+    if per_rank and port != 0:
+        port += here
+        if port > 65535:
+            raise ValueError(f"port + local rank ({port}) must be at most 65535")
+    return port
+
+
+def ranks_publish_together() -> bool:
+    """True in an initialised process group of more than one rank (a global reduction)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def local_rank() -> int:
     """This process's rank on its node: ``LOCAL_RANK``, else ``rank % LOCAL_WORLD_SIZE``, else
     the global rank (so that without either variable only global rank 0 counts as local 0)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch import Tensor
 
 from monitor.errors import ErrorLog
 from monitor.run import Readings
+from monitor.validation import check_int, check_name
 from monitor.scorers import CollapseScorer, SpectrumScorer
 from monitor.scorers.sketch import SpectralPath
 from monitor.scorers.sketch_spectrum import spectrum_scorer_for
@@ -176,6 +177,18 @@ class Engine:
         self.param_sources: list[Callable[[], dict[str, dict[str, Tensor]]]] = []
         self.run_sources: list[Callable[[], dict[str, Tensor | float]]] = []
 
+    @classmethod
+    def from_config(cls, cfg: Any, errors: ErrorLog) -> Engine:
+        """The engine of a :class:`~monitor.config.MonitorConfig`."""
+        paths = (dict(cfg.spectral_path) if isinstance(cfg.spectral_path, Mapping)
+                 else {"*": cfg.spectral_path})
+        spectral = SpectralPath(paths.pop("*", "auto"), sketch_above=cfg.sketch_above,
+                                sketch_dim=cfg.sketch_dim, seed=cfg.seed, streams=paths,
+                                memory_limit_bytes=cfg.memory_limit_bytes)
+        return cls(cfg.window, errors, {"alpha_centered": cfg.alpha_centered},
+                   peak_warmup=cfg.peak_warmup, qscore=cfg.qscore_options,
+                   max_classes=cfg.max_classes, taus=cfg.dormant_taus, spectral=spectral)
+
     # ------------------------------------------------------------------ updates
 
     def _stream(self, name: str, rows: Tensor) -> Stream:
@@ -230,12 +243,40 @@ class Engine:
         if layer.enabled:
             layer.update(h, rows)
 
-    def pair(self, fake: str, real: str, **kwargs: Any) -> None:
+    def pair(self, fake: str, real: str, *, reservoir: int = 512, dup_quantile: float = 0.01,
+             seed: int = 0) -> None:
         """Compare generated stream ``fake`` with reference stream ``real``."""
+        check_name("stream name", fake)
+        check_name("stream name", real)
+        if fake == real:
+            raise ValueError("pair() needs two different streams")
+        check_int("reservoir", reservoir, 4)
+        if not 0.0 < dup_quantile < 1.0:
+            raise ValueError(f"dup_quantile must be in (0, 1), got {dup_quantile}")
+        kwargs = {"reservoir": reservoir, "dup_quantile": dup_quantile, "seed": seed}
         current = self.pairs.get(fake)
         if current is not None and current[0] == real and not isinstance(current[1], dict):
             return                              # already running (e.g. restored from a checkpoint)
         self.pairs[fake] = (real, kwargs)  # scorer built on the first batch of the pair (needs d)
+
+    def watch_classifier(self, linear: Any, stream: str | None = None) -> None:
+        """Read NC3/NC4's class weights and bias from ``linear`` at each publish, for
+        ``stream`` (default: every labelled stream of dimension ``linear.in_features``)."""
+        def get() -> tuple[Tensor, Tensor | None]:
+            bias = linear.bias.detach() if linear.bias is not None else None
+            return linear.weight.detach(), bias
+
+        self.classifiers[stream or f"*{linear.in_features}"] = get
+
+    def sample_scores(self, stream: str) -> tuple[Tensor, Tensor]:
+        """Q-Scores of the last batch of ``stream`` and the rows' indices in it (host copies)."""
+        st = self.streams.get(stream)
+        if st is None:
+            raise KeyError(f"no stream {stream!r}; streams: {sorted(self.streams)}")
+        if st.qscore is None:
+            raise RuntimeError("Q-Score is off for this monitor (Monitor(qscore=False))")
+        scores, index = st.qscore.sample_scores()
+        return scores.cpu(), index.cpu()  # sync: a user call, off the hot path
 
     # ------------------------------------------------------------------ compute
 

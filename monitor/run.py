@@ -7,16 +7,21 @@ backends (torch-free).
 * :class:`Readings` — the host values of one compute (what a window produced).
 * :class:`RunPublisher` — turns readings into a :class:`~monitor.snapshot.Snapshot`: the
   run-relative signals (:class:`~monitor.tracking.RunTracker`), the NC1 effective depth, the
-  alerts (:class:`~monitor.alerts.AlertEngine`), the latest snapshot and the history.
+  alerts (:class:`~monitor.alerts.AlertEngine`, logged and handed to callbacks), the latest
+  snapshot, the history and an optional JSONL log.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from monitor.alerts import AlertEngine, AlertRule
@@ -24,6 +29,8 @@ from monitor.errors import ErrorLog
 from monitor.functional.neural_collapse import effective_depth
 from monitor.snapshot import Alert, Histogram, Snapshot
 from monitor.tracking import RunTracker
+
+log = logging.getLogger("repwatch")
 
 
 def publish_due(before: int, after: int, period: int) -> bool:
@@ -75,11 +82,12 @@ class Readings:
 class RunPublisher:
     """One run's publish step after the compute: run-relative signals, NC1 effective depth,
     alerts, snapshot and history. ``tracker`` is the run's :class:`RunTracker` (kept in the
-    checkpoint by its owner); exceptions of the alert engine are counted in ``errors``."""
+    checkpoint by its owner); exceptions of the alert engine, of ``callbacks`` and of the
+    ``log_path`` writes are counted in ``errors``."""
 
     def __init__(self, run: str, rules: Sequence[AlertRule], tracker: RunTracker,
-                 errors: ErrorLog, history: int = 1000,
-                 nc1_depth_threshold: float = 0.1) -> None:
+                 errors: ErrorLog, history: int = 1000, nc1_depth_threshold: float = 0.1,
+                 log_path: str | os.PathLike[str] | None = None) -> None:
         self.run = run
         self.tracker = tracker
         self.errors = errors
@@ -87,6 +95,8 @@ class RunPublisher:
         self.nc1_depth_threshold = float(nc1_depth_threshold)
         self.latest: Snapshot | None = None
         self.history: deque[Snapshot] = deque(maxlen=history)
+        self.callbacks: list[Callable[[Alert], Any]] = []
+        self.log_path = Path(log_path) if log_path is not None else None
 
     def publish(self, readings: Readings, step: int, started: float,
                 order: Iterable[str] | None = None, **extra: Any
@@ -117,3 +127,23 @@ class RunPublisher:
         self.latest = snap
         self.history.append(snap)
         return snap, fired, resolved
+
+    def notify(self, snap: Snapshot, fired: Sequence[Alert], resolved: Sequence[Alert]) -> None:
+        """Log the alerts that fired and resolved, call the callbacks with each fired one and
+        append the snapshot to the JSONL log (outside any lock: callbacks may be slow)."""
+        for alert in fired:
+            log.warning("ALERT %s [%s] firing on %s/%s at step %d: %s", alert.name,
+                        alert.severity, self.run, alert.stream, snap.step, alert.description)
+            for callback in list(self.callbacks):
+                name = getattr(callback, "__name__", callback)
+                with self.errors.guard("callback", key=f"callback[{name}]"):
+                    callback(alert)
+        for alert in resolved:
+            log.warning("RESOLVED %s on %s/%s at step %d", alert.name, self.run, alert.stream,
+                        snap.step)
+        if self.log_path is not None:
+            try:
+                with self.log_path.open("a") as fh:
+                    fh.write(json.dumps(snap.to_dict()) + "\n")
+            except Exception as exc:  # noqa: BLE001 - a full disk must not stop training
+                self.errors.record("log", exc)

@@ -191,7 +191,7 @@ def worker_ddp(rank: int, world: int, port: int, out: str) -> None:
         per_rank = [local.step() for _ in range(1 + rank)][-1]
         result["per_rank"] = snapshot_values(per_rank)
         result["per_rank_rank"] = per_rank.rank
-        result["exposition"] = render(make_registry(lambda: per_rank)).decode()
+        result["exposition"] = render(make_registry(lambda: [per_rank])).decode()
     finally:
         local.close()
     _finish(Path(out), rank, result)

@@ -106,7 +106,7 @@ def test_side_stream_values_match_the_training_stream_and_the_cpu() -> None:
             out = enc(chunk.clone())
             out.mul_(0.0).add_(1e6)                  # in place, after the hook: not scored
         snaps[(dev, side)] = mon.publish()
-        assert (mon._side_streams != {}) == side
+        assert (mon._side.streams != {}) == side
         mon.close()
     ref = snaps[("cpu", False)].streams["z"]
     for key in ("effective_rank", "srank", "participation_ratio", "embedding_std_ratio"):

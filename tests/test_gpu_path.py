@@ -121,5 +121,5 @@ def test_side_stream_is_inert_on_the_cpu() -> None:
         snap = mon.step()
     finally:
         mon.close()
-    assert snap is not None and mon._side_streams == {}
+    assert snap is not None and mon._side.streams == {}
     assert snap.get("window_samples", "z") == 32

@@ -56,7 +56,7 @@ def test_activation_layer_signals_match_numpy() -> None:
     p = s / s.sum() + 1e-7
     assert snap.get("effective_rank", layer="1") == pytest.approx(
         float(np.exp(-(p * np.log(p)).sum())), rel=1e-6)
-    text = render(make_registry(lambda: snap)).decode()
+    text = render(make_registry(lambda: [snap])).decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     taus = {s.labels["tau"] for s in fams["repwatch_dormant_units_ratio"].samples}
     assert taus == {"0", "0.025", "0.1"}
@@ -218,7 +218,7 @@ def test_everything_exports_and_passes_promtool(promtool: str) -> None:
         mon.observe("fake", torch.randn(64, 3, generator=gen))
         mon.step(labels=torch.randint(0, 4, (128,), generator=gen))
     snap = mon.publish()
-    text = render(make_registry(lambda: snap))
+    text = render(make_registry(lambda: [snap]))
     proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()

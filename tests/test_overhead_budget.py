@@ -211,7 +211,7 @@ def test_real_timers_tight_budget_lowers_ratio_and_exports(monkeypatch: pytest.M
     assert ratios[0] > 0.1                                   # ~1 before any stretch
     assert ratios[-1] < ratios[0] / 2
     assert snaps[-1].effective_cadence_steps >= 4 and mon.effective_cadence >= 4
-    text = render(make_registry(lambda: snaps[-1])).decode()
+    text = render(make_registry(lambda: snaps[-1:])).decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     (ratio,) = fams["repwatch_overhead_ratio"].samples
     (cadence,) = fams["repwatch_effective_cadence_steps"].samples
@@ -220,7 +220,7 @@ def test_real_timers_tight_budget_lowers_ratio_and_exports(monkeypatch: pytest.M
 
 
 def test_sidecar_style_snapshot_exports_no_overhead() -> None:
-    text = render(make_registry(lambda: Snapshot(run="s", step=1, time=0.0))).decode()
+    text = render(make_registry(lambda: [Snapshot(run="s", step=1, time=0.0)])).decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     assert fams["repwatch_overhead_ratio"].samples == []        # NaN: not measured there
     assert fams["repwatch_effective_cadence_steps"].samples == []

@@ -145,7 +145,8 @@ with contextlib.redirect_stdout(io.StringIO()):
     assert main(["manifests", "--out", OUT + "/k8s"]) == 0
 assert main(["dashboard", "--out", OUT + "/dashboard.json"]) == 0
 import exporters
-modules = ["monitor", "monitor.monitor", "monitor.server", "monitor.shm", "monitor.sink",
+modules = ["monitor", "monitor.monitor", "monitor.server", "monitor.transport.shm",
+           "monitor.transport.sinks",
            "monitor.server.dashboard", "monitor.cli", "monitor.sidecar.service",
            "monitor.sidecar.cli",
            *(f"exporters.{m.name}" for m in pkgutil.iter_modules(exporters.__path__))]

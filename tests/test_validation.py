@@ -34,7 +34,7 @@ def test_every_entry_point_applies_the_same_name_rule() -> None:
     import re
 
     from monitor import Monitor
-    from monitor.sink import HttpSink
+    from monitor.transport import HttpSink
 
     bad = "run with spaces"
     with pytest.raises(ValueError, match="run must be 1–128"):

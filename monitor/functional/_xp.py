@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numpy as np
-from array_api_compat import device
+from array_api_compat import array_namespace, device
 
 Array = Any
 """A numpy array or a torch tensor (anything ``array_api_compat.array_namespace`` accepts)."""
@@ -30,6 +30,16 @@ def f64(xp: Any, x: Array) -> Array:
 def scalar(xp: Any, value: Array | float, like: Array) -> Array:
     """``value`` as a 0-d float64 array on ``like``'s device (a device tensor stays one: no sync)."""
     return xp.asarray(value, dtype=xp.float64, device=device(like))
+
+
+def as_rows(x: Array, what: str = "rows") -> Array:
+    """``x`` as float64 ``(n, d)`` rows, or a clear error (not 2-D, not floating point)."""
+    xp = array_namespace(x)
+    if x.ndim != 2:
+        raise ValueError(f"expected {what} as a 2-D (n, d) array, got shape {tuple(x.shape)}")
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"expected floating-point {what}, got {x.dtype}")
+    return f64(xp, x)
 
 
 def scatter_add(xp: Any, out: Array, index: Array, values: Array) -> Array:

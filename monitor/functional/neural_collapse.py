@@ -28,7 +28,7 @@ from typing import Any
 
 from array_api_compat import array_namespace, device
 
-from monitor.functional._xp import Array, f64, quiet, scatter_add
+from monitor.functional._xp import Array, as_rows, f64, quiet, scatter_add
 
 
 NC1_RTOL: float = 1e-12
@@ -41,21 +41,11 @@ NC_SIGNALS: tuple[str, ...] = (
 """The classifier-free signals of a labelled window (:func:`window_neural_collapse_signals`)."""
 
 
-
 def _tiny(xp: Any) -> float:
     return float(xp.finfo(xp.float64).smallest_normal)
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def _check_rows(h: Array) -> Array:
-    xp = array_namespace(h)
-    if h.ndim != 2:
-        raise ValueError(f"expected features of shape (n, d), got shape {tuple(h.shape)}")
-    if not xp.isdtype(h.dtype, "real floating"):
-        raise TypeError(f"expected floating-point features, got {h.dtype}")
-    return f64(xp, h)
 
 
 def _check_labels(labels: Array, n: int, num_classes: int) -> Array:
@@ -81,7 +71,7 @@ def class_statistics(h: Array, labels: Array, num_classes: int | None = None,
     zero-weight row must hold finite values). ``num_classes`` defaults to ``max(labels) + 1``
     (a host sync). Labels out of ``[0, num_classes)`` raise ``ValueError``.
     """
-    x = _check_rows(h)                                                   # (n, d)
+    x = as_rows(h, "features")                                                   # (n, d)
     if num_classes is None:
         num_classes = int(array_namespace(labels).max(labels)) + 1 if labels.shape[0] else 1
     y = _check_labels(labels, x.shape[0], num_classes)
@@ -301,7 +291,7 @@ def nc4_ncc_mismatch(h: Array, weight: Array, bias: Array | None, means: Array,
     ones); the classifier's argmax is over all C. ``row_weights`` (n,) weighs rows (0 excludes
     one). Ties go to the lowest class index in both rules. → 0 in the terminal phase.
     """
-    x = _check_rows(h)                                                   # (n, d)
+    x = as_rows(h, "features")                                                   # (n, d)
     if (weight.ndim != 2 or weight.shape[1] != x.shape[1]
             or tuple(means.shape) != tuple(weight.shape)):
         raise ValueError(f"expected weight and means of shape (C, {x.shape[1]}), got "
@@ -361,7 +351,7 @@ def neural_collapse(h: Array, labels: Array, num_classes: int | None = None,
     class means), and with ``weight`` (C,d): ``nc2_equinorm_w``, ``nc2_equiangularity_w``,
     ``nc2_max_angle_w`` (classifier rows), ``nc3``, ``nc4``.
     """
-    x = _check_rows(h)
+    x = as_rows(h, "features")
     s, sums, counts = class_statistics(x, labels, num_classes)
     m_tilde, present = centered_class_means(sums, counts)
     out = {

@@ -26,32 +26,16 @@ from typing import Any
 
 from array_api_compat import array_namespace, device
 
-from monitor.functional._xp import Array, f64, quiet, scalar
-
+from monitor.functional._xp import Array, as_rows, f64, quiet, scalar
 
 RANKME_EPS: float = 1e-7
 """ε of RankMe (Garrido et al. 2023, Eq. 1; float32 default of the paper and stable-SSL)."""
 
 
-
-
-def _nan(xp: Any, like: Array) -> Array:
-    return xp.full_like(like, math.nan)
-
-
-def _as_rows(z: Array) -> Array:
-    xp = array_namespace(z)
-    if z.ndim != 2:
-        raise ValueError(f"expected a 2-D (n, d) array of rows, got shape {tuple(z.shape)}")
-    if not xp.isdtype(z.dtype, "real floating"):
-        raise TypeError(f"expected a floating-point array, got {z.dtype}")
-    return f64(xp, z)
-
-
 @quiet
 def second_moment(z: Array) -> tuple[Array, Array, Array]:
     """Sufficient statistics of rows ``z`` (n, d): ``(S = zᵀz, Σz, n)`` in float64."""
-    x = _as_rows(z)
+    x = as_rows(z)
     xp = array_namespace(x)
     return x.T @ x, xp.sum(x, axis=0), scalar(xp, float(x.shape[0]), x)
 
@@ -332,7 +316,7 @@ def normalize_rows(z: Array, eps: float = 1e-12) -> Array:
 
 
 def _singular_values(z: Array) -> tuple[Array, int]:
-    x = _as_rows(z)
+    x = as_rows(z)
     return array_namespace(x).linalg.svdvals(x), min(x.shape)
 
 
@@ -386,7 +370,7 @@ def spectrum_alpha(z: Array, fit_start: int = 10, fit_stop: int = 100,
 def l2_normalized_std(z: Array) -> Array:
     """SimSiam std of L2-normalised rows (not multiplied by √d); see
     :func:`l2_normalized_std_from_sums`."""
-    x = normalize_rows(_as_rows(z))
+    x = normalize_rows(as_rows(z))
     xp = array_namespace(x)
     return l2_normalized_std_from_sums(xp.sum(x, axis=0), xp.sum(x * x, axis=0), float(x.shape[0]))
 
@@ -394,7 +378,7 @@ def l2_normalized_std(z: Array) -> Array:
 @quiet
 def mean_cosine_similarity(z: Array) -> Array:
     """Mean pairwise cosine similarity of distinct rows of ``z`` (n, d)."""
-    x = normalize_rows(_as_rows(z))
+    x = normalize_rows(as_rows(z))
     xp = array_namespace(x)
     return mean_cosine_similarity_from_sums(xp.sum(x, axis=0), xp.sum(x * x, axis=0),
                                             float(x.shape[0]))

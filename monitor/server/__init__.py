@@ -1,6 +1,8 @@
-"""The in-process HTTP server (:mod:`monitor.server.app`) and the live dashboard both apps serve
-(:mod:`monitor.server.dashboard`, its page in ``web/``). Torch-free."""
+"""The read app (:mod:`monitor.server.app`: in process over one run, in the sidecar over every
+run), its background server and its live dashboard (:mod:`monitor.server.dashboard`, the page in
+``web/``). Torch-free."""
 
-from monitor.server.app import BackgroundServer, create_app
+from monitor.server.app import (BackgroundServer, ReadSource, SingleRunSource, create_app,
+                                create_read_app)
 
-__all__ = ["BackgroundServer", "create_app"]
+__all__ = ["BackgroundServer", "ReadSource", "SingleRunSource", "create_app", "create_read_app"]

@@ -1,11 +1,11 @@
-"""The built-in live dashboard, shared by the in-process server and the sidecar.
+"""The built-in live dashboard of the read app (:mod:`monitor.server.app`).
 
 The page itself is static (``monitor/server/web/``: index.html, app.js, app.css; package data, no
-third-party code, nothing fetched from a CDN). It polls the JSON API of whichever app serves it:
+third-party code, nothing fetched from a CDN). It polls the JSON API of the app serving it:
 ``/v1/runs`` (run selector, header, alerts), ``/v1/runs/{run}/history?since_step=`` (charts) and
-``/v1/runs/{run}/spectra`` (current and peak eigenvalue spectra). This module holds the pieces both
-apps use: the routes for the page and its assets, and the history / spectra payloads. Torch-free:
-the sidecar image imports it.
+``/v1/runs/{run}/spectra`` (current and peak eigenvalue spectra). This module holds the routes for
+the page and its assets, and the history / spectra payloads. Torch-free: the sidecar image
+imports it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -30,14 +30,6 @@ ASSET_PREFIX = "/ui"
 """Where ``app.js`` and ``app.css`` are served."""
 
 _NO_CACHE = {"Cache-Control": "no-cache"}
-
-# Query parameters of ``/v1/runs/{run}/history``, the same in both apps.
-HISTORY_LIMIT: Any = Query(200, ge=1, le=10_000, description="At most this many snapshots "
-                           "(the newest)")
-SINCE_STEP: Any = Query(None, ge=-1, description="Only snapshots with a step above this one "
-                        "(poll with the last step seen)")
-HISTOGRAMS: Any = Query(True, description="Include the cumulative histograms (false: a smaller "
-                        "payload)")
 
 
 def web_dir() -> resources.abc.Traversable:

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                      "<token>'), or bind 127.0.0.1")
     shm = getattr(args, "shm", None)
     if shm is not None:
-        from monitor.shm import parse_spec
+        from monitor.transport.shm import parse_spec
 
         try:
             parse_spec(shm)
@@ -169,8 +169,8 @@ def serve(config: Any, shm: str | None = None) -> int:
     except ValueError as exc:                       # e.g. --device cuda without CUDA
         return _fail(str(exc))
     reader = None
-    if shm is not None:                             # --- shared-memory ring (monitor/shm.py)
-        from monitor.shm import ShmReader
+    if shm is not None:                   # --- shared-memory ring (monitor/transport/shm.py)
+        from monitor.transport.shm import ShmReader
 
         try:
             reader = ShmReader(shm, sidecar).start()

@@ -1,8 +1,9 @@
 """The sidecar's refusals and their reasons, torch-free and free of the service.
 
 Both ingest paths raise and count these: the HTTP service (:mod:`monitor.sidecar.service`) and
-the shared-memory reader (:mod:`monitor.shm`), which must not import the service (the service
-builds its torch backend on :class:`monitor.Monitor`, whose sinks import the shm transport).
+the shared-memory reader (:mod:`monitor.transport.shm`), which must not import the service
+(the service builds its torch backend on :class:`monitor.Monitor`, whose sinks import the shm
+transport).
 """
 
 from __future__ import annotations

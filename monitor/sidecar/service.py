@@ -1,7 +1,7 @@
 """``repwatch serve``: the sidecar ingest service (FastAPI) and its scoring backend.
 
 A trainer (``Monitor(sink=...)``) posts sampled embedding batches; the handler authenticates,
-checks limits and parses the body (:mod:`monitor.sidecar.protocol`), then hands the batch to ONE
+checks limits and parses the body (:mod:`monitor.transport.wire`), then hands the batch to ONE
 scoring worker thread through a bounded queue. A full queue answers 429 with ``Retry-After``
 and drops the batch (counted), so memory stays bounded by ``queue_batches × max_body_bytes``.
 The worker feeds a backend; the torch backend runs one :class:`monitor.Monitor` per run, so
@@ -28,39 +28,34 @@ import asyncio
 import hmac
 import logging
 import queue
-import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Path, Request
-from fastapi.exception_handlers import request_validation_exception_handler
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CollectorRegistry
+from fastapi import Depends, FastAPI, Path
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exporters.catalogue import BY_NAME, PREFIX
-from exporters.prometheus import CONTENT_TYPE, RepwatchCollector, render
-from monitor._version import __version__
 from monitor.alerts import DEFAULT_RULES, AlertRule
-from monitor.server.dashboard import (HISTOGRAMS, HISTORY_LIMIT, SINCE_STEP, history_payload,
-                                      mount_dashboard, spectra_payload)
+from monitor.server.app import ErrorBody, RunName, create_read_app
 from monitor.errors import ErrorLog
 from monitor.run import BatchClock
 from monitor.sidecar.errors import REJECT_REASONS, Rejected
-from monitor.validation import NAME_PATTERN, check_int, is_name
-from monitor.sidecar import protocol
-from monitor.sidecar.protocol import ProtocolError
+from monitor.validation import NAME_PATTERN, check_int, check_name
+from monitor.transport import wire as protocol
+from monitor.transport.wire import ProtocolError
 from monitor.snapshot import Snapshot
 
 log = logging.getLogger("repwatch.sidecar")
@@ -271,7 +266,8 @@ class _Batch:
 
 
 class Sidecar:
-    """Per-run state of the service: admission, accounting, the bounded queue and its worker."""
+    """Per-run state of the service: admission, accounting, the bounded queue and its worker;
+    the read app's source (:class:`monitor.server.ReadSource`) of every run."""
 
     def __init__(self, config: SidecarConfig, backend: Backend | None = None) -> None:
         self.config = config
@@ -301,7 +297,7 @@ class Sidecar:
     @property
     def saturated(self) -> bool:
         """True while the scoring queue is full (the shm ring reader then waits, see
-        :class:`monitor.shm.ShmReader`, instead of having batches dropped as overload)."""
+        :class:`monitor.transport.shm.ShmReader`, instead of having batches dropped as overload)."""
         with self._lock:
             return self._queue.qsize() + self._reserved >= self.config.queue_batches
 
@@ -429,6 +425,19 @@ class Sidecar:
 
     # ------------------------------------------------------------------ reading
 
+    @property
+    def rules(self) -> Sequence[AlertRule]:
+        """The alert rules of every run."""
+        return self.config.rules
+
+    def snapshots(self) -> list[Snapshot]:
+        """The latest Snapshot of every run that has published, sorted by run."""
+        return self.backend.snapshots()
+
+    def history(self, run: str) -> list[Snapshot] | None:
+        """Recent snapshots of ``run``, oldest first (None: no such run)."""
+        return self.backend.history(run)
+
     def accounting(self) -> dict[str, Any]:
         """A consistent copy of the counters (taken under the lock)."""
         with self._lock:
@@ -458,28 +467,6 @@ class Sidecar:
 
 
 # ---------------------------------------------------------------------- exposition
-
-class _RunsCollector(Collector):
-    """The catalogue metrics of every run, merged into one family per metric name."""
-
-    def __init__(self, snapshots: Callable[[], list[Snapshot]], rules: Sequence[AlertRule]) -> None:
-        self._snapshots = snapshots
-        self._rules = tuple(rules)
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
-        for snap in self._snapshots():
-            for family in RepwatchCollector(lambda s=snap: s, self._rules).collect():
-                have = families.get(family.name)
-                if have is None:
-                    families[family.name] = family
-                else:
-                    have.samples.extend(family.samples)
-        yield from families.values()
-
 
 def _family(name: str) -> CounterMetricFamily | GaugeMetricFamily:
     """An empty family for catalogue metric ``repwatch_<name>`` (name, help, labels from there)."""
@@ -520,15 +507,6 @@ class _AccountingCollector(Collector):
         yield from (received, scored, dropped, queued, rejected, errors, up)
 
 
-def make_sidecar_registry(sidecar: Sidecar, rules: Sequence[AlertRule] = DEFAULT_RULES
-                          ) -> CollectorRegistry:
-    """A private registry: every run's catalogue metrics plus the service accounting."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_RunsCollector(sidecar.backend.snapshots, rules))
-    registry.register(_AccountingCollector(sidecar))
-    return registry
-
-
 # ---------------------------------------------------------------------- HTTP
 
 class BatchAccepted(BaseModel):
@@ -538,12 +516,6 @@ class BatchAccepted(BaseModel):
     stream: str
     rows: int
     step: int | None
-
-
-class ErrorBody(BaseModel):
-    """Error answer: what was expected and what was got."""
-
-    detail: str
 
 
 def _err(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -560,9 +532,11 @@ _BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
     409: _err("Stream dimension changed, or too many runs/streams"),
     413: _err("Body over the size limit"),
     415: _err("Unsupported Content-Type or dtype"),
+    422: _err("Run or stream name is not a valid name"),
     429: _err("Scoring queue full; batch dropped",
               {"Retry-After": {"schema": {"type": "integer"}}}),
 }
+
 
 def _header(name: str, description: str, **schema: Any) -> dict[str, Any]:
     return {"name": name, "in": "header", "required": False, "description": description,
@@ -570,8 +544,7 @@ def _header(name: str, description: str, **schema: Any) -> dict[str, Any]:
 
 
 _BATCH_BODY: dict[str, Any] = {
-    # Declared here, read from request.headers: the handler answers bad values with 400/415
-    # and a message, not with FastAPI's 422.
+    # Declared for the document; BatchHandler reads them and answers bad values with 400/415.
     "parameters": [
         _header(protocol.H_DTYPE, "Row dtype (raw form; required there)",
                 enum=list(protocol.DTYPES)),
@@ -598,122 +571,57 @@ _BATCH_BODY: dict[str, Any] = {
 _INLINE_DECODE_BYTES = 1 << 20
 """Bodies up to this size are decoded on the event loop; larger ones in a worker thread."""
 
-_BATCH_PATH = re.compile(r"^/v1/runs/([^/]+)/streams/([^/]+)/batches$")
+BATCH_PATH = "/v1/runs/{run}/streams/{stream}/batches"
 
 
-class BatchFastPath:
-    """ASGI middleware that serves well-formed batch POSTs without FastAPI's per-request
-    routing, dependency and response-model machinery (about a third of the sidecar's CPU per
-    128 KiB request; see docs/performance.md). It calls the route's own ``ingest``, so limits,
-    accounting and answers are the route's; requests it does not vouch for — another path or
-    method, a run/stream name the route would refuse with 422, a missing or wrong bearer token
-    — go on to the FastAPI route, which answers them (and documents the route in OpenAPI)."""
+class BatchHandler:
+    """``POST /v1/runs/{run}/streams/{stream}/batches`` as a plain ASGI app, served without
+    FastAPI's per-request parameter, dependency and response-model handling (about a third of
+    the sidecar's CPU per 128 KiB request; docs/performance.md). Checks the token, the names,
+    the headers and the body, then queues the batch: 202, or the status of :class:`Rejected`
+    (counted by reason)."""
 
-    def __init__(self, app: Any, ingest: Callable[..., Awaitable[tuple[int, int | None]]],
-                 authorized: Callable[[Mapping[str, str]], bool],
-                 count: Callable[[str], None]) -> None:
-        self.app = app
-        self.ingest = ingest
-        self.authorized = authorized
-        self.count = count
+    def __init__(self, sidecar: Sidecar, config: SidecarConfig) -> None:
+        self.sidecar = sidecar
+        self.config = config
+        self._token = config.token.strip().encode() if config.token else None
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
-        m = _BATCH_PATH.match(path)
-        if m is None or not (is_name(m[1]) and is_name(m[2])):
-            return await self.app(scope, receive, send)
-        headers = Headers(scope=scope)
-        if not self.authorized(headers):
-            return await self.app(scope, receive, send)
+    def authorized(self, headers: Mapping[str, str]) -> bool:
+        """Whether ``headers`` carry the bearer token (always true without a token)."""
+        if self._token is None:
+            return True
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                                  self._token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        run, stream = scope["path_params"]["run"], scope["path_params"]["stream"]
         try:
-            rows, step = await self.ingest(m[1], m[2], headers, _body_chunks(receive))
+            rows, step = await self.ingest(run, stream, Headers(scope=scope),
+                                           _body_chunks(receive))
         except Rejected as exc:
             if exc.reason in REJECT_REASONS:
-                self.count(exc.reason)
+                self.sidecar.reject(exc.reason)
             answer = JSONResponse({"detail": exc.message}, exc.status, headers=exc.headers)
         except ClientDisconnect:
-            return None
+            return
         else:
-            answer = JSONResponse({"run": m[1], "stream": m[2], "rows": rows, "step": step},
+            answer = JSONResponse({"run": run, "stream": stream, "rows": rows, "step": step},
                                   202)
         await answer(scope, receive, send)
-        return None
 
-
-async def _body_chunks(receive: Any) -> AsyncIterator[bytes]:
-    """The request body as ``Request.stream()`` yields it."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
-
-
-_bearer = HTTPBearer(auto_error=False, description="Required when the service has a token")
-
-
-def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) -> FastAPI:
-    """The sidecar HTTP app; ``app.state.sidecar`` owns the state (close it when done)."""
-    sc = sidecar if sidecar is not None else Sidecar(config)
-    app = FastAPI(title="repwatch sidecar", version=__version__,
-                  description="Ingest of sampled embedding batches; live representation-health "
-                              "metrics of every run.")
-    app.state.sidecar = sc
-    registry = make_sidecar_registry(sc, config.rules)
-    token = config.token.strip().encode() if config.token else None
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        if request.method == "POST":
-            sc.reject("invalid")
-        return await request_validation_exception_handler(request, exc)
-
-    def fail(exc: Rejected) -> HTTPException:
-        if exc.reason in REJECT_REASONS:
-            sc.reject(exc.reason)
-        return HTTPException(exc.status, exc.message, headers=exc.headers)
-
-    async def authorize(
-            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-    ) -> None:
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if token is None or not hmac.compare_digest(given, token):
-            raise fail(Rejected(401, "unauthorized", "missing or wrong bearer token (expected "
-                                "'Authorization: Bearer <token>')", {"WWW-Authenticate": "Bearer"}))
-
-    responses = dict(_BATCH_RESPONSES)
-    if token is None:
-        responses.pop(401)
-
-    # With a token, every write route depends on ``authorize`` (and the OpenAPI document
-    # declares bearer security); without one, it declares none.
-    @app.post("/v1/runs/{run}/streams/{stream}/batches", status_code=202,
-              dependencies=[Depends(authorize)] if token is not None else [],
-              response_model=BatchAccepted, responses=responses,
-              summary="Post one batch of embedding rows for scoring", openapi_extra=_BATCH_BODY)
-    async def post_batch(
-        request: Request,
-        run: str = Path(..., pattern=NAME_PATTERN, description="Run name"),
-        stream: str = Path(..., pattern=NAME_PATTERN, description="Stream name"),
-    ) -> BatchAccepted:
-        try:
-            rows, step = await ingest(run, stream, request.headers, request.stream())
-        except Rejected as exc:
-            raise fail(exc) from None
-        return BatchAccepted(run=run, stream=stream, rows=rows, step=step)
-
-    async def ingest(run: str, stream: str, headers: Mapping[str, str],
+    async def ingest(self, run: str, stream: str, headers: Mapping[str, str],
                      chunks: AsyncIterator[bytes]) -> tuple[int, int | None]:
-        """Admit, read, decode and queue one batch; (rows, step), or raise :class:`Rejected`."""
+        """Check, read, decode and queue one batch; (rows, step), or raise :class:`Rejected`."""
+        config, sc = self.config, self.sidecar
+        if not self.authorized(headers):
+            raise Rejected(401, "unauthorized", "missing or wrong bearer token (expected "
+                           "'Authorization: Bearer <token>')", {"WWW-Authenticate": "Bearer"})
+        try:
+            check_name("run", run)
+            check_name("stream", stream)
+        except ValueError as exc:
+            raise Rejected(422, "invalid", str(exc)) from None
         headers = protocol.lowered(headers)               # once, for every parser below
         kind = protocol.media_type(headers)
         if kind not in protocol.CONTENT_TYPES:
@@ -744,7 +652,7 @@ def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) ->
         sc.admit(run, stream)
         reserved = await sc.reserve(config.admit_wait_seconds)
         try:
-            rows, labels, step = await _read_batch(chunks, headers)
+            rows, labels, step = await self._read_batch(chunks, headers)
             held, reserved = reserved, False          # submit consumes it, even on raise
             sc.submit(run, stream, rows, labels, step, reserved=held)
         finally:
@@ -752,10 +660,11 @@ def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) ->
                 sc.release()
         return int(rows.shape[0]), step
 
-    async def _read_batch(chunks: AsyncIterator[bytes], headers: Mapping[str, str]
+    async def _read_batch(self, chunks: AsyncIterator[bytes], headers: Mapping[str, str]
                           ) -> tuple[np.ndarray, np.ndarray | None, int | None]:
         """Read the body (its size checked while it streams in) into a buffer of its own and
         decode it (float32 rows: a view on that buffer, no second copy)."""
+        config = self.config
         body = bytearray()
         async for chunk in chunks:
             body += chunk
@@ -773,52 +682,57 @@ def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) ->
             raise Rejected(exc.status, "unsupported" if exc.status == 415 else "bad_request",
                            exc.message) from None
 
-    def authorized(headers: Mapping[str, str]) -> bool:
-        """The bearer check of ``authorize`` (which answers the failures), without raising."""
-        if token is None:
-            return True
-        scheme, _, given = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
 
-    app.add_middleware(BatchFastPath, ingest=ingest, authorized=authorized, count=sc.reject)
+async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body as ``Request.stream()`` yields it."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
 
-    @app.get("/v1/runs", summary="Status of every run: streams, last step, latest values, "
-                                 "firing alerts")
-    def runs() -> list[dict[str, Any]]:
-        return [s.to_dict() for s in sc.backend.snapshots()]
 
-    @app.get("/v1/runs/{run}/history", summary="Recent snapshots of a run, oldest first",
-             responses={404: _err("No such run")})
-    def run_history(run: str = Path(..., pattern=NAME_PATTERN), limit: int = HISTORY_LIMIT,
-                    since_step: int | None = SINCE_STEP, histograms: bool = HISTOGRAMS
-                    ) -> list[dict[str, Any]]:
-        snaps = sc.backend.history(run)
-        if snaps is None:
-            raise HTTPException(404, f"no run {run!r}")
-        return history_payload(snaps, limit, since_step, histograms)
+class AsgiRoute(APIRoute):
+    """A route served by ``asgi``, a plain ASGI app, and documented in OpenAPI from the rest of
+    its arguments as an :class:`APIRoute` is (``endpoint``'s parameters, ``dependencies``,
+    ``responses``, ``openapi_extra``); neither ``endpoint`` nor the dependencies run."""
 
-    @app.get("/v1/runs/{run}/spectra", responses={404: _err("No such run")},
-             summary="Per stream: the latest eigenvalue spectrum and the run's peak spectrum")
-    def run_spectra(run: str = Path(..., pattern=NAME_PATTERN)) -> dict[str, dict[str, Any]]:
-        snaps = sc.backend.history(run)
-        if snaps is None:
-            raise HTTPException(404, f"no run {run!r}")
-        return spectra_payload(snaps)
+    def __init__(self, path: str, asgi: ASGIApp, **declaration: Any) -> None:
+        super().__init__(path, **declaration)
+        self.app = asgi
 
-    @app.get("/metrics", response_class=Response, summary="Prometheus metrics of every run")
-    def metrics() -> Response:
-        return Response(render(registry), media_type=CONTENT_TYPE)
 
-    @app.get("/healthz", summary="Liveness")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+def _batch_parameters(
+        run: RunName,
+        stream: Annotated[str, Path(pattern=NAME_PATTERN, description="Stream name")]) -> None:
+    """Declares the path parameters of the batch route (:class:`BatchHandler` serves it)."""
 
-    @app.get("/readyz", summary="Readiness: 200 while the scoring worker runs, else 503",
-             responses={503: {"description": "Scoring worker not running"}})
-    def readyz() -> JSONResponse:
-        if sc.ready:
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "not ready"}, status_code=503)
 
-    mount_dashboard(app)                       # the live dashboard at /, as in-process
+_bearer = HTTPBearer(auto_error=False, description="Required when the service has a token")
+
+
+def create_sidecar_app(config: SidecarConfig, sidecar: Sidecar | None = None) -> FastAPI:
+    """The read app over every run plus the batch route; ``app.state.sidecar`` owns the state
+    (close it when done)."""
+    sc = sidecar if sidecar is not None else Sidecar(config)
+    app = create_read_app(sc, title="repwatch sidecar",
+                          description="Ingest of sampled embedding batches; live "
+                                      "representation-health metrics of every run.",
+                          collectors=[_AccountingCollector(sc)])
+    app.state.sidecar = sc
+    responses = dict(_BATCH_RESPONSES)
+    if config.token is None:
+        responses.pop(401)
+    # First in the router (matched before the read routes). With a token the document
+    # declares bearer security on the route; without one, none.
+    app.router.routes.insert(0, AsgiRoute(
+        BATCH_PATH, BatchHandler(sc, config), endpoint=_batch_parameters, name="post_batch",
+        methods=["POST"], status_code=202, response_model=BatchAccepted, responses=responses,
+        dependencies=[Depends(_bearer)] if config.token is not None else [],
+        summary="Post one batch of embedding rows for scoring",
+        description="202 once the batch is queued for scoring.", openapi_extra=_BATCH_BODY))
     return app

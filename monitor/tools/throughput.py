@@ -10,7 +10,7 @@ the test data into the clients is not timed. The CPU time this process (server +
 clients are other processes) spends per batch in each gives the share of the sidecar's CPU
 that goes to scoring, which does not depend on how many cores the load generator leaves free.
 
-Clients: ``sink`` (``monitor.sink.HttpSink``, what ``Monitor(sink=...)`` uses: the client
+Clients: ``sink`` (``monitor.transport.HttpSink``, what ``Monitor(sink=...)`` uses: the client
 processes import torch; each keeps at most 16 batches in its sink's queue, and batches the sink
 drops are reported as ``retries``); ``raw`` (pre-built HTTP/1.1 requests on a
 keep-alive socket, a minimal load generator like wrk, so the clients take as little of the
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from monitor.server import BackgroundServer
-from monitor.sidecar.protocol import encode_batch
+from monitor.transport.wire import encode_batch
 from monitor.sidecar.service import (BACKENDS, Sidecar, SidecarConfig, create_sidecar_app)
 
 
@@ -57,11 +57,11 @@ def score_only(config: SidecarConfig, batches: list[np.ndarray]) -> tuple[float,
 
 
 def _through_sink(url: str, batches: list[tuple[int, np.ndarray]]) -> int:
-    """Send ``(step, rows)`` through a real :class:`monitor.sink.HttpSink`, keeping its queue
+    """Send ``(step, rows)`` through a real :class:`monitor.transport.HttpSink`, keeping its queue
     short (a trainer's sink is not handed 1000 batches at once); the batches it dropped."""
     import torch
 
-    from monitor.sink import HttpSink
+    from monitor.transport import HttpSink
 
     sink = HttpSink(url, run="bench", queue_batches=64, timeout=30.0)
     try:
@@ -137,7 +137,7 @@ def _client_process(kind: str, target: Any, work: list[Any], cores: set[int] | N
     pin(cores)
     try:
         if kind == "shm":
-            from monitor.shm import ShmRing
+            from monitor.transport.shm import ShmRing
 
             ring = ShmRing.attach(target)
             ring.claim_producer()
@@ -150,7 +150,7 @@ def _client_process(kind: str, target: Any, work: list[Any], cores: set[int] | N
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 timed(_send_raw, sock, work)
         else:
-            import monitor.sink  # noqa: F401 - torch's import is not the transport's time
+            import monitor.transport.sinks  # noqa: F401 - torch's import is not the transport's time
 
             timed(_through_sink, target, work)
     except BaseException as exc:  # noqa: BLE001 - reported by the parent
@@ -199,7 +199,7 @@ def ingest_and_score(config: SidecarConfig, batches: list[np.ndarray], clients: 
     bodies = [encode_batch(rows, step=i) for i, rows in enumerate(batches, 1)]
     reader = None
     if client == "shm":
-        from monitor.shm import ShmReader
+        from monitor.transport.shm import ShmReader
 
         name = f"rwbench-{os.getpid()}"
         slot_mb = max(1, -(-len(bodies[0][1]) // (1 << 20)))

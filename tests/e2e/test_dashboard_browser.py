@@ -20,8 +20,8 @@ import pytest
 
 from monitor.server.dashboard import index_html
 from monitor.server import BackgroundServer
-from monitor.sidecar.protocol import encode_batch
 from monitor.sidecar.service import Sidecar, SidecarConfig, create_sidecar_app
+from monitor.transport.wire import encode_batch
 
 pytestmark = pytest.mark.e2e
 

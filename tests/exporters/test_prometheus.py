@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import subprocess
@@ -48,7 +49,7 @@ def test_catalogue_conventions() -> None:
 
 
 def test_collector_values_and_nan_skipped() -> None:
-    text = render(make_registry(_snapshot)).decode()
+    text = render(make_registry(lambda: [_snapshot()])).decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     rank = {s.labels["stream"]: s.value for s in fams["repwatch_effective_rank"].samples}
     assert rank == {"proj": 1.2, "enc": 40.0}
@@ -66,7 +67,7 @@ def test_collector_values_and_nan_skipped() -> None:
 
 
 def test_layer_param_run_signals_and_histogram() -> None:
-    text = render(make_registry(_snapshot)).decode()
+    text = render(make_registry(lambda: [_snapshot()])).decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     dormant = {s.labels["tau"]: s.value for s in fams["repwatch_dormant_units_ratio"].samples}
     assert dormant == {"0": 0.25, "0.1": 0.5}
@@ -86,12 +87,30 @@ def test_layer_param_run_signals_and_histogram() -> None:
 
 
 def test_no_snapshot_exports_nothing() -> None:
-    assert render(make_registry(lambda: None)) == b""
+    assert render(make_registry(list)) == b""
+
+
+def test_runs_share_one_family_per_metric() -> None:
+    """Snapshots of several runs: one family per metric holding every run's samples; a
+    per-rank snapshot's samples (only those) carry its rank."""
+    other = dataclasses.replace(_snapshot(), run="r2", dropped={"overload": 4.0}, rank=1)
+    text = render(make_registry(lambda: [_snapshot(), other])).decode()
+    helps = [line for line in text.splitlines() if line.startswith("# HELP")]
+    assert len(helps) == len(set(helps))
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    rank = {(s.labels["run"], s.labels["stream"], s.labels.get("rank")): s.value
+            for s in fams["repwatch_effective_rank"].samples}
+    assert rank == {("r", "proj", None): 1.2, ("r", "enc", None): 40.0,
+                    ("r2", "proj", "1"): 1.2, ("r2", "enc", "1"): 40.0}
+    assert {s.labels["run"] for s in fams["repwatch_qscore"].samples} == {"r", "r2"}
+    dropped = [(s.labels, s.value) for s in fams["repwatch_dropped_samples"].samples
+               if s.name.endswith("_total")]
+    assert dropped == [({"run": "r2", "reason": "overload", "rank": "1"}, 4.0)]
 
 
 @pytest.mark.e2e
 def test_promtool_check_metrics(promtool: str) -> None:
-    text = render(make_registry(_snapshot))
+    text = render(make_registry(lambda: [_snapshot()]))
     proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()

@@ -225,7 +225,7 @@ def test_nc1_edge_cases_and_bad_input() -> None:
         nc.nc1(h, torch.zeros(9, dtype=torch.long), 3)
     with pytest.raises(TypeError, match="integer labels"):
         nc.nc1(h, torch.zeros(10), 3)
-    with pytest.raises(ValueError, match=r"shape \(n, d\)"):
+    with pytest.raises(ValueError, match=r"2-D \(n, d\) array"):
         nc.nc1(torch.zeros(10), torch.zeros(10, dtype=torch.long), 3)
     with pytest.raises(ValueError, match=r"S of shape \(4, 4\)"):
         nc.nc1_from_stats(torch.zeros(3, 3), torch.zeros(2, 4), torch.ones(2))

@@ -1,5 +1,9 @@
 """The window functions on numpy arrays (the sidecar's publish) equal the torch scorers' publish
-to 1e-10: the same code (``monitor.functional.spectral``, array API) on both array libraries."""
+to 1e-10 on the edge windows (one row, all-zero rows): the same code
+(``monitor.functional.spectral``, array API) on both array libraries. Regular windows (n > d,
+n < d, power law, low rank, collapsed, wraparound) are tests/test_streaming_parity.py's: there
+the stream, numpy and torch all equal one numpy reference.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +19,7 @@ from monitor.functional.spectral import window_collapse_signals, window_spectral
 
 def _windows() -> list[tuple[str, np.ndarray]]:
     rng = np.random.default_rng(1)
-    power = rng.standard_normal((3000, 160)) * np.arange(1, 161) ** -0.6 + 0.3
-    low_rank = rng.standard_normal((500, 4)) @ rng.standard_normal((4, 40))
     return [
-        ("isotropic n > d", rng.standard_normal((700, 48))),
-        ("power law, alpha fit", power),
-        ("n < d", rng.standard_normal((20, 64))),
-        ("low rank", low_rank),
-        ("collapsed", np.ones((300, 16)) + 1e-6 * rng.standard_normal((300, 16))),
         ("one row", rng.standard_normal((1, 8))),
         ("zeros", np.zeros((50, 6))),
     ]
@@ -48,10 +45,7 @@ def test_numpy_publish_matches_torch(name: str, z: np.ndarray) -> None:
         if math.isnan(value):
             assert math.isnan(got[key]), (name, key, got[key])
         else:
-            # Rank-deficient windows: LAPACK (numpy vs torch) differs in the round-off
-            # eigenvalues (~1e-16·λ₁), whose square roots enter RankMe at ~1e-7 relative.
-            rel = 1e-6 if name in ("low rank", "collapsed") else 1e-10
-            assert got[key] == pytest.approx(value, rel=rel, abs=1e-12), (name, key)
+            assert got[key] == pytest.approx(value, rel=1e-10, abs=1e-12), (name, key)
     ref_spectrum = SpectrumScorer().compute(m)["spectrum"].numpy()
     np.testing.assert_allclose(spectrum, ref_spectrum, rtol=1e-10,
                                atol=1e-12 * max(ref_spectrum.max(), 1e-300))

@@ -141,18 +141,6 @@ def test_calibration_waits_then_freezes() -> None:
     assert got["qscore_p10"] < tau
 
 
-def test_user_threshold_is_used_from_the_start() -> None:
-    rng = np.random.default_rng(4)
-    z = relu_rows(rng, 50, 32)
-    tau = float(np.median(np_q(z)))
-    sc = QScoreScorer(window=128, threshold=tau)
-    assert sc.calibrated
-    sc.update(t(z))
-    got = values(sc.compute())
-    assert got["qscore_threshold"] == tau
-    assert got["low_quality_samples_ratio"] == pytest.approx(np.mean(np_q(z) < tau))
-
-
 def test_scale_free_form_and_custom_edges() -> None:
     rng = np.random.default_rng(5)
     z = relu_rows(rng, 300, 24)

@@ -146,7 +146,7 @@ def test_serve_runs_without_torch() -> None:
     export with torch unimportable."""
     import numpy as np
 
-    from monitor.sidecar.protocol import encode_batch
+    from monitor.transport.wire import encode_batch
     from tests.torchless_serve import free_port, serve_without_torch
 
     port = free_port()

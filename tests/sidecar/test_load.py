@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from monitor.server import BackgroundServer  # noqa: E402
-from monitor.sidecar.protocol import encode_batch  # noqa: E402
 from monitor.sidecar.service import Sidecar, SidecarConfig, create_sidecar_app  # noqa: E402
+from monitor.transport.wire import encode_batch  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

@@ -249,7 +249,7 @@ def test_labels_over_http_reach_metrics() -> None:
     """Labelled batches POSTed to the service (ONNX backend) give NC gauges on /metrics."""
     from fastapi.testclient import TestClient
 
-    from monitor.sidecar.protocol import encode_batch
+    from monitor.transport.wire import encode_batch
     from monitor.sidecar.service import Sidecar, create_sidecar_app
 
     config = SidecarConfig(backend="onnx", every=1, window=512, device="cpu",

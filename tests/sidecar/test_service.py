@@ -16,13 +16,12 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from starlette.middleware import Middleware
 
 from monitor.server import BackgroundServer
 from monitor.sidecar import cli as sidecar_cli
-from monitor.sidecar.protocol import encode_batch
-from monitor.sidecar.service import BatchFastPath, Sidecar, SidecarConfig, create_sidecar_app
+from monitor.sidecar.service import Sidecar, SidecarConfig, create_sidecar_app
 from monitor.snapshot import Snapshot
+from monitor.transport.wire import encode_batch
 
 URL = "/v1/runs/{run}/streams/{stream}/batches"
 
@@ -191,7 +190,7 @@ def test_nonfinite_rows_are_counted_as_dropped_and_by_the_monitor(make: Factory)
 
 def test_health_ready_page_docs_and_history_404(make: Factory) -> None:
     client, sc = make()
-    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/healthz").json() == {"status": "ok", "published": False, "step": None}
     assert client.get("/readyz").json() == {"status": "ready"}
     assert client.get("/v1/runs").json() == []
     page = client.get("/")                   # the dashboard (tests/e2e renders it in Chromium)
@@ -260,7 +259,8 @@ def test_no_token_documents_no_security(make: Factory) -> None:
 
 def test_bad_names_are_422(make: Factory) -> None:
     client, sc = make(StubBackend())
-    assert _post(client, _rows(2, 2), run="bad name").status_code == 422
+    r = _post(client, _rows(2, 2), run="bad name")
+    assert r.status_code == 422 and r.json()["detail"].startswith("run must be 1–128 characters")
     assert _post(client, _rows(2, 2), stream="x" * 129).status_code == 422
     assert _post(client, _rows(2, 2), run="a%2Fb").status_code in (404, 422)
     assert _post(client, _rows(2, 2), run="ok:run.1-x_y", stream="s").status_code == 202
@@ -413,25 +413,6 @@ def test_reservations_are_returned_on_every_path(make: Factory) -> None:
         assert sc.wait_idle(60)
 
 
-class _RouteSpy:
-    """Innermost ASGI middleware: counts batch POSTs that reach the FastAPI router."""
-
-    def __init__(self, app: Any, seen: list[str]) -> None:
-        self.app, self.seen = app, seen
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and "/batches" in scope["path"]:
-            self.seen.append(scope["path"])
-        await self.app(scope, receive, send)
-
-
-def _route_only(client: TestClient) -> TestClient:
-    """The same app without :class:`BatchFastPath`: every batch through the FastAPI route."""
-    app = client.app
-    app.user_middleware = [m for m in app.user_middleware if m.cls is not BatchFastPath]
-    return client
-
-
 def _batch_requests() -> list[tuple[str, dict[str, str], Any]]:
     """(path, headers, body) covering the answers of the batch route."""
     x, lab = _rows(6, 4, seed=1), np.arange(6, dtype=np.int64)
@@ -456,44 +437,41 @@ def _batch_requests() -> list[tuple[str, dict[str, str], Any]]:
 
 
 @pytest.mark.parametrize("token", [None, "s3cret"])
-def test_fast_path_answers_as_the_route_does(make: Factory, token: str | None) -> None:
-    """Every batch request gets the same status, answer, headers and accounting, and the
-    backend the same rows, with the fast path as through the FastAPI route alone; well-formed
-    authorised batches never reach the route, the rest always do."""
+def test_batch_route_answers_every_kind_of_request(make: Factory, token: str | None) -> None:
+    """Each batch request gets its documented status and body (BatchAccepted or ErrorBody),
+    refusals are counted once by reason, chunked bodies without Content-Length are read, and
+    the backend gets the accepted rows."""
     auth = {"Authorization": f"Bearer {token}"} if token else {}
-    kw = {"max_body_bytes": 4096, "max_streams_per_run": 2, "max_runs": 1, "token": token}
-    (fast, fast_sc), (route, route_sc) = make(StubBackend(), **kw), make(StubBackend(), **kw)
-    route = _route_only(route)
-    seen: list[str] = []
-    fast.app.user_middleware.append(Middleware(_RouteSpy, seen=seen))
+    client, sc = make(StubBackend(), max_body_bytes=4096, max_streams_per_run=2, max_runs=1,
+                      token=token)
     requests = _batch_requests()
+    statuses = [202, 202, 202, 415, 400, 400, 413, 409, 409, 409, 422, 404]
     if token:
-        requests += [(_url(), {**encode_batch(_rows(2, 4))[0], "Authorization": "Bearer no"},
-                      encode_batch(_rows(2, 4))[1])]
-    for path, headers, body in requests:
-        a = fast.post(path, headers={**auth, **headers}, content=body)
-        b = route.post(path, headers={**auth, **headers}, content=body)
-        assert (a.status_code, a.json()) == (b.status_code, b.json()), path
-        for h in ("content-type", "retry-after", "www-authenticate"):
-            assert a.headers.get(h) == b.headers.get(h), (path, h)
-    # chunked, no Content-Length
+        headers, body = encode_batch(_rows(2, 4))
+        requests.append((_url(), {**headers, "Authorization": "Bearer no"}, body))
+        statuses.append(401)
+    for (path, headers, body), status in zip(requests, statuses, strict=True):
+        r = client.post(path, headers={**auth, **headers}, content=body)
+        assert r.status_code == status, (path, r.text)
+        if status == 202:
+            assert set(r.json()) == {"run", "stream", "rows", "step"}
+        elif status != 404:
+            assert isinstance(r.json()["detail"], str) and r.json()["detail"], path
+    if token:
+        assert r.headers["www-authenticate"] == "Bearer"
     headers, body = encode_batch(_rows(4, 4, seed=4))
-    for client in (fast, route):
-        r = client.post(_url(), headers={**auth, **headers},
-                        content=iter([body[:10], body[10:50], body[50:]]))
-        assert r.status_code == 202 and r.json()["rows"] == 4
-    assert fast_sc.wait_idle(60) and route_sc.wait_idle(60)
-    assert fast_sc.accounting() == route_sc.accounting()
-    fed, ref = fast_sc.backend.batches, route_sc.backend.batches
-    assert len(fed) == len(ref) == 4
-    for (*key_a, rows_a, lab_a, step_a), (*key_b, rows_b, lab_b, step_b) in zip(fed, ref):
-        assert key_a == key_b and step_a == step_b
-        np.testing.assert_array_equal(rows_a, rows_b)
-        assert (lab_a is None and lab_b is None) or np.array_equal(lab_a, lab_b)
-    # only the requests the fast path does not vouch for reached the route
-    assert sorted(seen) == sorted(["/v1/runs/bad name/streams/s/batches",
-                                   "/v1/runs/r/streams/s/batches/x"]
-                                  + (["/v1/runs/r/streams/s/batches"] if token else []))
+    r = client.post(_url(), headers={**auth, **headers},
+                    content=iter([body[:10], body[10:50], body[50:]]))
+    assert r.status_code == 202 and r.json()["rows"] == 4
+    assert sc.wait_idle(60)
+    assert sc.accounting()["rejected"] == {
+        "unsupported": 1, "bad_request": 2, "too_large": 1, "too_many_streams": 1,
+        "too_many_runs": 1, "invalid": 1, **({"unauthorized": 1} if token else {})}
+    fed = sc.backend.batches
+    assert [(run, stream, rows.shape, step) for run, stream, rows, _, step in fed] == [
+        ("r", "s", (6, 4), 7), ("r", "s", (5, 4), None), ("r", "t", (3, 4), 9),
+        ("r", "s", (4, 4), None)]
+    np.testing.assert_array_equal(fed[0][3], np.arange(6))
 
 
 def test_worker_survives_backend_errors(make: Factory) -> None:

@@ -1,4 +1,4 @@
-"""The shared-memory ring transport of sidecar mode (``monitor/shm.py``, ``ShmSink``).
+"""The shared-memory ring transport of sidecar mode (``monitor/transport/shm.py``, ``ShmSink``).
 
 Every test uses its own segment name and a fixture checks that none is left in ``/dev/shm``.
 The consumer side decodes with a reference decoder written from the protocol text, not with
@@ -25,13 +25,13 @@ from torch import nn
 
 from monitor import Monitor
 from monitor.server import BackgroundServer
-from monitor.shm import RingError, ShmReader, ShmRing, parse_spec
-from monitor.sidecar.protocol import encode_batch
 from monitor.sidecar.service import Sidecar, SidecarConfig, create_sidecar_app
-from monitor.sink import ShmSink, make_sink
+from monitor.transport import ShmSink, make_sink
+from monitor.transport.shm import RingError, ShmReader, ShmRing, parse_spec
+from monitor.transport.wire import encode_batch
 from tests.toy_training import train_toy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHM = Path("/dev/shm")
 pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="needs POSIX shared memory (/dev/shm)")
 
@@ -182,8 +182,8 @@ def test_attach_errors_and_stale_replacement(name: str) -> None:
 _PRODUCER = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from monitor.shm import ShmRing
-    from monitor.sidecar.protocol import encode_batch
+    from monitor.transport.shm import ShmRing
+    from monitor.transport.wire import encode_batch
     ring = ShmRing.attach(sys.argv[1])
     full = 0
     for i in range(int(sys.argv[2])):
@@ -318,7 +318,7 @@ def test_sink_detects_a_dead_sidecar_by_its_heartbeat(name: str) -> None:
         time.sleep(0.4)
         sink.submit("s", torch.randn(2, 3), None, 1)
         assert _wait(lambda: sink.queued == 0, 30)
-        assert sink.counts() == {"sidecar_down": 2} and sink._ring is None
+        assert sink.counts() == {"sidecar_down": 2} and sink.transport._ring is None
         assert sink.flush(1)                               # a dead ring is not waited for
     finally:
         sink.close(1)
@@ -418,7 +418,7 @@ def test_serve_cli_creates_and_unlinks_the_ring(name: str) -> None:
 
 _HOLDER = textwrap.dedent("""
     import sys, time
-    from monitor.shm import ShmRing
+    from monitor.transport.shm import ShmRing
     ring = ShmRing.attach(sys.argv[1])
     ring.claim_producer()
     print("claimed", flush=True)

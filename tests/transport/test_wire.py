@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.sidecar.protocol import (
+from monitor.transport.wire import (
     ProtocolError,
     bfloat16_to_float32,
     decode_batch,

@@ -24,7 +24,7 @@ from torch import nn
 
 from monitor import Monitor
 from monitor.server import BackgroundServer
-from monitor.sink import HttpSink, make_sink
+from monitor.transport import Drop, HttpSink, Sender, make_sink
 from tests.toy_training import train_toy
 
 
@@ -385,6 +385,58 @@ def test_close_is_bounded_when_the_server_hangs(server: tuple[str, Behaviour]) -
     assert sink.counts()["closed"] >= 6 * 5                    # queued ones not reached
     sink._thread.join(5)
     assert _accounted(sink) == 8 * 5
+
+
+# ---------------------------------------------------------------------------------- any transport
+
+class _Scripted:
+    """A transport answering from a script (None: delivered), recording what it was given."""
+
+    where = "scripted"
+
+    def __init__(self, *answers: Drop | None) -> None:
+        self.answers = list(answers)
+        self.sent: list[tuple[str, str, str]] = []
+        self.pending = 0
+        self.closed = False
+
+    def ready(self) -> Drop | None:
+        return None
+
+    def send(self, run: str, stream: str, headers: Any, body: bytes,
+             deadline: float) -> Drop | None:
+        self.sent.append((run, stream, headers["X-Repwatch-Step"]))
+        return self.answers.pop(0) if self.answers else None
+
+    def drained(self) -> bool:
+        return self.pending == 0
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_sender_applies_the_policy_of_each_drop_reason(
+        caplog: pytest.LogCaptureFixture) -> None:
+    transport = _Scripted(None, Drop("rejected", "no", key=400), Drop("rejected", "no", key=400),
+                          Drop("overload", "busy", retry_after=0.2))
+    sink = Sender(transport, run="r", backoff=(0.05, 1.0))
+    try:
+        with caplog.at_level(logging.WARNING, logger="repwatch"):
+            for i in range(4):
+                sink.submit("s", _rows(3, 2), None, i)
+                assert sink.flush(5)
+            sink.submit("s", _rows(3, 2), None, 4)             # inside the Retry-After pause
+        assert transport.sent == [("r", "s", str(i)) for i in range(4)]
+        assert sink.sent_rows == 3 and sink.counts() == {"rejected": 6, "overload": 3,
+                                                         "backoff": 3}
+        assert [r.getMessage() for r in caplog.records] == ["no", "busy"]   # once per key
+        transport.pending = 1                                  # delivered, not yet consumed
+        assert not sink.flush(0.05)
+        transport.pending = 0
+        assert sink.flush(1) and "'scripted', run='r'" in repr(sink)
+    finally:
+        sink.close(1)
+    assert transport.closed and not sink._thread.is_alive()
 
 
 # ---------------------------------------------------------------------------------- bad input

@@ -19,8 +19,8 @@ Layout (native byte order; both ends run on one host)::
       16  rows u32   20 dim u32   24 step i64 (-1: none)
       32  dtype u8 (0 float32, 1 float16, 2 bfloat16), labels u8, run length u8, stream length u8
       64  run name (ASCII, <= 128 bytes), 192 stream name (<= 128 bytes)
-      320 payload: the raw body of :func:`monitor.sidecar.protocol.encode_batch` (little-endian
-          rows, then int64 labels); read back with :func:`~monitor.sidecar.protocol.decode_batch`,
+      320 payload: the raw body of :func:`monitor.transport.wire.encode_batch` (little-endian
+          rows, then int64 labels); read back with :func:`~monitor.transport.wire.decode_batch`,
           so both transports share one wire format. The slot header is the binary form of the
           ``X-Repwatch-*`` headers.
 
@@ -55,6 +55,7 @@ when both ends live in one process).
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import re
@@ -71,7 +72,8 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
-from monitor.sidecar import protocol
+from monitor.transport import wire
+from monitor.transport.base import Drop
 from monitor.validation import is_name
 
 log = logging.getLogger("repwatch")
@@ -380,8 +382,8 @@ class ShmRing:
         if len(body) > self.max_payload:
             raise ValueError(f"a batch of {len(body)} bytes does not fit a slot of "
                              f"{self.max_payload} payload bytes (raise slot_mb)")
-        dtype, b, d, has_labels = protocol.parse_raw_headers(headers)
-        step = protocol.parse_step(_get(headers, protocol.H_STEP))
+        dtype, b, d, has_labels = wire.parse_raw_headers(headers)
+        step = wire.parse_step(_get(headers, wire.H_STEP))
         rb, sb = run.encode("ascii"), stream.encode("ascii")
         if not (is_name(run) and is_name(stream)):
             raise ValueError(f"run and stream must be 1–128 characters of letters, digits and "
@@ -422,12 +424,12 @@ class ShmRing:
             stream = bytes(buf[off + 192:off + 192 + ls]).decode("ascii")
         except UnicodeDecodeError:
             raise RingError(f"shm ring {self.name!r}: batch {r} has non-ASCII names") from None
-        headers = {"Content-Type": protocol.CONTENT_TYPE_RAW, protocol.H_DTYPE: _DTYPES[dt],
-                   protocol.H_SHAPE: f"{b},{d}"}
+        headers = {"Content-Type": wire.CONTENT_TYPE_RAW, wire.H_DTYPE: _DTYPES[dt],
+                   wire.H_SHAPE: f"{b},{d}"}
         if lab:
-            headers[protocol.H_LABELS] = "int64"
+            headers[wire.H_LABELS] = "int64"
         if step >= 0:
-            headers[protocol.H_STEP] = str(step)
+            headers[wire.H_STEP] = str(step)
         return ShmBatch(run, stream, headers, buf[off + SLOT_HEADER:off + SLOT_HEADER + n])
 
     def advance(self) -> None:
@@ -471,11 +473,106 @@ def _close_segment(segment: Any, buf: memoryview) -> None:
         pass
 
 
+class ShmTransport:
+    """The trainer's end: writes encoded batches into ring ``spec`` (``shm://NAME``, optionally
+    ``?slots=N&slot_mb=M``: the geometry expected; the sidecar decides it, a mismatch is logged
+    once), attaching lazily and claiming the ring as its only producer.
+
+    Outcomes: ``sidecar_down`` when the ring is absent, closed, not a repwatch ring, claimed by
+    another producer, or its heartbeat is older than ``stale_after`` seconds (the transport
+    then detaches and re-attaches on a later batch); ``queue_full`` when the ring is full
+    (checked before the batch is encoded); ``rejected`` for a batch larger than a slot.
+    :meth:`drained` is True once the sidecar has read everything out of the ring.
+    """
+
+    def __init__(self, spec: str, *, stale_after: float = 5.0) -> None:
+        self.spec = parse_spec(spec)
+        if not isinstance(stale_after, (int, float)) or not 0 < stale_after < math.inf:
+            raise ValueError(f"stale_after must be a positive number of seconds, "
+                             f"got {stale_after!r}")
+        self.stale_after = float(stale_after)
+        self.where = f"shm://{self.spec.name}"
+        self._ring: ShmRing | None = None           # the sender thread's only
+        self._warned = False
+
+    def _attach(self) -> ShmRing:
+        ring = ShmRing.attach(self.spec.name, stale_after=self.stale_after)
+        try:
+            ring.claim_producer()                   # one trainer per ring
+        except BaseException:
+            ring.close()
+            raise
+        want = (self.spec.slots, None if self.spec.slot_mb is None else self.spec.slot_size)
+        if not self._warned and (want[0] not in (None, ring.slots)
+                                 or want[1] not in (None, ring.slot_size)):
+            self._warned = True
+            log.warning("repwatch sink: ring %s has %d slots of %d bytes, not the slots=%s "
+                        "slot_mb=%s asked for; the sidecar's geometry is used", self.where,
+                        ring.slots, ring.slot_size, self.spec.slots, self.spec.slot_mb)
+        return ring
+
+    def close(self) -> None:
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close()
+
+    def ready(self) -> Drop | None:
+        ring = self._ring
+        why = ""
+        if ring is not None:
+            why = ring.down(self.stale_after)
+            if why:
+                self.close()
+                ring = None
+                why = f"ring {why}"
+        else:
+            try:
+                ring = self._ring = self._attach()
+            except FileNotFoundError:
+                why = "no shared-memory ring of that name (is `repwatch serve --shm` running?)"
+            except PermissionError as exc:
+                why = f"{exc} (trainer and sidecar must run as the same user)"
+            except (RingError, OSError, ValueError) as exc:
+                why = str(exc)
+        if ring is None:
+            return Drop("sidecar_down", why)
+        if ring.full():                             # before encoding a batch that cannot go
+            return Drop("queue_full")
+        return None
+
+    def send(self, run: str, stream: str, headers: Mapping[str, str], body: bytes,
+             deadline: float = math.inf) -> Drop | None:
+        ring = self._ring
+        if ring is None:
+            drop = self.ready()
+            if drop is not None:
+                return drop
+            ring = self._ring
+            assert ring is not None
+        if len(body) > ring.max_payload:
+            return Drop("rejected", f"repwatch sink: a batch of stream {stream!r} needs "
+                                    f"{len(body)} bytes, more than a slot of ring {self.where} "
+                                    f"holds ({ring.max_payload}); such batches are dropped "
+                                    "(subsample more, or serve with a larger slot_mb)", key=413)
+        return None if ring.write(run, stream, headers, body) else Drop("queue_full")
+
+    def drained(self) -> bool:
+        ring = self._ring
+        try:
+            return ring is None or ring.closed or ring.pending() == 0 or bool(
+                ring.down(self.stale_after))
+        except Exception:  # noqa: BLE001 - detached meanwhile
+            return True
+
+    def __repr__(self) -> str:
+        return f"ShmTransport({self.where!r})"
+
+
 class ShmReader:
     """The sidecar's end: create ring ``spec`` and feed its batches to ``sidecar.submit``.
 
     One daemon thread reads the ring, decodes each batch with
-    :func:`monitor.sidecar.protocol.decode_batch` (the sidecar's row/dimension limits apply) and
+    :func:`monitor.transport.wire.decode_batch` (the sidecar's row/dimension limits apply) and
     calls ``sidecar.submit(run, stream, rows, labels, step)``. While the sidecar's scoring queue
     is full (``sidecar.saturated``) the reader waits and leaves batches in the ring, so
     backpressure reaches the trainer, which then drops and counts ``queue_full``. Batches the
@@ -571,12 +668,12 @@ class ShmReader:
             return False
         try:
             if not (is_name(item.run) and is_name(item.stream)):
-                raise protocol.ProtocolError(422, f"bad run/stream names {item.run!r}/{item.stream!r}")
+                raise wire.ProtocolError(422, f"bad run/stream names {item.run!r}/{item.stream!r}")
             cfg = self.sidecar.config
-            rows, labels, step = protocol.decode_batch(item.headers, item.payload,
-                                                       max_rows=cfg.max_rows_per_batch,
-                                                       max_dim=cfg.max_dim)
-        except protocol.ProtocolError as exc:
+            rows, labels, step = wire.decode_batch(item.headers, item.payload,
+                                                   max_rows=cfg.max_rows_per_batch,
+                                                   max_dim=cfg.max_dim)
+        except wire.ProtocolError as exc:
             reason = {415: "unsupported", 422: "invalid"}.get(exc.status, "bad_request")
             self._reject(reason, exc.message)
             return True
@@ -606,4 +703,4 @@ class ShmReader:
 
 
 __all__ = ["DEFAULT_SLOTS", "DEFAULT_SLOT_MB", "RingError", "RingSpec", "ShmBatch", "ShmReader",
-           "ShmRing", "parse_spec", "unlink_segment"]
+           "ShmRing", "ShmTransport", "parse_spec", "unlink_segment"]

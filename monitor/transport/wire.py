@@ -1,4 +1,4 @@
-"""The sidecar wire format: one batch of embedding rows per ``POST``, no pickle, no eval.
+"""The wire format of sidecar mode: one batch of embedding rows per ``POST``, no pickle, no eval.
 
 Two body forms (``POST /v1/runs/{run}/streams/{stream}/batches``):
 
@@ -13,10 +13,10 @@ Two body forms (``POST /v1/runs/{run}/streams/{stream}/batches``):
 
 ``X-Repwatch-Step: <int>`` (optional, both forms) is the training step of the batch.
 
-Pure numpy (no torch): :func:`encode_batch` is imported by the trainer-side sink, and
-:func:`decode_batch` by the service. Errors are :class:`ProtocolError` carrying the HTTP status
-(400 malformed, 413 too large, 415 unsupported) and a message naming what was expected and what
-was got.
+Pure numpy (no torch): the trainer's :class:`~monitor.transport.sender.Sender` encodes with
+:func:`encode_batch`; the service and the shared-memory reader decode with :func:`decode_batch`.
+Errors are :class:`ProtocolError` carrying the HTTP status (400 malformed, 413 too large, 415
+unsupported) and a message naming what was expected and what was got.
 """
 
 from __future__ import annotations
