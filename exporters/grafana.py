@@ -33,7 +33,6 @@ from urllib.parse import urljoin
 
 from exporters.catalogue import CATALOGUE, PREFIX, MetricSpec, metric_for_signal
 from monitor.alerts import DEFAULT_RULES, AlertRule
-from monitor.snapshot import split_key
 
 DASHBOARD_UID = "repwatch"
 DASHBOARD_TITLE = "repwatch"
@@ -132,11 +131,10 @@ def alert_thresholds(rules: Sequence[AlertRule] = DEFAULT_RULES) -> dict[str, li
     out: dict[str, list[Threshold]] = {}
     for rule in rules:
         for cond in rule.conditions:
-            signal, variants = split_key(cond.signal)
-            spec = metric_for_signal(signal, _SCOPE_SOURCE[rule.scope])
+            spec = metric_for_signal(cond.signal.signal, _SCOPE_SOURCE[rule.scope])
             out.setdefault(spec.name, []).append(Threshold(
                 rule.name, rule.severity, cond.op, cond.threshold,
-                tuple(sorted(variants.items())), rule.prometheus_for))
+                cond.signal.labels, rule.prometheus_for))
     return out
 
 

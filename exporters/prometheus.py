@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from exporters.catalogue import CATALOGUE, KEYED_SOURCES, MetricSpec
 from monitor.alerts import DEFAULT_RULES, AlertRule
-from monitor.snapshot import Snapshot, split_key
+from monitor.snapshot import SignalKey, Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -80,14 +80,16 @@ class RepwatchCollector(Collector):
             variants = spec.labels[2:]
             for key, values in sorted(snap.group(spec.source).items()):
                 for signal_key, value in values.items():
-                    signal, labels = split_key(signal_key)
-                    if signal == spec.signal and set(labels) == set(variants):
+                    sk = SignalKey.parse(signal_key)
+                    if sk.signal == spec.signal and _has_labels(sk, variants):
+                        labels = sk.label_dict
                         yield [snap.run, key, *(labels[v] for v in variants)], float(value)
         elif spec.source == "run_signal":
             variants = spec.labels[1:]
             for signal_key, value in sorted(snap.run_signals.items()):
-                signal, labels = split_key(signal_key)
-                if signal == spec.signal and set(labels) == set(variants):
+                sk = SignalKey.parse(signal_key)
+                if sk.signal == spec.signal and _has_labels(sk, variants):
+                    labels = sk.label_dict
                     yield [snap.run, *(labels[v] for v in variants)], float(value)
         elif spec.source == "counter":
             for stream, values in sorted(snap.counters.items()):
@@ -112,6 +114,11 @@ class RepwatchCollector(Collector):
                     if any(sig in values for sig in rule.signals):
                         yield ([snap.run, key, rule.name, rule.severity],
                                1.0 if (rule.name, key) in firing else 0.0)
+
+
+def _has_labels(key: SignalKey, names: Sequence[str]) -> bool:
+    """Whether ``key``'s labels are exactly ``names`` (in any order)."""
+    return {k for k, _ in key.labels} == set(names)
 
 
 def _le(bound: float) -> str:

@@ -34,7 +34,7 @@ import yaml
 from exporters.catalogue import metric_for_signal
 from monitor import alerts as _alerts
 from monitor.alerts import DEFAULT_RULES, AlertRule, Condition
-from monitor.snapshot import split_key
+from monitor.snapshot import SignalKey
 
 GROUP = "repwatch"
 
@@ -103,15 +103,15 @@ STATIC_RULES: tuple[StaticRule, ...] = (
 """``RepwatchStale`` and ``RepwatchDown``: runbook sections in docs/runbooks.md."""
 
 
-def _selector(signal_key: str, scope: str) -> tuple[str, tuple[str, ...]]:
+def _selector(key: SignalKey, scope: str) -> tuple[str, tuple[str, ...]]:
     """(PromQL selector, variant label names) of a condition's signal key."""
-    signal, variants = split_key(signal_key)
-    spec = metric_for_signal(signal, SOURCE_OF_SCOPE[scope])
+    spec = metric_for_signal(key.signal, SOURCE_OF_SCOPE[scope])
     extra = tuple(lab for lab in spec.labels if lab not in ("run", KEY_LABEL[scope]))
+    variants = [k for k, _ in key.labels]
     if set(variants) != set(extra):
-        raise ValueError(f"{signal_key}: {spec.name} has variant labels {list(extra)}, the key "
-                         f"gives {sorted(variants)}; key it like {signal}{{label=value,...}}")
-    matchers = ",".join(f'{k}="{v}"' for k, v in sorted(variants.items()))
+        raise ValueError(f"{key}: {spec.name} has variant labels {list(extra)}, the key "
+                         f"gives {sorted(variants)}; key it like {key.signal}{{label=value,...}}")
+    matchers = ",".join(f'{k}="{v}"' for k, v in key.labels)
     return (f"{spec.name}{{{matchers}}}" if matchers else spec.name), extra
 
 

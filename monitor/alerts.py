@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from monitor.snapshot import SCOPES, Alert, split_key
+from monitor.snapshot import SCOPES, Alert, SignalKey
 
 log = logging.getLogger("repwatch.alerts")
 
@@ -31,15 +31,18 @@ class Condition:
 
     ``also`` adds conditions that must hold at the same time (all-of), e.g. "dormant fraction
     high *and* rising"; such a compound condition clears when any of its parts clears.
+    ``signal`` may be given in its string form (``"dormant_units_ratio{tau=0.1}"``); it is kept
+    as a :class:`~monitor.snapshot.SignalKey`.
     """
 
-    signal: str
+    signal: SignalKey
     op: Literal["<", ">"]
     threshold: float
     clear: float
     also: tuple[Condition, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "signal", SignalKey.parse(self.signal))
         if self.op not in ("<", ">"):
             raise ValueError(f"op must be '<' or '>', got {self.op!r}")
         if self.op == "<" and self.clear < self.threshold or self.op == ">" and self.clear > self.threshold:
@@ -64,7 +67,7 @@ class Condition:
         return " and ".join([own, *(c.expr() for c in self.also)])
 
     @property
-    def signals(self) -> tuple[str, ...]:
+    def signals(self) -> tuple[SignalKey, ...]:
         """This condition's signal and those of its ``also`` parts."""
         return (self.signal, *(s for c in self.also for s in c.signals))
 
@@ -119,7 +122,7 @@ class AlertRule:
         return f"{RUNBOOK_BASE}#{self.runbook or self.name.lower()}"
 
     @property
-    def signals(self) -> tuple[str, ...]:
+    def signals(self) -> tuple[SignalKey, ...]:
         """Signals this rule reads."""
         return tuple(s for c in self.conditions for s in c.signals)
 
@@ -257,7 +260,7 @@ def validate_rules(rules: Sequence[AlertRule],
         for rule in rules:
             known = (known_signals.get(rule.scope, set()) if isinstance(known_signals, Mapping)
                      else known_signals)
-            unknown = [s for s in rule.signals if split_key(s)[0] not in known]
+            unknown = [s for s in rule.signals if s.signal not in known]
             if unknown:
                 raise ValueError(f"{rule.name}: unknown signals {unknown}; known: {sorted(known_signals)}")
 
@@ -333,7 +336,7 @@ class AlertEngine:
         desc = rule.description.format(stream=key, layer=key, param=key, run=self.run,
                                        signal=cond.signal, value=value, expr=cond.expr())
         return Alert(name=rule.name, stream=key, severity=rule.severity, value=value,
-                     signal=cond.signal, summary=rule.summary, description=desc,
+                     signal=str(cond.signal), summary=rule.summary, description=desc,
                      runbook_url=rule.runbook_url, run=self.run, since_step=step,
                      scope=rule.scope)
 

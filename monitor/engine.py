@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,6 +19,37 @@ from monitor.scorers.sketch import SpectralPath
 from monitor.scorers.sketch_spectrum import spectrum_scorer_for
 from monitor.snapshot import Histogram
 from monitor.tracking import RunTracker
+
+
+class HistogramPart(enum.Enum):
+    """The parts of a histogram that a compute moves to the host."""
+
+    BOUNDS = "bounds"
+    CUMULATIVE = "cumulative"
+    SUM = "sum"
+    COUNT = "count"
+
+
+@dataclass(frozen=True)
+class HistogramKey:
+    """A compute key holding one part of histogram ``name`` (not a signal)."""
+
+    name: str
+    part: HistogramPart
+
+
+Key = str | HistogramKey
+"""A key of :meth:`Stream.compute`: a signal, or a part of a histogram."""
+
+
+class Entry(NamedTuple):
+    """One device tensor of a compute: ``value`` of ``signal`` for ``key`` of ``group``
+    (``stream``, ``layer``, ``param`` or ``run``)."""
+
+    group: str
+    key: str
+    signal: Key
+    value: Tensor
 
 
 class Stream:
@@ -68,10 +101,11 @@ class Stream:
         self.nc.update(rows, labels)
 
     def compute(self, classifier: tuple[Tensor, Tensor | None] | None = None,
-                calibrate: bool = True) -> dict[str, Tensor]:
-        """Every scorer's signals as device tensors, plus the stream's counters; ``calibrate``:
-        whether reference levels (the Q-Score threshold) may be fixed now."""
-        out: dict[str, Tensor] = {}
+                calibrate: bool = True) -> dict[Key, Tensor]:
+        """Every scorer's signals as device tensors, the stream's counters and the parts of its
+        histograms; ``calibrate``: whether reference levels (the Q-Score threshold) may be
+        fixed now."""
+        out: dict[Key, Tensor] = {}
         for scorer in self.scorers:
             out.update(scorer.compute(self.moments))
         if "spectral_sketch_dim" not in out:                    # the exact path
@@ -79,11 +113,10 @@ class Stream:
         if self.qscore is not None:
             out.update(self.qscore.compute(calibrate=calibrate))
             out["negative_values_ratio"] = self._negative_share()
-            edges, cumulative, total, count = self.qscore.histogram()
-            out[HISTOGRAM_PREFIX + "qscore:bounds"] = edges
-            out[HISTOGRAM_PREFIX + "qscore:cumulative"] = cumulative
-            out[HISTOGRAM_PREFIX + "qscore:sum"] = total
-            out[HISTOGRAM_PREFIX + "qscore:count"] = count
+            parts = (HistogramPart.BOUNDS, HistogramPart.CUMULATIVE, HistogramPart.SUM,
+                     HistogramPart.COUNT)
+            for part, value in zip(parts, self.qscore.histogram(), strict=True):
+                out[HistogramKey("qscore", part)] = value
         if self.nc is not None:
             if classifier is not None:
                 out.update(self.nc.compute(classifier[0], classifier[1]))
@@ -139,7 +172,6 @@ class Layer:
         return out
 
 
-HISTOGRAM_PREFIX = "histogram:"
 COUNTER_SIGNALS: tuple[str, ...] = ("samples", "nonfinite_values")
 
 
@@ -173,6 +205,9 @@ class Engine:
         self.layers: dict[str, Layer] = {}
         self.tracker = RunTracker(window, peak_warmup)
         self.classifiers: dict[str, Callable[[], tuple[Tensor, Tensor | None]]] = {}
+        """Classifiers of one stream, by stream name."""
+        self.classifiers_by_dim: dict[int, Callable[[], tuple[Tensor, Tensor | None]]] = {}
+        """Classifiers of every labelled stream of a dimension, by that dimension."""
         self.pairs: dict[str, tuple[str, Any]] = {}
         self.param_sources: list[Callable[[], dict[str, dict[str, Tensor]]]] = []
         self.run_sources: list[Callable[[], dict[str, Tensor | float]]] = []
@@ -266,7 +301,10 @@ class Engine:
             bias = linear.bias.detach() if linear.bias is not None else None
             return linear.weight.detach(), bias
 
-        self.classifiers[stream or f"*{linear.in_features}"] = get
+        if not stream:
+            self.classifiers_by_dim[int(linear.in_features)] = get
+        else:
+            self.classifiers[stream] = get
 
     def sample_scores(self, stream: str) -> tuple[Tensor, Tensor]:
         """Q-Scores of the last batch of ``stream`` and the rows' indices in it (host copies)."""
@@ -282,35 +320,34 @@ class Engine:
 
     def compute(self, step: int | None = None) -> EngineResult:
         """Compute everything; one device→host transfer per device (the publish sync)."""
-        entries: list[tuple[str, str, str, Tensor]] = []   # (group, key, signal, tensor)
+        entries: list[Entry] = []
         warm = step is None or step >= self.peak_warmup
         for name, stream in self.streams.items():
             if stream.enabled:
                 self._guard("scorer", name, stream, lambda s=stream, n=name: [
-                    ("stream", n, k, v)
+                    Entry("stream", n, k, v)
                     for k, v in s.compute(self._classifier(n), calibrate=warm).items()],
                     entries)
         for fake, (_, scorer) in self.pairs.items():
             if scorer is not None and not isinstance(scorer, dict):
                 self._guard("pair", fake, None, lambda sc=scorer, f=fake: [
-                    ("stream", f, k, v) for k, v in sc.compute().items()], entries)
+                    Entry("stream", f, k, v) for k, v in sc.compute().items()], entries)
         for name, layer in self.layers.items():
             if layer.enabled:
                 self._guard("activations", name, layer, lambda ly=layer, n=name: [
-                    ("layer", n, k, v) for k, v in ly.compute().items()], entries)
+                    Entry("layer", n, k, v) for k, v in ly.compute().items()], entries)
         for source in self.param_sources:
             self._guard("params", "params", None, lambda src=source: [
-                ("param", p, k, v) for p, vals in src().items() for k, v in vals.items()],
+                Entry("param", p, k, v) for p, vals in src().items() for k, v in vals.items()],
                 entries)
         result = EngineResult()
         host_run: list[tuple[str, float]] = []
         for source in self.run_sources:
-            def run_entries(src: Callable[[], dict[str, Tensor | float]] = source
-                            ) -> list[tuple[str, str, str, Tensor]]:
+            def run_entries(src: Callable[[], dict[str, Tensor | float]] = source) -> list[Entry]:
                 out = []
                 for k, v in src().items():
                     if isinstance(v, Tensor):
-                        out.append(("run", "", k, v))
+                        out.append(Entry("run", "", k, v))
                     else:
                         host_run.append((k, float(v)))
                 return out
@@ -324,9 +361,8 @@ class Engine:
                 f["generator_effective_rank_ratio"] = fr / rr if rr > 0 else math.nan
         return result
 
-    def _guard(self, component: str, key: str, owner: Any,
-               make: Callable[[], list[tuple[str, str, str, Tensor]]],
-               entries: list[tuple[str, str, str, Tensor]]) -> None:
+    def _guard(self, component: str, key: str, owner: Any, make: Callable[[], list[Entry]],
+               entries: list[Entry]) -> None:
         try:
             entries.extend(make())
         except Exception as exc:
@@ -334,11 +370,11 @@ class Engine:
             if owner is not None:
                 owner.enabled = False
 
-    def _transfer(self, entries: list[tuple[str, str, str, Tensor]], result: EngineResult) -> None:
-        per_device: dict[torch.device, list[tuple[str, str, str, Tensor]]] = {}
+    def _transfer(self, entries: list[Entry], result: EngineResult) -> None:
+        per_device: dict[torch.device, list[Entry]] = {}
         for entry in entries:
-            per_device.setdefault(entry[3].device, []).append(entry)
-        hist_parts: dict[tuple[str, str], dict[str, list[float]]] = {}
+            per_device.setdefault(entry.value.device, []).append(entry)
+        hist_parts: dict[tuple[str, str], dict[HistogramPart, list[float]]] = {}
         for items in per_device.values():
             flat: list[Tensor] = []
             for _, _, signal, value in items:
@@ -350,9 +386,8 @@ class Engine:
             for (group, key, signal, _), v in zip(items, flat, strict=True):
                 chunk = host[i:i + v.numel()]
                 i += v.numel()
-                if signal.startswith(HISTOGRAM_PREFIX):
-                    name, _, part = signal[len(HISTOGRAM_PREFIX):].partition(":")
-                    hist_parts.setdefault((name, key), {})[part] = chunk
+                if isinstance(signal, HistogramKey):
+                    hist_parts.setdefault((signal.name, key), {})[signal.part] = chunk
                 elif group == "stream" and signal == "spectrum":
                     result.spectra[key] = chunk
                 elif group == "stream" and signal in COUNTER_SIGNALS:
@@ -366,17 +401,18 @@ class Engine:
                 elif group == "run":
                     result.run_signals[signal] = chunk[0]
         for (name, key), parts in hist_parts.items():
-            bounds = parts.get("bounds", [])
+            bounds = parts.get(HistogramPart.BOUNDS, [])
+            cumulative = parts.get(HistogramPart.CUMULATIVE, [])
             result.histograms.setdefault(name, {})[key] = Histogram(
-                bounds=[*bounds, math.inf][: len(parts.get("cumulative", []))],
-                cumulative=parts.get("cumulative", []),
-                sum=parts.get("sum", [math.nan])[0], count=parts.get("count", [math.nan])[0])
+                bounds=[*bounds, math.inf][: len(cumulative)], cumulative=cumulative,
+                sum=parts.get(HistogramPart.SUM, [math.nan])[0],
+                count=parts.get(HistogramPart.COUNT, [math.nan])[0])
 
     def _classifier(self, name: str) -> tuple[Tensor, Tensor | None] | None:
         """The classifier for stream ``name``: its own, or one matching its dimension."""
         get = self.classifiers.get(name)
         if get is None:
-            get = self.classifiers.get(f"*{self.streams[name].dim}")
+            get = self.classifiers_by_dim.get(self.streams[name].dim)
         return get() if get is not None else None
 
     def after_publish(self) -> None:

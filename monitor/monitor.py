@@ -194,11 +194,10 @@ class Monitor:
 
     def watch_weights(self, model: nn.Module, *, rank_every: int = 10, update_ratio: bool = True,
                       earlybird: Sequence[float] | None = (0.5, 0.8, 0.9)) -> None:
-        """Per parameter at publish: weight norm, mean |w|, gradient norm and the
-        update-to-weight ratio since the last publish (``update_ratio`` keeps one copy of the
-        weights); every ``rank_every`` publishes the rank and stable rank of each matrix
-        (Galanti et al.) and, with ``earlybird``, the early-bird mask distance at those
-        sparsities (You et al. 2020)."""
+        """Per parameter at publish: norms, gradient norm, update-to-weight ratio; every
+        ``rank_every`` publishes rank and stable rank (Galanti et al.) and the early-bird mask
+        distance at the ``earlybird`` sparsities (You et al. 2020). See
+        :class:`monitor.weights_watch.WeightWatch`."""
         from monitor.weights_watch import WeightWatch
 
         if not isinstance(model, nn.Module):
@@ -210,12 +209,10 @@ class Monitor:
 
     def watch_curvature(self, params: Any, *, every: int = 100, power_iters: int = 20,
                         refresh_every: int | None = None) -> None:
-        """Turn on the curvature probe (off by default; docs/metrics.md §7a, §10): every ``every``
-        steps, :meth:`probe_curvature` spends one Hessian-vector product on the current
-        minibatch loss (plus ``power_iters`` HVPs when the top eigenvector is refreshed) and
-        publishes ``hessian_top_eigenvalue`` and the sampled ``sgd_lyapunov_exponent``
-        (Ziyin et al. 2023; the scalar sampled form is a design of docs/metrics.md, unverified
-        against the paper). The probe synchronises the device at its cadence."""
+        """Turn on the curvature probe (docs/metrics.md §7a, §10): every ``every`` steps
+        :meth:`probe_curvature` publishes ``hessian_top_eigenvalue`` and the sampled
+        ``sgd_lyapunov_exponent`` (:class:`monitor.curvature.CurvatureProbe`; syncs the device
+        at its cadence)."""
         from monitor.curvature import CurvatureProbe
 
         self._curvature = CurvatureProbe(params, every=check_int("every", every, 1),

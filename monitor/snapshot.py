@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,24 +13,68 @@ SCOPES: tuple[str, ...] = ("stream", "layer", "param", "run")
 or the whole model (``run``: one key, ``"model"``, holding ``run_signals``)."""
 
 
-def variant_key(signal: str, **labels: object) -> str:
-    """Key of a signal that carries extra labels: ``dormant_units_ratio{tau=0.025}``.
+class SignalKey(str):
+    """A signal's key in a snapshot: its name plus optional labels, e.g.
+    ``SignalKey.of("dormant_units_ratio", tau=0.1)``, whose string form (what JSON, dict lookups
+    and equality see) is ``dormant_units_ratio{tau=0.1}``.
 
-    Floats print in their shortest form (``0``, ``0.025``, ``0.1``); labels are sorted by name.
+    ``signal`` is the name, ``labels`` the ``(name, value)`` pairs sorted by name; label values
+    are strings (floats in their shortest form: ``0``, ``0.025``, ``0.1``).
     """
-    if not labels:
-        return signal
-    parts = ",".join(f"{k}={_label_value(v)}" for k, v in sorted(labels.items()))
-    return f"{signal}{{{parts}}}"
+
+    signal: str
+    labels: tuple[tuple[str, str], ...]
+
+    def __new__(cls, signal: str, labels: Iterable[tuple[str, str]] = ()) -> SignalKey:
+        items = tuple(sorted((str(k), str(v)) for k, v in labels))
+        if len({k for k, _ in items}) != len(items):
+            raise ValueError(f"{signal}: a label appears twice in {items}")
+        text = f"{signal}{{{','.join(f'{k}={v}' for k, v in items)}}}" if items else signal
+        self = super().__new__(cls, text)
+        self.signal = str(signal)
+        self.labels = items
+        return self
+
+    @classmethod
+    def of(cls, signal: str, **labels: object) -> SignalKey:
+        """The key of ``signal`` with ``labels`` (values formatted by :func:`_label_value`)."""
+        return cls(signal, ((k, _label_value(v)) for k, v in labels.items()))
+
+    @staticmethod
+    def parse(text: str) -> SignalKey:
+        """The key written as ``text`` (``name`` or ``name{k=v,...}``); a SignalKey is returned
+        as is. Keys that arrive as plain strings (JSON, rule specs) come through here."""
+        return text if isinstance(text, SignalKey) else _parse(text)
+
+    def with_labels(self, **labels: object) -> SignalKey:
+        """This key with ``labels`` added (values formatted as by :meth:`of`)."""
+        if not labels:
+            return self
+        return SignalKey(self.signal, (*self.labels, *SignalKey.of(self.signal, **labels).labels))
+
+    @property
+    def label_dict(self) -> dict[str, str]:
+        """``labels`` as a dict."""
+        return dict(self.labels)
+
+    def renamed(self, signal: str) -> SignalKey:
+        """The key of ``signal`` with the same labels."""
+        return SignalKey(signal, self.labels)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SignalKey, (self.signal, self.labels))
 
 
-def split_key(key: str) -> tuple[str, dict[str, str]]:
-    """Inverse of :func:`variant_key`: ``("dormant_units_ratio", {"tau": "0.025"})``."""
-    if not key.endswith("}") or "{" not in key:
-        return key, {}
-    signal, _, rest = key.partition("{")
-    labels = dict(item.split("=", 1) for item in rest[:-1].split(",") if item)
-    return signal, labels
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> SignalKey:
+    """:meth:`SignalKey.parse` of a plain string (cached: exporters parse every key per scrape)."""
+    if not text.endswith("}") or "{" not in text:
+        return SignalKey(text)
+    signal, _, rest = text.partition("{")
+    items = [item.split("=", 1) for item in rest[:-1].split(",") if item]
+    if any(len(item) != 2 for item in items):
+        raise ValueError(f"not a signal key: {text!r}; write it like name{{label=value,...}}")
+    return SignalKey(signal, ((k, v) for k, v in items))
 
 
 def _label_value(v: object) -> str:
@@ -79,7 +125,7 @@ class Snapshot:
     ``streams`` maps stream → signal → value (plain floats; NaN where a value is not defined,
     e.g. before the window holds two rows); ``layers`` does the same for watched activation
     layers (plasticity) and ``params`` for parameter tensors (weights, gradients); signals with
-    extra labels are keyed by :func:`variant_key` (``dormant_units_ratio{tau=0.1}``).
+    extra labels are keyed by :class:`SignalKey` (``dormant_units_ratio{tau=0.1}``).
     ``run_signals`` holds model-level values (early-bird distance, curvature). ``counters``
     holds per-stream monotonic counts (``samples``, ``nonfinite_values``); ``histograms`` maps
     signal → stream → :class:`Histogram`; ``errors`` counts exceptions caught inside repwatch by
@@ -117,7 +163,7 @@ class Snapshot:
         variant, e.g. ``snap.get("dormant_units_ratio", layer="fc1", tau=0.1)``. Model-level
         signals (``run_signals``) need none of them.
         """
-        key = variant_key(name, **labels)
+        key = SignalKey.parse(name).with_labels(**labels)
         if layer is not None or param is not None:
             scope, group, which = (("layer", self.layers, layer) if layer is not None
                                    else ("param", self.params, param))

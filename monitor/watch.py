@@ -27,7 +27,7 @@ from rich.text import Text
 
 from exporters.catalogue import BY_NAME, PREFIX
 from monitor.alerts import DEFAULT_RULES
-from monitor.snapshot import split_key, variant_key
+from monitor.snapshot import SignalKey
 
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 """Eight levels, lowest first; a missing (None/NaN) value is a space."""
@@ -49,8 +49,8 @@ def _default_tau() -> float:
     """The τ of the dormant fraction that the plasticity alert reads (0.1 in the spec)."""
     for rule in DEFAULT_RULES:
         for cond in rule.conditions:
-            name, labels = split_key(cond.signal)
-            if name == DORMANT and "tau" in labels:
+            labels = cond.signal.label_dict
+            if cond.signal.signal == DORMANT and "tau" in labels:
                 return float(labels["tau"])
     return 0.1
 
@@ -158,7 +158,7 @@ def build_table(status: Sequence[Snap], histories: Mapping[str, Sequence[Snap]] 
     and every firing alert in full (parameter- and model-scoped ones have no row). ``note``
     adds a last caption line (e.g. a poll error)."""
     histories = histories or {}
-    dormant_key = variant_key(DORMANT, tau=tau)
+    dormant_key = SignalKey.of(DORMANT, tau=tau)
     runs = {str(snap.get("run", "")) for snap in status}
     many = len(runs) > 1
     if title is not None and len(runs) == 1:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from monitor.tracking import RunTracker
 
 
@@ -61,3 +63,29 @@ def test_layers_get_rank_baselines_peaks_and_rises_streams_and_layers_apart() ->
     assert stream2["effective_rank_baseline_ratio"] == 1.0
     assert layer2["effective_rank_peak_ratio"] == 0.25
     assert layer2["dormant_units_ratio_rise{tau=0.1}"] == 0.5 - 0.1
+
+
+def test_state_keeps_streams_and_layers_apart_and_reads_the_old_flat_form() -> None:
+    tr = RunTracker(window=256, warmup=0)
+    layer = {"effective_rank": 20.0, "window_samples": 256.0, "activation_units": 64.0,
+             "dormant_units_ratio{tau=0.1}": 0.1}
+    tr.derive({"layer:h": _stream(8.0, 2.0)}, {"h": layer}, step=0)
+    state = tr.state_dict()
+    assert state["peaks"] == {"stream": {"layer:h": 8.0}, "layer": {"h": 20.0}}
+    assert state["lows"] == {"layer": {"h": {"dormant_units_ratio{tau=0.1}": 0.1}}}
+    assert state["baselines"]["layer"] == {"h": {"effective_rank": 20.0}}
+    old = {"peaks": {"z": 8.0, "layer:h": 20.0},
+           "lows": {"layer:h|dormant_units_ratio{tau=0.1}": 0.1},
+           "baselines": {"z|embedding_variance": 2.0, "z|effective_rank": 8.0,
+                         "layer:h|effective_rank": 20.0}}
+    for saved in (state, old):
+        restored = RunTracker(window=256, warmup=0)
+        restored.load_state_dict(saved)
+        later = {"effective_rank": 5.0, "window_samples": 256.0, "activation_units": 64.0,
+                 "dormant_units_ratio{tau=0.1}": 0.4}
+        restored.derive({}, {"h": later}, step=1)
+        assert later["effective_rank_peak_ratio"] == 0.25
+        assert later["effective_rank_baseline_ratio"] == 0.25
+        assert later["dormant_units_ratio_rise{tau=0.1}"] == pytest.approx(0.3)
+    restored.derive({"z": (z := _stream(4.0, 1.0))}, None, step=2)
+    assert z["effective_rank_peak_ratio"] == 0.5 and z["embedding_variance_ratio"] == 0.5

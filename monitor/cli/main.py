@@ -14,7 +14,7 @@ from rich.console import Console, RenderableType
 
 from monitor import __version__
 from monitor.argtypes import positive_int
-from monitor.snapshot import Snapshot
+from monitor.snapshot import SignalKey, Snapshot
 
 if TYPE_CHECKING:
     from rich.live import Live
@@ -304,8 +304,9 @@ def _demo_plasticity(args: argparse.Namespace) -> int:
         if snap.step % args.steps_per_task:
             return
         parts = []
+        dormant = SignalKey.of("dormant_units_ratio", tau=0.1)
         for layer, v in sorted(snap.layers.items()):
-            parts.append(f"layer {layer}: dormant(0.1) {_fmt(v.get('dormant_units_ratio{tau=0.1}', math.nan)):>5} "
+            parts.append(f"layer {layer}: dormant(0.1) {_fmt(v.get(dormant, math.nan)):>5} "
                          f"erank {_fmt(v.get('effective_rank', math.nan)):>5}")
         alerts = ", ".join(f"[red]{a.name}[/]({a.stream})" for a in snap.alerts) or "[green]ok[/]"
         console.print(f"step {snap.step:5d}  " + "  ".join(parts) + f"  alerts: {alerts}")

@@ -43,7 +43,7 @@ from monitor.functional.plasticity import (
     unit_axis_pool,
 )
 from monitor.scorer import Scorer
-from monitor.snapshot import variant_key
+from monitor.snapshot import SignalKey
 from monitor.validation import check_int
 
 _INTERVAL_STATES: tuple[str, ...] = ("abs_sum", "nonzero", "count")
@@ -63,7 +63,7 @@ class ActivationScorer(Scorer):
             if isinstance(tau, bool) or not isinstance(tau, (int, float)) \
                     or not math.isfinite(tau) or tau < 0:
                 raise ValueError(f"every tau must be a finite number >= 0, got {tau!r} in {taus!r}")
-        keys = [variant_key("dormant_units_ratio", tau=float(t)) for t in taus]
+        keys = [SignalKey.of("dormant_units_ratio", tau=float(t)) for t in taus]
         if len(set(keys)) != len(keys):
             raise ValueError(f"taus must be distinct, got {taus!r}")
         if isinstance(low_activity_rate, bool) or not isinstance(low_activity_rate, (int, float)) \

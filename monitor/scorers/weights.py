@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from monitor.functional.weights import global_magnitude_masks, mask_distance
-from monitor.snapshot import variant_key
+from monitor.snapshot import SignalKey
 
 
 def prunable_weights(model: nn.Module) -> list[Tensor]:
@@ -34,8 +34,8 @@ def prunable_weights(model: nn.Module) -> list[Tensor]:
     return [p for p in model.parameters() if p.dim() >= 2]
 
 
-def _label(sparsity: float) -> str:
-    return variant_key("earlybird_mask_distance", sparsity=float(sparsity))
+def _label(sparsity: float) -> SignalKey:
+    return SignalKey.of("earlybird_mask_distance", sparsity=float(sparsity))
 
 
 class EarlyBirdTracker:

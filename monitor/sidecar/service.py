@@ -52,7 +52,7 @@ from monitor.alerts import DEFAULT_RULES, AlertRule
 from monitor.server.app import ErrorBody, RunName, create_read_app
 from monitor.errors import ErrorLog
 from monitor.run import BatchClock
-from monitor.sidecar.errors import REJECT_REASONS, Rejected
+from monitor.transport.errors import REJECT_REASONS, Rejected
 from monitor.validation import NAME_PATTERN, check_int, check_name
 from monitor.transport import wire as protocol
 from monitor.transport.wire import ProtocolError

@@ -74,6 +74,7 @@ import numpy as np
 
 from monitor.transport import wire
 from monitor.transport.base import Drop
+from monitor.transport.errors import REJECT_REASONS, Rejected
 from monitor.validation import is_name
 
 log = logging.getLogger("repwatch")
@@ -656,8 +657,6 @@ class ShmReader:
                 sleep = min(sleep * 2, self.idle_sleep)
 
     def _take(self, ring: ShmRing) -> bool:
-        from monitor.sidecar.errors import REJECT_REASONS, Rejected
-
         try:
             item = ring.read()
         except RingError as exc:

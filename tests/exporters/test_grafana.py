@@ -26,7 +26,6 @@ from exporters.grafana import (DASHBOARD_UID, DATASOURCE_UID, DCGM_FB_USED, DCGM
 from exporters.rules import SOURCE_OF_SCOPE, render_rules
 from monitor.alerts import DEFAULT_RULES
 from monitor.cli import main
-from monitor.snapshot import split_key
 from tests.grafana_standin import StandIn, grafana_standin
 from tests.test_alerting_e2e import _Proc, _free_ports, _spawn, _wait
 
@@ -297,9 +296,8 @@ def test_threshold_lines_follow_the_alert_spec(dashboard: dict[str, Any]) -> Non
     alerted: set[str] = set()
     for rule in DEFAULT_RULES:
         for cond in rule.conditions:
-            signal, _ = split_key(cond.signal)
             metric = next(m.name for m in CATALOGUE
-                          if m.signal == signal and m.source == SOURCE_OF_SCOPE[rule.scope])
+                          if m.signal == cond.signal.signal and m.source == SOURCE_OF_SCOPE[rule.scope])
             alerted.add(metric)
             (panel,) = _panels_of(dashboard, metric)
             d = panel["fieldConfig"]["defaults"]

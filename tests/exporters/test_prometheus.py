@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.catalogue import CATALOGUE
 from exporters.prometheus import make_registry, render
-from monitor.snapshot import Alert, Histogram, Snapshot, variant_key
+from monitor.snapshot import Alert, Histogram, SignalKey, Snapshot
 
 
 def _snapshot() -> Snapshot:
@@ -27,11 +27,11 @@ def _snapshot() -> Snapshot:
                              "enc": {"effective_rank": 40.0, "embedding_std_ratio": 0.9,
                                      "effective_rank_ratio": 0.6, "window_samples": 512.0}},
                     counters={"proj": {"samples": 1024.0, "nonfinite_values": 3.0}},
-                    layers={"fc1": {variant_key("dormant_units_ratio", tau=0.0): 0.25,
-                                    variant_key("dormant_units_ratio", tau=0.1): 0.5,
+                    layers={"fc1": {SignalKey.of("dormant_units_ratio", tau=0.0): 0.25,
+                                    SignalKey.of("dormant_units_ratio", tau=0.1): 0.5,
                                     "effective_rank": 7.5, "window_samples": 512.0}},
                     params={"fc1.weight": {"weight_norm": 3.0, "grad_norm": math.nan}},
-                    run_signals={variant_key("earlybird_mask_distance", sparsity=0.5): 0.05},
+                    run_signals={SignalKey.of("earlybird_mask_distance", sparsity=0.5): 0.05},
                     histograms={"qscore": {"proj": Histogram([0.1, 1.0, math.inf],
                                                              [2.0, 5.0, 6.0], 4.5, 6.0)}},
                     alerts=[alert], errors={"capture": 2}, publish_duration_seconds=0.004)

@@ -11,7 +11,7 @@ import torch
 
 from monitor.functional import plasticity as P
 from monitor.scorers.activations import ActivationScorer
-from monitor.snapshot import variant_key
+from monitor.snapshot import SignalKey
 
 KEYS = ("dormant_units_ratio{tau=0}", "dormant_units_ratio{tau=0.025}",
         "dormant_units_ratio{tau=0.1}", "low_activity_units_ratio", "never_active_units_ratio",
@@ -27,7 +27,7 @@ def _numpy_signals(h: np.ndarray, taus=(0.0, 0.025, 0.1), rate: float = 0.01) ->
     a = np.array([np.abs(e).mean() for e in entries])
     s = a / (a.mean() + 1e-9)
     r = np.array([np.count_nonzero(e) / e.size for e in entries])
-    out = {variant_key("dormant_units_ratio", tau=float(t)): float(np.mean(s <= t)) for t in taus}
+    out = {SignalKey.of("dormant_units_ratio", tau=float(t)): float(np.mean(s <= t)) for t in taus}
     out["low_activity_units_ratio"] = float(np.mean(r < rate))
     out["never_active_units_ratio"] = float(np.mean([not np.any(e != 0) for e in entries]))
     out["activation_units"] = float(len(entries))
@@ -76,7 +76,7 @@ def test_streaming_equals_one_batch_functional_and_numpy(shape: tuple[int, ...],
         assert a[key] == pytest.approx(ref[key], abs=1e-12), key
     # the same numbers from the one-shot functions, and the scores themselves
     for tau in (0.0, 0.025, 0.1):
-        assert a[variant_key("dormant_units_ratio", tau=float(tau))] == float(P.dormant_fraction(h, tau))
+        assert a[SignalKey.of("dormant_units_ratio", tau=float(tau))] == float(P.dormant_fraction(h, tau))
     assert a["low_activity_units_ratio"] == float(P.low_activity_fraction(h, 0.01))
     torch.testing.assert_close(many.dormant_scores(), P.dormant_scores(h), rtol=1e-12, atol=0)
     # the fixture really spans the cases (the test would be vacuous otherwise)

@@ -1,9 +1,7 @@
-"""The sidecar's refusals and their reasons, torch-free and free of the service.
+"""Refusals of an ingest request and their reasons (torch-free).
 
-Both ingest paths raise and count these: the HTTP service (:mod:`monitor.sidecar.service`) and
-the shared-memory reader (:mod:`monitor.transport.shm`), which must not import the service
-(the service builds its torch backend on :class:`monitor.Monitor`, whose sinks import the shm
-transport).
+The receiving ends raise and count these: the sidecar's HTTP route and the shared-memory reader
+(:mod:`monitor.transport.shm`); the transport package depends on nothing of the sidecar.
 """
 
 from __future__ import annotations
