@@ -51,10 +51,10 @@ class MonitorConfig:
         token: bearer token of the sidecar (with a URL ``sink``).
         per_rank: under ``torch.distributed``, publish each rank's own values with a ``rank``
             label, every rank serving on ``port + local rank``. By default every publish
-            reduces the scorers' sufficient statistics across ranks (:mod:`monitor.distributed`)
-            and only local rank 0 serves.
+            reduces the scorers' sufficient statistics across ranks
+            (:mod:`monitor.engine.distributed`) and only local rank 0 serves.
         overhead_budget: keep repwatch's own host time per step under this fraction of the
-            training step's (``0.01``: 1%), by host timers only (:mod:`monitor.overhead`).
+            training step's (``0.01``: 1%), by host timers only (:mod:`monitor.engine.overhead`).
             Over budget only every k-th step is captured and publishes come every ``every·k``
             steps (k in 1–64). None: measure only. Not adapted under torch.distributed with
             global reduction (ranks publish together).
@@ -67,7 +67,7 @@ class MonitorConfig:
         sketch_dim: k, the sketch's dimension.
         memory_limit_bytes: per-stream limit on the exact state for ``"auto"`` (None: none).
         cuda_stream: on a GPU, score streams on a side CUDA stream of repwatch's own
-            (:mod:`monitor.side_streams`): the training stream only records an event.
+            (:mod:`monitor.engine.side_streams`): the training stream only records an event.
     """
 
     run: str = "default"

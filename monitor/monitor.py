@@ -1,10 +1,10 @@
 """Monitor: the facade a training loop talks to — capture, step, publish, checkpoint.
 
 It wires the parts together and owns none of their logic: :class:`~monitor.config.MonitorConfig`
-(options), :mod:`monitor.capture` (hooks → rows), :mod:`monitor.scoring` (rows scored here or
-shipped to a sidecar), :class:`~monitor.engine.Engine` (windows and scorers),
-:class:`~monitor.run.RunPublisher` (snapshot, alerts, history), :mod:`monitor.overhead`,
-:mod:`monitor.side_streams` and :mod:`monitor.server`.
+(options), :mod:`monitor.capture` (hooks → rows), :mod:`monitor.engine.paths` (rows scored here
+or shipped to a sidecar), :class:`~monitor.engine.Engine` (windows and scorers),
+:class:`~monitor.engine.run.RunPublisher` (snapshot, alerts, history),
+:mod:`monitor.engine.overhead`, :mod:`monitor.engine.side_streams` and :mod:`monitor.server`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from monitor.capture import (
 )
 from monitor.config import TOKEN_MODES, MonitorConfig, Tokens
 from monitor.engine import Engine
+from monitor.engine.overhead import OverheadBudget
+from monitor.engine.paths import LocalScoring, SinkScoring
+from monitor.engine.run import Readings, RunPublisher, publish_due
+from monitor.engine.side_streams import SideStreams
 from monitor.errors import ErrorLog
-from monitor.overhead import OverheadBudget
-from monitor.run import Readings, RunPublisher, publish_due
-from monitor.scoring import LocalScoring, SinkScoring
-from monitor.side_streams import SideStreams
 from monitor.snapshot import Alert, Snapshot
 from monitor.validation import check_int, check_name
 
@@ -78,7 +78,7 @@ class Monitor:
         self._step = 0
         self._lock = threading.RLock()
         self._server: Any = None
-        from monitor.distributed import GlobalReducer, serving_port
+        from monitor.engine.distributed import GlobalReducer, serving_port
 
         self._reducer = GlobalReducer(self._errors)
         self.sink: Any = None
@@ -197,8 +197,8 @@ class Monitor:
         """Per parameter at publish: norms, gradient norm, update-to-weight ratio; every
         ``rank_every`` publishes rank and stable rank (Galanti et al.) and the early-bird mask
         distance at the ``earlybird`` sparsities (You et al. 2020). See
-        :class:`monitor.weights_watch.WeightWatch`."""
-        from monitor.weights_watch import WeightWatch
+        :class:`monitor.probes.weights.WeightWatch`."""
+        from monitor.probes.weights import WeightWatch
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch_weights() needs a torch.nn.Module, got {type(model).__name__}")
@@ -211,9 +211,9 @@ class Monitor:
                         refresh_every: int | None = None) -> None:
         """Turn on the curvature probe (docs/metrics.md §7a, §10): every ``every`` steps
         :meth:`probe_curvature` publishes ``hessian_top_eigenvalue`` and the sampled
-        ``sgd_lyapunov_exponent`` (:class:`monitor.curvature.CurvatureProbe`; syncs the device
-        at its cadence)."""
-        from monitor.curvature import CurvatureProbe
+        ``sgd_lyapunov_exponent`` (:class:`monitor.probes.curvature.CurvatureProbe`; syncs the
+        device at its cadence)."""
+        from monitor.probes.curvature import CurvatureProbe
 
         self._curvature = CurvatureProbe(params, every=check_int("every", every, 1),
                                          power_iters=check_int("power_iters", power_iters, 1),
@@ -305,7 +305,7 @@ class Monitor:
     def _may_adapt(self) -> bool:
         """False under torch.distributed with global reduction: every rank must publish at
         the same steps, so no rank may stretch its cadence on its own timings."""
-        from monitor.distributed import ranks_publish_together
+        from monitor.engine.distributed import ranks_publish_together
 
         if self.config.per_rank or self.sink is not None or not ranks_publish_together():
             return True
@@ -326,7 +326,7 @@ class Monitor:
             ratio, stretch = self._overhead.close_window(self._may_adapt())
             rank = None
             if self.config.per_rank:
-                from monitor.distributed import global_rank
+                from monitor.engine.distributed import global_rank
 
                 rank = global_rank()
             snap, fired, resolved = self._publisher.publish(
@@ -391,7 +391,7 @@ class Monitor:
         with self._lock:
             self._step = int(state["step"])
             self._engine.load_state_dict(state["engine"], device_map)
-            from monitor.memory import device_tensors
+            from monitor.engine.memory import device_tensors
 
             for stream in self._engine.streams.values():   # now read on the side stream
                 self._side.hand(stream.device, device_tensors(stream))

@@ -95,8 +95,8 @@ SLOW_MODULES_FIRST: tuple[str, ...] = (
     "tests/tools/scenarios/test_plasticity.py", "tests/test_alerting_e2e.py",
     "tests/tools/scenarios/", "tests/tools/test_bench.py", "tests/sidecar/test_end_to_end.py",
     "tests/cli/test_main.py",
-    "tests/e2e/", "tests/deploy/", "tests/test_distributed.py", "tests/test_makefile.py",
-    "tests/test_watch.py", "tests/test_packaging.py")
+    "tests/e2e/", "tests/deploy/", "tests/engine/test_distributed.py", "tests/test_makefile.py",
+    "tests/cli/test_watch.py", "tests/test_packaging.py")
 
 
 @pytest.hookimpl(tryfirst=True)

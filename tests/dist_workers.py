@@ -1,4 +1,4 @@
-"""Workers for tests/test_distributed.py: two gloo ranks on the CPU, started with
+"""Workers for tests/engine/test_distributed.py: two gloo ranks on the CPU, started with
 ``torch.multiprocessing.spawn`` (functions here are importable by the spawned children).
 
 Every rank builds the same data from one seed and keeps its own share; the test process feeds
@@ -123,7 +123,7 @@ def worker_faults(rank: int, world: int, port: int, out: str) -> None:
     fails; both ranks must still finish two publishes."""
     _init(rank, world, port)
     if rank == 1:
-        import monitor.distributed as md
+        import monitor.engine.distributed as md
         from monitor.scorers.spectrum import SpectrumScorer
 
         original_compute = SpectrumScorer.compute

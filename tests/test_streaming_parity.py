@@ -151,7 +151,7 @@ def test_two_ranks_publish_the_single_process_values(tmp_path: Path) -> None:
     """Two gloo ranks, each fed half of every batch, one spawn for all cases: at every publish
     rank 0 and rank 1 publish the same values, equal to the reference on the union of the two
     ranks' windows; at the last publish also to one process fed that union."""
-    from tests.test_distributed import spawn
+    from tests.engine.test_distributed import spawn
 
     tester.write_cases(MONITOR_CASES, tmp_path)
     r0, r1 = spawn(tester.two_rank_worker, tmp_path)

@@ -20,10 +20,10 @@ schedule. For a case the tester
 and :func:`check` asserts that every streamed and every functional value equals the reference
 within :func:`tolerance` (:data:`TOLERANCES`; the looser entries of :data:`LOOSE` say why).
 
-With ``world = 2`` (:func:`two_rank_worker`, spawned by ``tests/test_distributed.spawn``) every
-rank streams its half of each batch into a Monitor with global reduction; the published values
-must equal the reference on the union of the ranks' windows (the global window of
-``monitor.distributed``), i.e. what one process computes on those rows.
+With ``world = 2`` (:func:`two_rank_worker`, spawned by ``tests.engine.test_distributed.spawn``)
+every rank streams its half of each batch into a Monitor with global reduction; the published
+values must equal the reference on the union of the ranks' windows (the global window of
+``monitor.engine.distributed``), i.e. what one process computes on those rows.
 
 Rows are float32 (as the rings store them), so every reference sees exactly the streamed values.
 """
@@ -668,7 +668,7 @@ def write_cases(cases: list[Case], out: Path) -> None:
 
 
 def two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
-    """Spawned per rank (``tests.test_distributed.spawn``): every case of ``out/cases.pkl``
+    """Spawned per rank (``tests.engine.test_distributed.spawn``): every case of ``out/cases.pkl``
     through a Monitor on this rank's half of each batch, global reduction at every publish."""
     from tests.dist_workers import _finish, _init
 

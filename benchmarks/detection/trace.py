@@ -3,7 +3,7 @@
 A :class:`Trace` holds every value repwatch published for a run (streams and activation layers,
 per publish), the run's ground truth (probe accuracy over steps, the paper's label) and what
 happened to it. :func:`replay` feeds the published values through the same
-:class:`monitor.run.RunPublisher` (run-relative signals, alerts) as a live monitor,
+:class:`monitor.engine.run.RunPublisher` (run-relative signals, alerts) as a live monitor,
 so a rule set can be judged on recorded trainings without training again.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from monitor.alerts import DEFAULT_RULES, AlertRule
+from monitor.engine.run import Readings, RunPublisher
+from monitor.engine.tracking import RunTracker
 from monitor.errors import ErrorLog
-from monitor.run import Readings, RunPublisher
 from monitor.snapshot import Snapshot
-from monitor.tracking import RunTracker
 
 Label = Literal["healthy", "complete", "dimensional", "plasticity", "noisy"]
 """What the paper says a setting does: healthy; complete collapse (one vector or a point);

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from monitor.argtypes import positive_int, torch_module
+from monitor.cli.argtypes import positive_int, torch_module
 
 FIGURES = ("training_overhead", "update_throughput", "publish_vs_eigvalsh", "naive_svdvals",
            "naive_item", "sidecar_ingest", "memory")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console, RenderableType
 
 from monitor import __version__
-from monitor.argtypes import positive_int
+from monitor.cli.argtypes import positive_int
 from monitor.snapshot import SignalKey, Snapshot
 
 if TYPE_CHECKING:
@@ -144,11 +144,11 @@ def _live_view(args: argparse.Namespace, console: Console) -> DemoView | None:
 
 
 class DemoView:
-    """The live table of a demo (:mod:`monitor.watch`), fed from the Monitor's snapshots or
+    """The live table of a demo (:mod:`monitor.cli.watch`), fed from the Monitor's snapshots or
     from a sidecar's ``/v1/runs``; ``live`` is set while it is on screen."""
 
     def __init__(self, console: Console) -> None:
-        from monitor.watch import SnapshotView, spark_width
+        from monitor.cli.watch import SnapshotView, spark_width
 
         self.view = SnapshotView(width=spark_width(console.width), title="repwatch demo")
         self.live: Live | None = None
@@ -170,7 +170,7 @@ def _live(view: DemoView | None, console: Console) -> Iterator[None]:
     if view is None:
         yield
         return
-    from monitor.watch import live
+    from monitor.cli.watch import live
 
     with live(console, view.view.table()) as lv:
         view.live = lv
@@ -217,7 +217,7 @@ def _demo_sidecar(args: argparse.Namespace) -> int:
 
     def show_sidecar() -> None:
         """The live table from the sidecar's /v1/runs and history (kept on a failed poll)."""
-        from monitor.watch import WatchError, build_table, fetch, spark_width
+        from monitor.cli.watch import WatchError, build_table, fetch, spark_width
 
         if view is None or status_url is None:
             return
@@ -340,7 +340,7 @@ def _demo_plasticity(args: argparse.Namespace) -> int:
 def _watch(args: argparse.Namespace) -> int:
     """``repwatch watch URL``: the live terminal table of a repwatch server (torch-free)."""
     from monitor.sidecar.cli import read_token
-    from monitor.watch import watch
+    from monitor.cli.watch import watch
 
     token = None
     if args.token_file is not None:

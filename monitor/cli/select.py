@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from monitor.argtypes import torch_module
+from monitor.cli.argtypes import torch_module
 
 DESCRIPTION = ("Rank trained models / checkpoints without labels: RankMe and CKA centrality of "
                "their embeddings.")

@@ -42,7 +42,7 @@ from monitor.functional.plasticity import (
     low_activity_fraction_from_rates,
     unit_axis_pool,
 )
-from monitor.scorer import Scorer
+from monitor.scorers.state import Scorer
 from monitor.snapshot import SignalKey
 from monitor.validation import check_int
 

@@ -11,7 +11,7 @@
   are scale-invariant and stay healthy-looking when every row shrinks to one point near 0
   (rows of noise around it normalise to random directions); this one falls. It has no absolute
   scale: alerts read it relative to the run's own first window (``embedding_variance_ratio``,
-  :class:`monitor.tracking.RunTracker`).
+  :class:`monitor.engine.tracking.RunTracker`).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from monitor.functional.generative import (
     duplicate_threshold,
     mean_pairwise_distance,
 )
-from monitor.scorer import Scorer
+from monitor.scorers.state import Scorer
 from monitor.validation import check_int
 
 

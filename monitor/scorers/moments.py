@@ -29,10 +29,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from monitor.engine.window import RingCursor
 from monitor.functional.moments import add_window_delta_, clean_rows, symmetrize_
 from monitor.functional.spectral import normalize_rows
-from monitor.scorer import Scorer
-from monitor.window import RingCursor
+from monitor.scorers.state import Scorer
 
 
 class WindowMoments(Scorer):

@@ -50,8 +50,8 @@ from monitor.functional.neural_collapse import (
     nc4_ncc_mismatch,
     window_neural_collapse_signals,
 )
-from monitor.scorer import Scorer
-from monitor.window import RingCursor
+from monitor.engine.window import RingCursor
+from monitor.scorers.state import Scorer
 
 
 class NeuralCollapseScorer(Scorer):

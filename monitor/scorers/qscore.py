@@ -42,8 +42,8 @@ from monitor.functional.qscore_window import (
     nan_quantile,
     window_qscore_signals,
 )
-from monitor.scorer import Scorer
-from monitor.window import RingCursor
+from monitor.engine.window import RingCursor
+from monitor.scorers.state import Scorer
 
 
 def default_bucket_edges(device: torch.device | str = "cpu") -> Tensor:

@@ -1,6 +1,6 @@
 """Early-bird tickets from the model's weights, at low cadence.
 
-(Per-layer ε-rank and stable rank are computed by :mod:`monitor.weights_watch` from
+(Per-layer ε-rank and stable rank are computed by :mod:`monitor.probes.weights` from
 :mod:`monitor.functional.weights`.)
 
 * :class:`EarlyBirdTracker` — You, Li, Xu, Fu, Wang, Chen, Baraniuk, Wang & Lin, ICLR 2020,
@@ -12,7 +12,7 @@
   channels by BatchNorm scale factors; these masks are unstructured, by global weight magnitude
   (:func:`monitor.functional.weights.global_magnitude_masks`), at several sparsities at once.
 
-It is not a streaming :class:`~monitor.scorer.Scorer`: it reads the model's weights when
+It is not a streaming :class:`~monitor.scorers.state.Scorer`: it reads the model's weights when
 called, not a stream of rows. ``EarlyBirdTracker.check`` stays on the device;
 ``ticket_found`` / ``found_at`` transfer the new distances to the host (a sync, at check cadence).
 """

@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Any
 
-from monitor.argtypes import positive_int
+from monitor.cli.argtypes import positive_int
 
 log = logging.getLogger("repwatch.sidecar")
 

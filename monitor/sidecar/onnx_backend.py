@@ -8,7 +8,7 @@ from the ring every 64 wraps. Q-Score: a ring of per-row scores from the same ke
 threshold calibrated once after the warm-up (10th percentile), a cumulative ``le`` histogram
 with the in-process buckets. At publish the same functions as the in-process scorers
 (:mod:`monitor.functional`, written once for numpy and torch) compute the spectral, collapse,
-Q-Score and neural-collapse signals; :class:`monitor.tracking.RunTracker` the run-relative
+Q-Score and neural-collapse signals; :class:`monitor.engine.tracking.RunTracker` the run-relative
 ones; :class:`monitor.alerts.AlertEngine` the alerts.
 
 Labels (neural collapse): a stream's first labelled batch starts its NC window, the last
@@ -48,13 +48,13 @@ from monitor.functional.qscore_window import (
     nan_quantile,
     window_qscore_signals,
 )
+from monitor.engine.run import BatchClock, Readings, RunPublisher, publish_due
+from monitor.engine.tracking import RunTracker
+from monitor.engine.window import RingCursor
 from monitor.functional.spectral import window_collapse_signals, window_spectral_signals
 from monitor.sidecar.kernels import OnnxBatchKernel
-from monitor.run import BatchClock, Readings, RunPublisher, publish_due
 from monitor.snapshot import Histogram, Snapshot
-from monitor.tracking import RunTracker
 from monitor.validation import check_int
-from monitor.window import RingCursor
 
 _EDGES = np.asarray(BUCKET_EDGES)
 

@@ -49,14 +49,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exporters.catalogue import BY_NAME, PREFIX
 from monitor.alerts import DEFAULT_RULES, AlertRule
-from monitor.server.app import ErrorBody, RunName, create_read_app
+from monitor.engine.run import BatchClock
 from monitor.errors import ErrorLog
-from monitor.run import BatchClock
-from monitor.transport.errors import REJECT_REASONS, Rejected
-from monitor.validation import NAME_PATTERN, check_int, check_name
-from monitor.transport import wire as protocol
-from monitor.transport.wire import ProtocolError
+from monitor.server.app import ErrorBody, RunName, create_read_app
 from monitor.snapshot import Snapshot
+from monitor.transport import wire as protocol
+from monitor.transport.errors import REJECT_REASONS, Rejected
+from monitor.transport.wire import ProtocolError
+from monitor.validation import NAME_PATTERN, check_int, check_name
 
 log = logging.getLogger("repwatch.sidecar")
 
@@ -160,7 +160,7 @@ class _Run:
 class TorchBackend:
     """One :class:`monitor.Monitor` per run, on ``device``; the same scorers as in-process.
 
-    The run's step advances by :class:`monitor.run.BatchClock` (``Monitor.step``, which
+    The run's step advances by :class:`monitor.engine.run.BatchClock` (``Monitor.step``, which
     publishes on the ``every`` cadence), as in the ONNX backend.
     """
 

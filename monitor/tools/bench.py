@@ -26,7 +26,7 @@ says something about repwatch rather than about the machine:
   and through the shared-memory ring versus the scoring backend called directly; request-body
   bytes per second on loopback in ``details``. Target ≥ 0.80.
 * ``memory_per_stream`` / ``memory_per_layer`` (6) — bytes of the tensors a stream (and a
-  watched activation layer) holds versus the formula of :mod:`monitor.memory`.
+  watched activation layer) holds versus the formula of :mod:`monitor.engine.memory`.
 
 Timing: warm-up, several repeats, median; on CUDA, ``torch.cuda.Event`` pairs around the
 timed call and one synchronise after it (never inside repwatch's own code).
@@ -412,8 +412,8 @@ def memory_per_stream(device: torch.device, dims: Sequence[int], window: int,
                       rows: int) -> list[Row]:
     """(6) Bytes one stream (and one watched activation layer of as many units) holds, measured
     (the tensor storages reachable from it; on CUDA also ``memory_allocated``) ÷ the formula of
-    :mod:`monitor.memory`."""
-    from monitor.memory import held_bytes, layer_state_bytes, stream_state_bytes
+    :mod:`monitor.engine.memory`."""
+    from monitor.engine.memory import held_bytes, layer_state_bytes, stream_state_bytes
 
     out: list[Row] = []
     cuda = device.type == "cuda"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.curvature import CurvatureProbe
 from monitor.functional.curvature import hvp, lyapunov_exponent, top_hessian_eigenvalue
+from monitor.probes.curvature import CurvatureProbe
 
 
 def spd(d: int, eigs: list[float], seed: int) -> np.ndarray:

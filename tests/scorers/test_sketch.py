@@ -320,7 +320,7 @@ def test_distributed_sketch_equals_one_process(tmp_path: Path) -> None:
     """Two gloo ranks with sketched streams (one on rank 0 only) and a sketched activation
     layer: the all-reduced sketch equals one process on all rows (same seed, same Ω)."""
     from tests.scorers import sketch_dist_worker as sw
-    from tests.test_distributed import assert_same, spawn
+    from tests.engine.test_distributed import assert_same, spawn
 
     ranks = spawn(sw.worker, tmp_path)
     ref = sw.make_monitor()

@@ -1,4 +1,5 @@
-"""Run-relative signals (monitor/tracking.py): peaks after the warm-up, early baselines before it."""
+"""Run-relative signals (monitor/engine/tracking.py): peaks after the warm-up, early baselines
+before it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import pytest
 
-from monitor.tracking import RunTracker
+from monitor.engine.tracking import RunTracker
 
 
 def _stream(rank: float, var: float, n: float = 512.0, d: float = 64.0) -> dict[str, float]:

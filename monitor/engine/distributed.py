@@ -2,7 +2,7 @@
 
 Per-rank RankMe on a small local batch is biased and averaging per-rank values is wrong
 (docs/metrics.md §1, pitfall 1 and "Streaming"). Every scorer therefore declares how its state
-combines across ranks (:meth:`monitor.scorer.Scorer.add_state`), and at each publish
+combines across ranks (:meth:`monitor.scorers.state.Scorer.add_state`), and at each publish
 :class:`GlobalReducer` combines the *sufficient statistics* of every stream and layer, so the
 published values equal what one process computes on all ranks' rows concatenated:
 
@@ -62,10 +62,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from monitor.engine import Engine, EngineResult, Layer, Stream
-from monitor.window import RingCursor
+from monitor.engine.engine import Engine, EngineResult, Layer, Stream
+from monitor.engine.window import RingCursor
 from monitor.errors import ErrorLog
-from monitor.scorer import Scorer
+from monitor.scorers.state import Scorer
 
 Kind = Literal["sum", "max", "min", "cat"]
 _NEUTRAL: dict[str, float] = {"sum": 0.0, "max": -math.inf, "min": math.inf, "cat": math.nan}

@@ -6,7 +6,7 @@ backends (torch-free).
 * :class:`BatchClock` — how a sidecar run's step advances from the batches it receives.
 * :class:`Readings` — the host values of one compute (what a window produced).
 * :class:`RunPublisher` — turns readings into a :class:`~monitor.snapshot.Snapshot`: the
-  run-relative signals (:class:`~monitor.tracking.RunTracker`), the NC1 effective depth, the
+  run-relative signals (:class:`~monitor.engine.tracking.RunTracker`), the NC1 effective depth, the
   alerts (:class:`~monitor.alerts.AlertEngine`, logged and handed to callbacks), the latest
   snapshot, the history and an optional JSONL log.
 """
@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from monitor.alerts import AlertEngine, AlertRule
+from monitor.engine.tracking import RunTracker
 from monitor.errors import ErrorLog
 from monitor.functional.neural_collapse import effective_depth
 from monitor.snapshot import Alert, Histogram, Snapshot
-from monitor.tracking import RunTracker
 
 log = logging.getLogger("repwatch")
 

@@ -12,11 +12,11 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
-import monitor.capture
+import monitor.capture.hooks
 import monitor.monitor
 from exporters.prometheus import make_registry, render
 from monitor import Monitor, Snapshot
-from monitor.overhead import MAX_STRETCH, OverheadBudget
+from monitor.engine.overhead import MAX_STRETCH, OverheadBudget
 from tests.toy_training import train_toy
 
 
@@ -33,7 +33,7 @@ class FakeClock:
 def _fake_time(monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> None:
     fake = types.SimpleNamespace(perf_counter=clock, time=time.time)
     monkeypatch.setattr(monitor.monitor, "time", fake)
-    monkeypatch.setattr(monitor.capture, "time", fake)
+    monkeypatch.setattr(monitor.capture.hooks, "time", fake)
 
 
 def _slow_ingest(monkeypatch: pytest.MonkeyPatch, advance: Any) -> list[int]:

@@ -1,4 +1,4 @@
-"""The terminal view (monitor/watch.py, `repwatch watch`, the demo's live table)."""
+"""The terminal view (monitor/cli/watch.py, `repwatch watch`, the demo's live table)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from monitor.watch import SPARK_CHARS, build_table, resample, sparkline
+from monitor.cli.watch import SPARK_CHARS, build_table, resample, sparkline
 from tests.subproc import run_python
 from tests.torchless_serve import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TORCHLESS_CLI = ("import sys; sys.modules['torch'] = None\n"
                  "from monitor.cli import main\n"
                  "sys.exit(main(sys.argv[1:]))\n")
@@ -296,7 +296,7 @@ def test_demo_in_a_terminal_shows_the_live_table() -> None:
 @pytest.mark.e2e
 def test_the_module_imports_without_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import monitor.watch, monitor.cli\n"
+            "import monitor.cli.watch, monitor.cli\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     out = run_python(code)
     assert out.returncode == 0, out.stderr

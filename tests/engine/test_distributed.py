@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from monitor.distributed import named_modules, unwrap, world
+from monitor.engine.distributed import named_modules, unwrap, world
 from tests import dist_workers as dw
 
 WORLD = 2

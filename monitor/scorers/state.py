@@ -3,8 +3,8 @@
 Shaped like a torchmetrics ``Metric``: ``add_state(name, default, reduce)`` declares a tensor
 that ``update()`` accumulates on the device and ``compute()`` reads; ``reset()`` restores the
 defaults, ``state_dict()``/``load_state_dict()`` checkpoint it, and ``reduce`` says how
-:mod:`monitor.distributed` combines it across ranks (``"sum"``, ``"max"``, ``"min"``; ``"none"``
-for rank-local state such as a ring buffer of raw rows).
+:mod:`monitor.engine.distributed` combines it across ranks (``"sum"``, ``"max"``, ``"min"``;
+``"none"`` for rank-local state such as a ring buffer of raw rows).
 """
 
 from __future__ import annotations

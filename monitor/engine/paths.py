@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from monitor.capture import Batch
-from monitor.engine import Engine
+from monitor.engine.engine import Engine
+from monitor.engine.run import Readings
+from monitor.engine.side_streams import SideStreams
 from monitor.errors import ErrorLog
-from monitor.run import Readings
-from monitor.side_streams import SideStreams
 
 
 def _shares_memory(a: Tensor, b: Any) -> bool:
@@ -33,7 +33,7 @@ def _shares_memory(a: Tensor, b: Any) -> bool:
 
 class LocalScoring:
     """Rows scored in this process by ``engine`` (on the side CUDA stream where there is one);
-    ``reducer`` (a :class:`monitor.distributed.GlobalReducer`, or None per rank) reduces the
+    ``reducer`` (a :class:`monitor.engine.distributed.GlobalReducer`, or None per rank) reduces the
     states across ranks at each compute."""
 
     def __init__(self, engine: Engine, errors: ErrorLog, lock: threading.RLock,

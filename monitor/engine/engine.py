@@ -11,14 +11,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from monitor.engine.run import Readings
+from monitor.engine.tracking import RunTracker
 from monitor.errors import ErrorLog
-from monitor.run import Readings
-from monitor.validation import check_int, check_name
 from monitor.scorers import CollapseScorer, SpectrumScorer
 from monitor.scorers.sketch import SpectralPath
 from monitor.scorers.sketch_spectrum import spectrum_scorer_for
 from monitor.snapshot import Histogram
-from monitor.tracking import RunTracker
+from monitor.validation import check_int, check_name
 
 
 class HistogramPart(enum.Enum):
@@ -176,7 +176,7 @@ COUNTER_SIGNALS: tuple[str, ...] = ("samples", "nonfinite_values")
 
 
 EngineResult = Readings
-"""The host values of one compute (:class:`monitor.run.Readings`)."""
+"""The host values of one compute (:class:`monitor.engine.run.Readings`)."""
 
 
 class Engine:

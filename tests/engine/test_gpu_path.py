@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import monitor.capture as capture_mod
+import monitor.capture.hooks as hooks_mod
 from monitor import Monitor
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -76,10 +76,10 @@ def test_graph_captured_hook_scores_each_replays_buffer(monkeypatch: pytest.Monk
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(64, 16, generator=gen) for _ in range(3)]
     try:
-        monkeypatch.setattr(capture_mod, "graph_capturing", lambda t: True)
+        monkeypatch.setattr(hooks_mod, "graph_capturing", lambda t: True)
         with torch.no_grad():
             enc(batches[0])                                          # "capture": staged only
-        monkeypatch.setattr(capture_mod, "graph_capturing", lambda t: False)
+        monkeypatch.setattr(hooks_mod, "graph_capturing", lambda t: False)
         buf = mon._staged["enc"]
         assert mon._engine.streams == {}                             # nothing scored yet
         rows = []
@@ -103,7 +103,7 @@ def test_activation_layers_refuse_graph_capture_with_a_counted_error(
     net = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
     mon = Monitor(run="graph-act", port=None, every=1, qscore=False)
     mon.watch_activations(net)
-    monkeypatch.setattr(capture_mod, "graph_capturing", lambda t: True)
+    monkeypatch.setattr(hooks_mod, "graph_capturing", lambda t: True)
     try:
         with torch.no_grad():
             out = net(torch.randn(4, 8))                            # training goes on
