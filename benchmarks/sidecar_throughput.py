@@ -14,6 +14,7 @@ import os
 import platform
 from typing import Any
 
+from monitor.sidecar.config import BACKEND_NAMES
 from monitor.sidecar.service import BACKENDS, SidecarConfig, limit_native_threads
 from monitor.tools.throughput import (ingest_and_score, make_batches, parse_cores, pin,
                                         score_only)
@@ -60,6 +61,7 @@ def main() -> None:
     pin(parse_cores(args.server_cores))
     if args.transport_only:
         BACKENDS["none"] = NoScoring
+        BACKEND_NAMES.append("none")
         args.backend = "none"
     config = SidecarConfig(backend=args.backend, device="cpu", every=args.every, window=4096,
                            queue_batches=64, admit_wait_seconds=args.admit_wait)

@@ -9,6 +9,7 @@ or shipped to a sidecar), :class:`~monitor.engine.Engine` (windows and scorers),
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -22,15 +23,16 @@ from monitor.capture import (
     ACTIVATION_TYPES,
     ActivationCapture,
     Capture,
-    find_activations,
     CaptureTarget,
     Generators,
     default_stream_name,
+    find_activations,
     prepare_batch,
-    subsample,
+    unit_rows,
 )
 from monitor.config import TOKEN_MODES, MonitorConfig, Tokens
 from monitor.engine import Engine
+from monitor.engine.memory import available_device, device_tensors
 from monitor.engine.overhead import OverheadBudget
 from monitor.engine.paths import LocalScoring, SinkScoring
 from monitor.engine.run import Readings, RunPublisher, publish_due
@@ -63,7 +65,6 @@ class Monitor:
         self._overhead = OverheadBudget(cfg.overhead_budget)
         self._capturing = True      # is the coming step captured (overhead budget's stretch)
         self._calls = 0             # step() calls (the capture stride counts calls, not steps)
-        self._adapt_warned = False
         self._engine = Engine.from_config(cfg, self._errors)
         self._publisher = RunPublisher(cfg.run, cfg.rules, self._engine.tracker, self._errors,
                                        cfg.history, cfg.nc1_depth_threshold, cfg.log_path)
@@ -244,21 +245,16 @@ class Monitor:
             self._path.take(name, batch, tensor, defer, self._step)
 
     def _stage(self, name: str, rows: Tensor) -> None:
-        """A hook fired while a CUDA graph was being captured: the graph gets a copy of the
-        rows into a buffer of its own memory pool (same address at every replay); after each
-        replay :meth:`step` scores what the buffer holds."""
+        """A hook inside CUDA-graph capture: the graph copies the rows into its own buffer;
+        :meth:`step` scores the buffer after each replay."""
         with self._lock:
             self._staged[name] = rows.detach().clone()
 
     def _ingest_activations(self, name: str, h: Tensor) -> None:
-        from monitor.functional.plasticity import pooled_unit_rows
-
-        rows = pooled_unit_rows(h)                                       # (n, units)
-        if rows.shape[0] == 0 or rows.shape[1] == 0:
-            return
-        rows, _ = subsample(rows, self.config.max_rows, self._generator(rows.device))
-        with self._lock:
-            self._engine.update_layer(name, h, rows)
+        rows = unit_rows(h, self.config.max_rows, self._generator)      # (n, units) or None
+        if rows is not None:
+            with self._lock:
+                self._engine.update_layer(name, h, rows)
 
     # ------------------------------------------------------------------ publish
 
@@ -302,19 +298,6 @@ class Monitor:
         """Current stretch k of the overhead budget: every k-th step is captured (1: all)."""
         return self._overhead.stretch
 
-    def _may_adapt(self) -> bool:
-        """False under torch.distributed with global reduction: every rank must publish at
-        the same steps, so no rank may stretch its cadence on its own timings."""
-        from monitor.engine.distributed import ranks_publish_together
-
-        if self.config.per_rank or self.sink is not None or not ranks_publish_together():
-            return True
-        if self._overhead.budget is not None and not self._adapt_warned:
-            self._adapt_warned = True
-            log.warning("repwatch: overhead_budget is not adapted under torch.distributed with "
-                        "global reduction (ranks publish together); the ratio is still measured")
-        return False
-
     def publish(self) -> Snapshot:
         """Compute every stream now (one host sync), evaluate alerts, notify, export."""
         t0 = time.perf_counter()
@@ -323,7 +306,11 @@ class Monitor:
             with self._errors.guard("publish"):
                 result = self._path.compute(self._step)
             self._engine.after_publish()
-            ratio, stretch = self._overhead.close_window(self._may_adapt())
+            from monitor.engine.distributed import ranks_publish_together
+
+            # under a global reduction every rank publishes at the same steps: no stretching
+            alone = self.config.per_rank or self.sink is not None or not ranks_publish_together()
+            ratio, stretch = self._overhead.close_window(alone)
             rank = None
             if self.config.per_rank:
                 from monitor.engine.distributed import global_rank
@@ -383,21 +370,14 @@ class Monitor:
         if not isinstance(state, dict) or state.get("version") != 1:
             raise ValueError("not a repwatch Monitor state_dict (version 1)")
         self._side.join()
-
-        def device_map(name: str) -> torch.device:
-            dev = torch.device(name)
-            return dev if dev.type != "cuda" or torch.cuda.is_available() else torch.device("cpu")
-
         with self._lock:
             self._step = int(state["step"])
-            self._engine.load_state_dict(state["engine"], device_map)
-            from monitor.engine.memory import device_tensors
-
+            self._engine.load_state_dict(state["engine"], available_device)
             for stream in self._engine.streams.values():   # now read on the side stream
                 self._side.hand(stream.device, device_tensors(stream))
             self._publisher.alerts.load_state_dict(state["alerts"])
             self._errors.load(state.get("errors", {}))
-            self._generator.load_state_dict(state.get("generators", {}), device_map)
+            self._generator.load_state_dict(state.get("generators", {}), available_device)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -419,10 +399,8 @@ class Monitor:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         return (f"Monitor(run={self.config.run!r}, every={self.config.every}, "

@@ -18,8 +18,9 @@ from monitor.capture.rows import (
     prepare_batch,
     subsample,
     to_rows,
+    unit_rows,
 )
 
 __all__ = ["ACTIVATION_TYPES", "ActivationCapture", "Batch", "Capture", "CaptureTarget",
            "Generators", "class_ids", "default_stream_name", "find_activations", "first_tensor",
-           "prepare_batch", "subsample", "to_rows"]
+           "prepare_batch", "subsample", "to_rows", "unit_rows"]

@@ -215,3 +215,15 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Hardswish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh)
 """Modules :meth:`Monitor.watch_activations` finds by default."""
+
+
+def unit_rows(h: Tensor, max_rows: int, generator: Callable[[torch.device], torch.Generator]
+              ) -> Tensor | None:
+    """An activation layer's per-sample unit rows (spatial/token positions pooled), at most
+    ``max_rows`` of them drawn with ``generator(device)``; None when empty."""
+    from monitor.functional.plasticity import pooled_unit_rows
+
+    rows = pooled_unit_rows(h)                                           # (n, units)
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        return None
+    return subsample(rows, max_rows, generator(rows.device))[0]

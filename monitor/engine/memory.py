@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from monitor.functional.sketch import exact_state_bytes, sketch_state_bytes
@@ -88,3 +89,10 @@ def held_bytes(obj: Any) -> int:
         storage = t.untyped_storage()
         storages[(str(t.device), storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
+
+
+def available_device(name: str) -> torch.device:
+    """The device a checkpoint's ``name`` loads on: itself, or the CPU when it is a CUDA
+    device and CUDA is absent."""
+    dev = torch.device(name)
+    return dev if dev.type != "cuda" or torch.cuda.is_available() else torch.device("cpu")

@@ -9,9 +9,12 @@ on the device or queues behind it, and timing it would need the sync that the ho
 
 from __future__ import annotations
 
+import logging
 import math
 
 from monitor.validation import check_int
+
+log = logging.getLogger("repwatch")
 
 MAX_STRETCH = 64
 """The effective cadence never stretches beyond this many times the base cadence."""
@@ -52,6 +55,7 @@ class OverheadBudget:
         self._last: float | None = None
         self._intervals = 0
         self._restart = True           # the next window starts the EMA afresh
+        self._warned = False            # the not-adapted warning, logged once
 
     def add(self, seconds: float) -> None:
         """Count ``seconds`` of repwatch host time in the current window (none before the
@@ -82,6 +86,10 @@ class OverheadBudget:
         ratio = own / max(wall - own, 1e-9)
         self.ratio = ratio if self._restart else self.ratio + self.smoothing * (ratio - self.ratio)
         self._restart = False
+        if self.budget is not None and not may_adapt and not self._warned:
+            self._warned = True
+            log.warning("repwatch: overhead_budget is not adapted under torch.distributed with "
+                        "global reduction (ranks publish together); the ratio is still measured")
         if self.budget is not None and may_adapt:
             k = self.stretch
             if self.ratio > self.budget:

@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
 import numpy as np
@@ -48,74 +48,20 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exporters.catalogue import BY_NAME, PREFIX
-from monitor.alerts import DEFAULT_RULES, AlertRule
+from monitor.alerts import AlertRule
 from monitor.engine.run import BatchClock
 from monitor.errors import ErrorLog
 from monitor.server.app import ErrorBody, RunName, create_read_app
+from monitor.sidecar.config import SidecarConfig
 from monitor.snapshot import Snapshot
-from monitor.transport import wire as protocol
+from monitor.transport import wire
 from monitor.transport.errors import REJECT_REASONS, Rejected
 from monitor.transport.wire import ProtocolError
-from monitor.validation import NAME_PATTERN, check_int, check_name
+from monitor.validation import NAME_PATTERN, check_name
 
 log = logging.getLogger("repwatch.sidecar")
 
 
-
-
-@dataclass
-class SidecarConfig:
-    """Settings of the sidecar service (``repwatch serve`` flags).
-
-    ``every``/``window``/``history``/``rules`` go to each run's Monitor (``monitor_options``:
-    any further ``Monitor`` keyword, e.g. ``peak_warmup``). ``token``: required on every write
-    when set. ``queue_batches``: capacity of the scoring queue (429 beyond it);
-    ``admit_wait_seconds``: how long a POST waits for room in a full queue before its body is
-    read (short bursts are absorbed instead of answered 429 and re-sent). ``threads``:
-    intra-op threads of the ONNX Runtime backend (a sidecar shares the pod's cores);
-    ``io_binding``: the ONNX backend keeps the window sums on the device (None: with CUDA only).
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 9400
-    token: str | None = None
-    backend: str = "auto"
-    device: str = "auto"
-    every: int = 10
-    window: int = 8192
-    history: int = 512
-    max_body_bytes: int = 64 << 20
-    max_rows_per_batch: int = 65536
-    max_dim: int = 16384
-    max_streams_per_run: int = 64
-    max_runs: int = 64
-    queue_batches: int = 64
-    admit_wait_seconds: float = 0.25
-    retry_after_seconds: int = 1
-    threads: int = 1
-    io_binding: bool | None = None
-    rules: Sequence[AlertRule] = DEFAULT_RULES
-    monitor_options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("every", "window", "history", "max_body_bytes", "max_rows_per_batch",
-                     "max_dim", "max_streams_per_run", "max_runs", "queue_batches",
-                     "retry_after_seconds", "threads"):
-            check_int(name, getattr(self, name), 1)
-        wait = self.admit_wait_seconds
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 60:
-            raise ValueError(f"admit_wait_seconds must be a number in [0, 60], got {wait!r}")
-        if self.io_binding not in (None, True, False):
-            raise ValueError(f"io_binding must be None, True or False, got {self.io_binding!r}")
-        if self.window < 2:
-            raise ValueError(f"window must be >= 2, got {self.window}")
-        if self.token is not None and (not isinstance(self.token, str) or not self.token.strip()):
-            raise ValueError("token must be a non-empty string (or None for no token)")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {self.backend!r}")
-        if not isinstance(self.device, str) or not (
-                self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 def limit_native_threads(threads: int) -> bool:
@@ -546,13 +492,13 @@ def _header(name: str, description: str, **schema: Any) -> dict[str, Any]:
 _BATCH_BODY: dict[str, Any] = {
     # Declared for the document; BatchHandler reads them and answers bad values with 400/415.
     "parameters": [
-        _header(protocol.H_DTYPE, "Row dtype (raw form; required there)",
-                enum=list(protocol.DTYPES)),
-        _header(protocol.H_SHAPE, "'<rows>,<dim>' (raw form; required there)",
+        _header(wire.H_DTYPE, "Row dtype (raw form; required there)",
+                enum=list(wire.DTYPES)),
+        _header(wire.H_SHAPE, "'<rows>,<dim>' (raw form; required there)",
                 pattern=r"^[0-9]{1,10},[0-9]{1,10}$"),
-        _header(protocol.H_LABELS, "'int64': one little-endian int64 label per row follows "
+        _header(wire.H_LABELS, "'int64': one little-endian int64 label per row follows "
                                    "the rows (raw form only)", enum=["int64"]),
-        _header(protocol.H_STEP, "Training step of the batch (steps the trainer had completed "
+        _header(wire.H_STEP, "Training step of the batch (steps the trainer had completed "
                                  "when it captured it)", pattern=r"^[0-9]{1,18}$"),
     ],
     "requestBody": {
@@ -562,8 +508,8 @@ _BATCH_BODY: dict[str, Any] = {
             "`X-Repwatch-Labels: int64` one little-endian int64 label per row. "
             "`application/x-npy`: a .npy file of a 2-D float16/float32 array (no labels)."),
         "content": {
-            protocol.CONTENT_TYPE_RAW: {"schema": {"type": "string", "format": "binary"}},
-            protocol.CONTENT_TYPE_NPY: {"schema": {"type": "string", "format": "binary"}},
+            wire.CONTENT_TYPE_RAW: {"schema": {"type": "string", "format": "binary"}},
+            wire.CONTENT_TYPE_NPY: {"schema": {"type": "string", "format": "binary"}},
         },
     },
 }
@@ -622,11 +568,11 @@ class BatchHandler:
             check_name("stream", stream)
         except ValueError as exc:
             raise Rejected(422, "invalid", str(exc)) from None
-        headers = protocol.lowered(headers)               # once, for every parser below
-        kind = protocol.media_type(headers)
-        if kind not in protocol.CONTENT_TYPES:
+        headers = wire.lowered(headers)               # once, for every parser below
+        kind = wire.media_type(headers)
+        if kind not in wire.CONTENT_TYPES:
             raise Rejected(415, "unsupported",
-                           f"Content-Type must be {' or '.join(protocol.CONTENT_TYPES)}, "
+                           f"Content-Type must be {' or '.join(wire.CONTENT_TYPES)}, "
                            f"got {kind[:60]!r}")
         length = headers.get("content-length")
         if length is not None:
@@ -637,11 +583,11 @@ class BatchHandler:
                 raise Rejected(413, "too_large", f"body of {int(length)} bytes is over the "
                                f"limit of {config.max_body_bytes} bytes")
         try:
-            step = protocol.parse_step(headers.get(protocol.H_STEP))
-            if kind == protocol.CONTENT_TYPE_RAW:
-                dtype, b, d, has_labels = protocol.parse_raw_headers(
+            step = wire.parse_step(headers.get(wire.H_STEP))
+            if kind == wire.CONTENT_TYPE_RAW:
+                dtype, b, d, has_labels = wire.parse_raw_headers(
                     headers, max_rows=config.max_rows_per_batch, max_dim=config.max_dim)
-                size = protocol.raw_body_size(dtype, b, d, has_labels)
+                size = wire.raw_body_size(dtype, b, d, has_labels)
                 if size > config.max_body_bytes:
                     raise Rejected(413, "too_large",
                                    f"shape ({b}, {d}) {dtype} needs {size} bytes, over the "
@@ -673,9 +619,9 @@ class BatchHandler:
                                f"{config.max_body_bytes} bytes")
         try:
             if len(body) <= _INLINE_DECODE_BYTES:          # ≤ 1 MiB: not worth a thread
-                return protocol.decode_batch(headers, body, max_rows=config.max_rows_per_batch,
+                return wire.decode_batch(headers, body, max_rows=config.max_rows_per_batch,
                                              max_dim=config.max_dim, owned=True)
-            return await run_in_threadpool(protocol.decode_batch, headers, body,
+            return await run_in_threadpool(wire.decode_batch, headers, body,
                                            max_rows=config.max_rows_per_batch,
                                            max_dim=config.max_dim, owned=True)
         except ProtocolError as exc:
