@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from monitor.engine.window import RingCursor
+from monitor.validation import check_int
 from monitor.functional.moments import add_window_delta_, clean_rows, symmetrize_
 from monitor.functional.spectral import normalize_rows
 from monitor.scorers.state import Scorer
@@ -41,12 +42,8 @@ class WindowMoments(Scorer):
     def __init__(self, dim: int, window: int, device: torch.device | str = "cpu",
                  rebuild_every_wraps: int = 64) -> None:
         super().__init__(device)
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if window < 2:
-            raise ValueError(f"window must be >= 2 rows, got {window}")
-        self.dim = dim
-        self.window = window
+        self.dim = check_int("dim", dim, 1)
+        self.window = check_int("window", window, 2, "rows")
         self.rebuild_every_wraps = rebuild_every_wraps
         # Created on the device directly: a host→device copy here would sync on first use.
         f64 = {"dtype": torch.float64, "device": self.device}

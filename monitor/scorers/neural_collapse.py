@@ -51,6 +51,7 @@ from monitor.functional.neural_collapse import (
     window_neural_collapse_signals,
 )
 from monitor.engine.window import RingCursor
+from monitor.validation import check_int
 from monitor.scorers.state import Scorer
 
 
@@ -63,15 +64,9 @@ class NeuralCollapseScorer(Scorer):
     def __init__(self, dim: int, max_classes: int, window: int,
                  device: torch.device | str = "cpu") -> None:
         super().__init__(device)
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if max_classes < 2:
-            raise ValueError(f"max_classes must be >= 2, got {max_classes}")
-        if window < 2:
-            raise ValueError(f"window must be >= 2 rows, got {window}")
-        self.dim = dim
-        self.max_classes = max_classes
-        self.window = window
+        self.dim = check_int("dim", dim, 1)
+        self.max_classes = check_int("max_classes", max_classes, 2)
+        self.window = check_int("window", window, 2, "rows")
         f64 = {"dtype": torch.float64, "device": self.device}
         self.add_state("ring", torch.zeros(window, dim, dtype=torch.float32, device=self.device),
                        reduce="none", fill=0.0)

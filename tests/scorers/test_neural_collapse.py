@@ -109,9 +109,9 @@ def test_reset_and_state_dict_roundtrip() -> None:
 
 
 def test_bad_input_raises_clear_errors() -> None:
-    with pytest.raises(ValueError, match="max_classes must be >= 2, got 1"):
+    with pytest.raises(ValueError, match="max_classes must be an int >= 2, got 1"):
         NeuralCollapseScorer(4, max_classes=1, window=8)
-    with pytest.raises(ValueError, match="window must be >= 2"):
+    with pytest.raises(ValueError, match="window must be an int >= 2"):
         NeuralCollapseScorer(4, max_classes=3, window=1)
     s = NeuralCollapseScorer(4, max_classes=3, window=8)
     with pytest.raises(ValueError, match=r"rows of shape \(b, 4\), got \(2, 5\)"):
