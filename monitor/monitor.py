@@ -35,10 +35,10 @@ from monitor.engine import Engine
 from monitor.engine.memory import available_device, device_tensors
 from monitor.engine.overhead import OverheadBudget
 from monitor.engine.paths import LocalScoring, SinkScoring
-from monitor.engine.run import Readings, RunPublisher, publish_due
+from monitor.engine.run import RunPublisher, publish_due
 from monitor.engine.side_streams import SideStreams
 from monitor.errors import ErrorLog
-from monitor.snapshot import Alert, Snapshot
+from monitor.snapshot import Alert, Readings, Snapshot
 from monitor.validation import check_int, check_name
 
 log = logging.getLogger("repwatch")

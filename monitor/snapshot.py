@@ -119,8 +119,22 @@ class Alert:
 
 
 @dataclass
-class Snapshot:
-    """The result of one publish.
+class Readings:
+    """Host values of one compute: stream → signal → float, counters, spectra, histograms
+    (what a publish turns into a :class:`Snapshot`)."""
+
+    streams: dict[str, dict[str, float]] = field(default_factory=dict)
+    counters: dict[str, dict[str, float]] = field(default_factory=dict)
+    spectra: dict[str, list[float]] = field(default_factory=dict)
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    params: dict[str, dict[str, float]] = field(default_factory=dict)
+    run_signals: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, dict[str, Histogram]] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class Snapshot(Readings):
+    """The result of one publish: its :class:`Readings` and what the publish adds.
 
     ``streams`` maps stream → signal → value (plain floats; NaN where a value is not defined,
     e.g. before the window holds two rows); ``layers`` does the same for watched activation
@@ -136,13 +150,6 @@ class Snapshot:
     run: str
     step: int
     time: float
-    streams: dict[str, dict[str, float]] = field(default_factory=dict)
-    counters: dict[str, dict[str, float]] = field(default_factory=dict)
-    spectra: dict[str, list[float]] = field(default_factory=dict)
-    layers: dict[str, dict[str, float]] = field(default_factory=dict)
-    params: dict[str, dict[str, float]] = field(default_factory=dict)
-    run_signals: dict[str, float] = field(default_factory=dict)
-    histograms: dict[str, dict[str, Histogram]] = field(default_factory=dict)
     dropped: dict[str, float] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)

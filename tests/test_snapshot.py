@@ -57,8 +57,8 @@ def test_json_pickle_and_copies_keep_the_string_form() -> None:
         '{"dormant_units_ratio{tau=0.1}": 0.5, "k": ["dormant_units_ratio{tau=0.1}"]}'
     for other in (pickle.loads(pickle.dumps(key)), copy.deepcopy(key), copy.copy(key)):
         assert type(other) is SignalKey and other == key and other.labels == key.labels
-    typed = Snapshot("r", 1, 0.0, layers={"fc1": {key: 0.5, "effective_rank": math.nan}})
-    plain = Snapshot("r", 1, 0.0, layers={"fc1": {str(key): 0.5, "effective_rank": math.nan}})
+    typed = Snapshot(run="r", step=1, time=0.0, layers={"fc1": {key: 0.5, "effective_rank": math.nan}})
+    plain = Snapshot(run="r", step=1, time=0.0, layers={"fc1": {str(key): 0.5, "effective_rank": math.nan}})
     assert json.dumps(typed.to_dict()) == json.dumps(plain.to_dict())
     assert plain.get("dormant_units_ratio", layer="fc1", tau=0.1) == 0.5
     assert typed.get("dormant_units_ratio{tau=0.1}", layer="fc1") == 0.5

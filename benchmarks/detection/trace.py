@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from monitor.alerts import DEFAULT_RULES, AlertRule
-from monitor.engine.run import Readings, RunPublisher
+from monitor.engine.run import RunPublisher
 from monitor.engine.tracking import RunTracker
 from monitor.errors import ErrorLog
-from monitor.snapshot import Snapshot
+from monitor.snapshot import Readings, Snapshot
 
 Label = Literal["healthy", "complete", "dimensional", "plasticity", "noisy"]
 """What the paper says a setting does: healthy; complete collapse (one vector or a point);

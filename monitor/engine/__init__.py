@@ -7,8 +7,9 @@ at publish) and :mod:`~monitor.engine.memory` need torch; :mod:`~monitor.engine.
 clock and publisher), :mod:`~monitor.engine.tracking` (run-relative signals),
 :mod:`~monitor.engine.window` (the ring cursor) and :mod:`~monitor.engine.overhead` (the
 overhead budget) do not: the torch-free sidecar imports them. Hence this package imports
-nothing eagerly: ``Engine``, ``Stream``, ``Layer`` and ``EngineResult`` are loaded from
-:mod:`monitor.engine.engine` on first use.
+nothing eagerly: ``Engine``, ``Stream`` and ``Layer`` are loaded from
+:mod:`monitor.engine.engine` on first use (``Readings``, the host values of a compute, is in
+:mod:`monitor.snapshot`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from monitor.engine.engine import Engine, EngineResult, Layer, Stream
+    from monitor.engine.engine import Engine, Layer, Stream
 
-__all__ = ["Engine", "EngineResult", "Layer", "Stream"]
+__all__ = ["Engine", "Layer", "Stream"]
 
 
 def __getattr__(name: str) -> Any:

@@ -62,10 +62,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from monitor.engine.engine import Engine, EngineResult, Layer, Stream
+from monitor.engine.engine import Engine, Layer, Stream
 from monitor.engine.window import RingCursor
 from monitor.errors import ErrorLog
 from monitor.scorers.state import Scorer
+from monitor.snapshot import Readings
 
 Kind = Literal["sum", "max", "min", "cat"]
 _NEUTRAL: dict[str, float] = {"sum": 0.0, "max": -math.inf, "min": math.inf, "cat": math.nan}
@@ -229,7 +230,7 @@ class GlobalReducer:
 
     # ---------------------------------------------------------------- public
 
-    def compute(self, engine: Engine, step: int | None) -> EngineResult:
+    def compute(self, engine: Engine, step: int | None) -> Readings:
         """Global values of every stream and layer of ``engine``; every rank must call this at
         the same publish. Falls back to local values (and counts an error) when the
         collectives themselves fail."""

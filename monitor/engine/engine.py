@@ -11,13 +11,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from monitor.engine.run import Readings
 from monitor.engine.tracking import RunTracker
 from monitor.errors import ErrorLog
 from monitor.scorers import CollapseScorer, SpectrumScorer
 from monitor.scorers.sketch import SpectralPath
 from monitor.scorers.sketch_spectrum import spectrum_scorer_for
-from monitor.snapshot import Histogram
+from monitor.snapshot import Histogram, Readings
 from monitor.validation import check_int, check_name
 
 
@@ -175,10 +174,6 @@ class Layer:
 COUNTER_SIGNALS: tuple[str, ...] = ("samples", "nonfinite_values")
 
 
-EngineResult = Readings
-"""The host values of one compute (:class:`monitor.engine.run.Readings`)."""
-
-
 class Engine:
     """Owns the streams and layers; creates one lazily on its first batch (d from that batch).
 
@@ -318,7 +313,7 @@ class Engine:
 
     # ------------------------------------------------------------------ compute
 
-    def compute(self, step: int | None = None) -> EngineResult:
+    def compute(self, step: int | None = None) -> Readings:
         """Compute everything; one device→host transfer per device (the publish sync)."""
         entries: list[Entry] = []
         warm = step is None or step >= self.peak_warmup
@@ -340,7 +335,7 @@ class Engine:
             self._guard("params", "params", None, lambda src=source: [
                 Entry("param", p, k, v) for p, vals in src().items() for k, v in vals.items()],
                 entries)
-        result = EngineResult()
+        result = Readings()
         host_run: list[tuple[str, float]] = []
         for source in self.run_sources:
             def run_entries(src: Callable[[], dict[str, Tensor | float]] = source) -> list[Entry]:
@@ -370,7 +365,7 @@ class Engine:
             if owner is not None:
                 owner.enabled = False
 
-    def _transfer(self, entries: list[Entry], result: EngineResult) -> None:
+    def _transfer(self, entries: list[Entry], result: Readings) -> None:
         per_device: dict[torch.device, list[Entry]] = {}
         for entry in entries:
             per_device.setdefault(entry.value.device, []).append(entry)

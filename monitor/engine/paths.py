@@ -20,9 +20,9 @@ from torch import Tensor
 
 from monitor.capture import Batch
 from monitor.engine.engine import Engine
-from monitor.engine.run import Readings
 from monitor.engine.side_streams import SideStreams
 from monitor.errors import ErrorLog
+from monitor.snapshot import Readings
 
 
 def _shares_memory(a: Tensor, b: Any) -> bool:

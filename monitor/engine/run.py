@@ -4,7 +4,6 @@ backends (torch-free).
 * :func:`publish_due` — the cadence: a publish whenever the step count crosses a multiple of the
   period (``every``, stretched by the overhead budget in-process).
 * :class:`BatchClock` — how a sidecar run's step advances from the batches it receives.
-* :class:`Readings` — the host values of one compute (what a window produced).
 * :class:`RunPublisher` — turns readings into a :class:`~monitor.snapshot.Snapshot`: the
   run-relative signals (:class:`~monitor.engine.tracking.RunTracker`), the NC1 effective depth, the
   alerts (:class:`~monitor.alerts.AlertEngine`, logged and handed to callbacks), the latest
@@ -20,7 +19,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from monitor.alerts import AlertEngine, AlertRule
 from monitor.engine.tracking import RunTracker
 from monitor.errors import ErrorLog
 from monitor.functional.neural_collapse import effective_depth
-from monitor.snapshot import Alert, Histogram, Snapshot
+from monitor.snapshot import Alert, Readings, Snapshot
 
 log = logging.getLogger("repwatch")
 
@@ -64,19 +63,6 @@ class BatchClock:
         if self.first_stream is None:
             self.first_stream = stream
         self.batches += 1
-
-
-@dataclass
-class Readings:
-    """Host values of one compute: stream → signal → float, counters, spectra, histograms."""
-
-    streams: dict[str, dict[str, float]] = field(default_factory=dict)
-    counters: dict[str, dict[str, float]] = field(default_factory=dict)
-    spectra: dict[str, list[float]] = field(default_factory=dict)
-    layers: dict[str, dict[str, float]] = field(default_factory=dict)
-    params: dict[str, dict[str, float]] = field(default_factory=dict)
-    run_signals: dict[str, float] = field(default_factory=dict)
-    histograms: dict[str, dict[str, Histogram]] = field(default_factory=dict)
 
 
 class RunPublisher:
@@ -119,10 +105,9 @@ class RunPublisher:
         firing, fired, resolved = self.alerts.firing(), [], []
         with self.errors.guard("alerts"):
             firing, fired, resolved = self.alerts.evaluate(groups, step)
-        snap = Snapshot(run=self.run, step=step, time=time.time(), streams=r.streams,
-                        counters=r.counters, spectra=r.spectra, layers=r.layers,
-                        params=r.params, run_signals=r.run_signals, histograms=r.histograms,
-                        alerts=firing, errors=self.errors.counts(),
+        values = {f.name: getattr(r, f.name) for f in fields(Readings)}
+        snap = Snapshot(run=self.run, step=step, time=time.time(), **values, alerts=firing,
+                        errors=self.errors.counts(),
                         publish_duration_seconds=time.perf_counter() - started, **extra)
         self.latest = snap
         self.history.append(snap)

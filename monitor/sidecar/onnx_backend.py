@@ -47,13 +47,13 @@ from monitor.functional.qscore_window import (
     nan_quantile,
     window_qscore_signals,
 )
-from monitor.engine.run import BatchClock, Readings, RunPublisher, publish_due
+from monitor.engine.run import BatchClock, RunPublisher, publish_due
 from monitor.engine.tracking import RunTracker
 from monitor.engine.window import RingCursor
 from monitor.functional.spectral import window_collapse_signals, window_spectral_signals
 from monitor.sidecar.kernels import OnnxBatchKernel
 from monitor.sidecar.config import SidecarConfig
-from monitor.snapshot import Histogram, Snapshot
+from monitor.snapshot import Histogram, Readings, Snapshot
 from monitor.validation import check_int
 
 _EDGES = np.asarray(BUCKET_EDGES)
