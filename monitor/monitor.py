@@ -100,9 +100,10 @@ class Monitor:
             app = create_read_app(SingleRunSource(lambda: self._publisher.latest,
                                                   lambda: list(self._publisher.history),
                                                   cfg.rules))
-            self._server = BackgroundServer(app, cfg.host, port)
-            self._server.start()
-            log.info("repwatch serving on %s", self._server.url)
+            with self._errors.guard("server"):       # a taken port must not stop training
+                (server := BackgroundServer(app, cfg.host, port)).start()
+                self._server = server
+                log.info("repwatch serving on %s", server.url)
 
     def __getattr__(self, name: str) -> Any:
         """The options as attributes: ``mon.window`` is ``mon.config.window``."""
@@ -366,18 +367,27 @@ class Monitor:
             }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (streams on CUDA load on the CPU when CUDA is absent)."""
+        """Restore a :meth:`state_dict` (streams on CUDA load on the CPU when CUDA is absent).
+        All or nothing: a checkpoint that fails to load leaves the monitor as it was."""
         if not isinstance(state, dict) or state.get("version") != 1:
             raise ValueError("not a repwatch Monitor state_dict (version 1)")
-        self._side.join()
         with self._lock:
-            self._step = int(state["step"])
-            self._engine.load_state_dict(state["engine"], available_device)
-            for stream in self._engine.streams.values():   # now read on the side stream
-                self._side.hand(stream.device, device_tensors(stream))
-            self._publisher.alerts.load_state_dict(state["alerts"])
-            self._errors.load(state.get("errors", {}))
-            self._generator.load_state_dict(state.get("generators", {}), available_device)
+            previous = self.state_dict()
+            try:
+                self._apply(state)
+            except BaseException:
+                self._apply(previous)
+                raise
+
+    def _apply(self, state: dict[str, Any]) -> None:
+        self._side.join()
+        self._engine.load_state_dict(state["engine"], available_device)
+        for stream in self._engine.streams.values():   # now read on the side stream
+            self._side.hand(stream.device, device_tensors(stream))
+        self._publisher.alerts.load_state_dict(state["alerts"])
+        self._errors.load(state.get("errors", {}))
+        self._generator.load_state_dict(state.get("generators", {}), available_device)
+        self._step = int(state["step"])
 
     # ------------------------------------------------------------------ lifecycle
 

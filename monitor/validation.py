@@ -1,7 +1,9 @@
 """Argument checks shared by every entry point (torch-free, standard library only).
 
 One rule for run and stream names — 1–128 characters of letters, digits and ``_.:/-``, which
-are also safe as Prometheus label values and URL path segments — and one for integer options, so
+are also safe as Prometheus label values, and no ``/``-separated segment that a URL path would
+normalise away (empty, ``.`` or ``..``: ``/v1/runs/../history`` is not run ``..``'s history) —
+and one for integer options, so
 the in-process monitor, the sinks, the shared-memory ring and the sidecar reject the same inputs
 with the same messages.
 """
@@ -11,22 +13,30 @@ from __future__ import annotations
 import re
 
 NAME_PATTERN = r"^[A-Za-z0-9_.:/-]{1,128}$"
-"""Run and stream names (also the sidecar's URL path pattern and the label charset)."""
+"""The charset and length of run and stream names (also the URL path pattern of the read
+routes); :func:`is_name` adds the path-segment rule, which a URL pattern cannot express."""
 
 NAME = re.compile(NAME_PATTERN)
 
 
+def _normalised_away(value: str) -> bool:
+    return any(part in ("", ".", "..") for part in value.split("/"))
+
+
 def is_name(value: object) -> bool:
     """Whether ``value`` is a valid run or stream name."""
-    return isinstance(value, str) and NAME.match(value) is not None
+    return isinstance(value, str) and NAME.match(value) is not None and not _normalised_away(value)
 
 
 def check_name(kind: str, value: object) -> str:
     """``value`` if it is a valid run/stream name, else a ValueError naming ``kind``."""
-    if not is_name(value):
-        raise ValueError(f"{kind} must be 1–128 characters of letters, digits and _.:/-, "
-                         f"got {value!r}")
-    return value  # type: ignore[return-value]
+    if isinstance(value, str) and NAME.match(value) is not None:
+        if not _normalised_away(value):
+            return value
+        raise ValueError(f"{kind} must not have an empty, '.' or '..' path segment (a URL "
+                         f"would normalise it away), got {value!r}")
+    raise ValueError(f"{kind} must be 1–128 characters of letters, digits and _.:/-, "
+                     f"got {value!r}")
 
 
 def check_int(kind: str, value: object, low: int, unit: str = "") -> int:

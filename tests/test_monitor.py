@@ -211,3 +211,46 @@ def test_snapshot_get_errors() -> None:
     with pytest.raises(KeyError, match="no stream 'c'"):
         snap.get("x", "c")
     assert snap.get("x", "b") == 2.0
+
+
+def test_a_taken_port_is_a_counted_error_not_a_crash() -> None:
+    """Two trainings on one machine with the README's port: the second one trains on without a
+    server (logged, counted under ``server``); only ``strict=True`` raises."""
+    with Monitor(run="first", port=0) as first:
+        port = int(first.url.rsplit(":", 1)[1])
+        with Monitor(run="second", port=port) as second:
+            assert second.url is None
+            second.observe("z", torch.randn(64, 8))
+            snap = second.step()
+            snap = second.publish()
+            assert snap.errors.get("server") == 1
+            assert math.isfinite(snap.get("effective_rank", stream="z"))
+        with pytest.raises(OSError, match="could not serve"):
+            Monitor(run="third", port=port, strict=True)
+
+
+def test_a_refused_checkpoint_changes_nothing() -> None:
+    """Loading is all-or-nothing: a checkpoint of another window size, or one broken inside
+    a stream's state, raises and leaves the monitor exactly as it was."""
+    gen = torch.Generator().manual_seed(3)
+    small = Monitor(port=None, window=64, max_rows=64, every=5)
+    for _ in range(20):
+        small.observe("z", torch.randn(32, 8, generator=gen))
+        small.step()
+    mon = Monitor(port=None, window=128, max_rows=64, every=5)
+    for _ in range(3):
+        mon.observe("z", torch.randn(32, 8, generator=gen))
+        mon.step()
+    before = mon.publish()
+    with pytest.raises(ValueError, match="window"):
+        mon.load_state_dict(small.state_dict())
+    assert mon.step_count == 3
+    good = mon.state_dict()
+    broken = {**good, "step": 50, "engine": {**good["engine"], "streams": {
+        "z": {**good["engine"]["streams"]["z"], "moments": {"s": torch.zeros(3, 3)}}}}}
+    with pytest.raises(Exception):
+        mon.load_state_dict(broken)
+    assert mon.step_count == 3
+    after = mon.publish()
+    for key, value in before.streams["z"].items():
+        assert value == after.streams["z"][key] or (math.isnan(value) and math.isnan(after.streams["z"][key])), key

@@ -62,9 +62,10 @@ def test_health_dashboard_and_runs(mon: Monitor) -> None:
 
 
 def test_port_in_use_is_a_clear_error(mon: Monitor) -> None:
+    """Counted and logged by default (tests/test_monitor.py); raised with ``strict=True``."""
     port = int(mon.url.rsplit(":", 1)[1])
     with pytest.raises(OSError, match="port=0 for a free port"):
-        Monitor(port=port)
+        Monitor(port=port, strict=True)
 
 
 def test_close_frees_the_port() -> None:

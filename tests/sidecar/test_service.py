@@ -22,6 +22,7 @@ from monitor.sidecar import cli as sidecar_cli
 from monitor.sidecar.service import Sidecar, SidecarConfig, create_sidecar_app
 from monitor.snapshot import Snapshot
 from monitor.transport.wire import encode_batch
+from monitor.validation import check_name
 
 URL = "/v1/runs/{run}/streams/{stream}/batches"
 
@@ -690,3 +691,18 @@ def test_cli_serve_runs_uvicorn_and_closes(monkeypatch: pytest.MonkeyPatch) -> N
                                            ("example.com", False), ("::", False)])
 def test_is_loopback(host: str, expected: bool) -> None:
     assert sidecar_cli.is_loopback(host) is expected
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/..", "../b", "a/./b", "/a", "a/", "a//b"])
+def test_names_a_url_path_would_normalise_are_422(make: Factory, name: str) -> None:
+    """A run or stream named ``..`` (or with a ``.``/``..``/empty path segment) would be rewritten
+    by a browser's URL normalisation (``/v1/runs/../history``): refused at the POST."""
+    backend = StubBackend()
+    client, sc = make(backend)
+    quoted = name.replace(".", "%2E").replace("/", "%2F")
+    for kind in ("run", "stream"):
+        r = _post(client, _rows(2, 2), **{kind: quoted})
+        assert r.status_code in (404, 422), (kind, name, r.status_code)
+    assert sc.wait_idle(5) and backend.batches == []
+    with pytest.raises(ValueError, match="path segment"):
+        check_name("run", name)
