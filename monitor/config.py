@@ -12,6 +12,8 @@ from monitor.validation import check_int, check_name
 
 Tokens = Literal["mean", "cls", "all"]
 TOKEN_MODES: tuple[str, ...] = ("mean", "cls", "all")
+DEFAULT_PORT = 9400
+"""The in-process server's port when none is given (the sidecar's default port too)."""
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,10 @@ class MonitorConfig:
         max_rows: at most this many rows per captured batch (uniform subsample, own RNG).
         window: rows in each stream's sliding scoring window.
         port: HTTP port for ``/metrics`` and the dashboard at ``/`` (0: any free port; None: no
-            server). Only local rank 0 (``LOCAL_RANK``, else ``rank % LOCAL_WORLD_SIZE``) serves.
+            server; ``"auto"``, the default: 9400, or no server in sidecar mode, whose metrics
+            live on the sidecar). Only local rank 0 (``LOCAL_RANK``, else
+            ``rank % LOCAL_WORLD_SIZE``) serves. A port in use is logged and counted (under
+            ``server``) and training goes on without a server; ``strict=True`` raises.
         host: address to bind (loopback by default).
         tokens: default reduction of ``(b, T, d)`` token outputs: ``"mean"``, ``"cls"``, ``"all"``.
         seed: seed of the monitor's own sampling generator.
@@ -74,7 +79,7 @@ class MonitorConfig:
     every: int = 10
     max_rows: int = 256
     window: int = 8192
-    port: int | None = 9400
+    port: int | None | Literal["auto"] = "auto"
     host: str = "127.0.0.1"
     tokens: Tokens = "mean"
     seed: int = 0
@@ -105,6 +110,8 @@ class MonitorConfig:
             check_int(name, getattr(self, name), low)
         if self.max_rows > self.window:
             raise ValueError(f"max_rows ({self.max_rows}) must not exceed window ({self.window})")
+        if self.port == "auto":
+            object.__setattr__(self, "port", None if self.sink is not None else DEFAULT_PORT)
         if self.port is not None and (check_int("port", self.port, 0) > 65535):
             raise ValueError(f"port must be 0–65535 or None, got {self.port}")
         if self.tokens not in TOKEN_MODES:

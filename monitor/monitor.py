@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +57,8 @@ class Monitor:
     """
 
     def __init__(self, run: str = "default", every: int = 10, max_rows: int = 256,
-                 window: int = 8192, port: int | None = 9400, host: str = "127.0.0.1",
+                 window: int = 8192, port: int | None | Literal["auto"] = "auto",
+                 host: str = "127.0.0.1",
                  **options: Any) -> None:
         self.config = cfg = MonitorConfig(run, every, max_rows, window, port, host, **options)
         self._closed = True                     # until the constructor is through

@@ -254,3 +254,33 @@ def test_a_refused_checkpoint_changes_nothing() -> None:
     after = mon.publish()
     for key, value in before.streams["z"].items():
         assert value == after.streams["z"][key] or (math.isnan(value) and math.isnan(after.streams["z"][key])), key
+
+
+class _ListSink:
+    """A sink object that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int]] = []
+
+    def submit(self, stream: str, rows: torch.Tensor, labels: torch.Tensor | None,
+               step: int) -> None:
+        self.sent.append((stream, rows.shape[0]))
+
+    def counts(self) -> dict[str, int]:
+        return {}
+
+    def close(self, timeout: float = 5.0) -> None:
+        pass
+
+
+def test_sidecar_mode_opens_no_local_server_unless_asked() -> None:
+    """With ``sink=`` the metrics live on the sidecar, whose port the default 9400 is: no local
+    server by default; an explicit ``port=`` still serves."""
+    with Monitor(run="a", sink=_ListSink()) as mon:
+        assert mon.url is None
+        mon.observe("z", torch.randn(4, 3))
+        assert mon.sink.sent == [("z", 4)]
+    with Monitor(run="b", sink=_ListSink(), port=0) as mon:
+        assert mon.url is not None
+    with Monitor(run="c", port=None) as mon:
+        assert mon.url is None
