@@ -138,6 +138,16 @@ def _count(v: float) -> str:
     return f"{v:,.0f}"
 
 
+def shown(value: object) -> str:
+    """Text from a server, safe for a terminal: control characters (escape sequences, bells)
+    made visible as ``\\x1b``-style escapes. Cells built from it are :class:`Text`, so rich
+    markup in a name is shown as typed."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def _rows(snap: Snap) -> list[tuple[str, str, Mapping[str, Any]]]:
     """(scope, name, values) of the streams, then the layers of ``snap``."""
     rows: list[tuple[str, str, Mapping[str, Any]]] = []
@@ -159,11 +169,11 @@ def build_table(status: Sequence[Snap], histories: Mapping[str, Sequence[Snap]] 
     adds a last caption line (e.g. a poll error)."""
     histories = histories or {}
     dormant_key = SignalKey.of(DORMANT, tau=tau)
-    runs = {str(snap.get("run", "")) for snap in status}
+    runs = {shown(snap.get("run", "")) for snap in status}
     many = len(runs) > 1
     if title is not None and len(runs) == 1:
         title = f"{title} · run {next(iter(runs))}"
-    table = Table(title=title, title_justify="left", caption_justify="left", expand=False,
+    table = Table(title=Text(title) if title is not None else None, title_justify="left", caption_justify="left", expand=False,
                   header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     if many:
         table.add_column("run", overflow="fold")
@@ -178,8 +188,9 @@ def build_table(status: Sequence[Snap], histories: Mapping[str, Sequence[Snap]] 
     table.add_column("alerts", min_width=8, overflow="fold")
     caption: list[Text] = []
     for snap in status:
-        run = str(snap.get("run", ""))
-        past = list(histories.get(run, ()))
+        raw_run = snap.get("run", "")
+        run = shown(raw_run)
+        past = list(histories.get(str(raw_run), ()))
         if not past or past[-1].get("step") != snap.get("step"):
             past.append(snap)
         alerts = list(snap.get("alerts") or [])
@@ -189,12 +200,14 @@ def build_table(status: Sequence[Snap], histories: Mapping[str, Sequence[Snap]] 
                     if a.get("stream") == name and a.get("scope", "stream") == scope]
             series = [(h.get(group) or {}).get(name, {}).get(RANK) for h in past]
             table.add_row(
-                *([run] if many else []), name if scope == "stream" else f"{name} (layer)",
+                *([Text(run)] if many else []),
+                Text(shown(name) if scope == "stream" else f"{shown(name)} (layer)"),
                 str(snap.get("step", "–")),
                 fmt_rank(values.get(RANK)), sparkline(series, width),
                 fmt_ratio(values.get(STD_RATIO)), fmt_ratio(values.get(dormant_key)),
                 fmt_ratio(values.get(LOW_QUALITY)),
-                Text(", ".join(short_alert(alerts[i]["name"]) for i in mine), style="bold red")
+                Text(", ".join(shown(short_alert(alerts[i]["name"])) for i in mine),
+                     style="bold red")
                 if mine else Text("ok", style="green"))
         counters = snap.get("counters") or {}
         samples = sum(_finite((c or {}).get("samples")) or 0.0 for c in counters.values())
@@ -202,14 +215,15 @@ def build_table(status: Sequence[Snap], histories: Mapping[str, Sequence[Snap]] 
         scored = f"samples scored {_count(samples)} · " if counters else ""
         line = Text(f"{run}: {scored}dropped {_count(dropped)} · errors {_count(errors)}")
         if errors:
-            line.append(" (" + ", ".join(f"{k} {v}" for k, v in sorted(
+            line.append(" (" + ", ".join(f"{shown(k)} {shown(v)}" for k, v in sorted(
                 (snap.get("errors") or {}).items())) + ")", style="red")
         caption.append(line)
         for a in alerts:
             scope = a.get("scope", "stream")
-            where = a.get("stream", "") if scope == "stream" else f"{scope} {a.get('stream', '')}"
-            caption.append(Text(f"  firing: {a.get('name')} on {where} since step "
-                                f"{a.get('since_step', '?')} ({a.get('signal', '?')} "
+            where = shown(a.get("stream", "") if scope == "stream"
+                          else f"{scope} {a.get('stream', '')}")
+            caption.append(Text(f"  firing: {shown(a.get('name'))} on {where} since step "
+                                f"{shown(a.get('since_step', '?'))} ({shown(a.get('signal', '?'))} "
                                 f"{fmt_ratio(a.get('value'))})",
                                 style="bold red" if a.get("severity") == "critical" else "red"))
     if not status:

@@ -301,3 +301,21 @@ def test_the_module_imports_without_torch() -> None:
     out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['torch']"            # only the blocked entry itself
+
+
+def test_names_from_the_server_are_rendered_as_text() -> None:
+    """A hostile server's names and error keys are shown, never interpreted: no escape sequence
+    (window title, clear screen) and no rich markup reaches the terminal."""
+    title, clear = "\x1b]0;pwned\x07", "\x1b[2J"
+    snap = {"run": f"r{title}", "step": 3, "time": 0.0,
+            "streams": {f"s{clear}[bold]x[/bold]": {"effective_rank": 4.0}},
+            "errors": {f"boom{clear}": 2},
+            "alerts": [{"name": f"Repwatch{title}Collapse", "stream": f"s{clear}[bold]x[/bold]",
+                        "scope": "stream", "severity": "critical", "signal": "x", "value": 0.1,
+                        "since_step": 2}]}
+    console = Console(record=True, force_terminal=True, width=200, color_system="standard")
+    console.print(build_table([snap], {}))
+    out = console.export_text(styles=True)
+    assert "\x1b]" not in out and clear not in out and "\x07" not in out
+    assert "[bold]x[/bold]" in out                     # markup shown as typed, not applied
+    assert "\\x1b" in out                               # the control character, made visible
