@@ -96,15 +96,12 @@ class Monitor:
         self._closed = False
         port = serving_port(cfg.port, cfg.per_rank)
         if port is not None:
-            from monitor.server import BackgroundServer, SingleRunSource, create_read_app
+            from monitor.server import SingleRunSource, serve_run
 
-            app = create_read_app(SingleRunSource(lambda: self._publisher.latest,
-                                                  lambda: list(self._publisher.history),
-                                                  cfg.rules))
+            source = SingleRunSource(lambda: self._publisher.latest,
+                                     lambda: list(self._publisher.history), cfg.rules)
             with self._errors.guard("server"):       # a taken port must not stop training
-                (server := BackgroundServer(app, cfg.host, port)).start()
-                self._server = server
-                log.info("repwatch serving on %s", server.url)
+                self._server = serve_run(source, cfg.host, port)
 
     def __getattr__(self, name: str) -> Any:
         """The options as attributes: ``mon.window`` is ``mon.config.window``."""
@@ -266,6 +263,11 @@ class Monitor:
         return self._step
 
     @property
+    def errors(self) -> ErrorLog:
+        """The exceptions caught inside repwatch, counted by component (``snap.errors``)."""
+        return self._errors
+
+    @property
     def strict(self) -> bool:
         """Re-raise errors inside repwatch instead of only counting them (debugging)."""
         return self._errors.strict
@@ -388,7 +390,10 @@ class Monitor:
         self._publisher.alerts.load_state_dict(state["alerts"])
         self._errors.load(state.get("errors", {}))
         self._generator.load_state_dict(state.get("generators", {}), available_device)
-        self._step = int(state["step"])
+        step, latest = int(state["step"]), self._publisher.latest
+        if latest is not None and step < latest.step:    # resumed from an earlier checkpoint
+            self._publisher.rewind(step, self._step)
+        self._step = step
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -160,6 +160,9 @@ class Snapshot(Readings):
     """Steps per captured step under the overhead budget (1: every step; NaN: not a Monitor)."""
     rank: int | None = None
     """The global rank of a per-rank publish (``Monitor(per_rank=True)``); None otherwise."""
+    resumed_from: int | None = None
+    """On the first publish after the run's step went back (a resume from an earlier
+    checkpoint): the step the run was at before; None otherwise."""
 
     def get(self, name: str, stream: str | None = None, *, layer: str | None = None,
             param: str | None = None, **labels: object) -> float:
@@ -234,4 +237,6 @@ class Snapshot(Readings):
             out["spectra"] = self.spectra
         if self.rank is not None:
             out["rank"] = self.rank
+        if self.resumed_from is not None:
+            out["resumed_from"] = self.resumed_from
         return out

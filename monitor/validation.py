@@ -10,6 +10,8 @@ with the same messages.
 
 from __future__ import annotations
 
+import ipaddress
+
 import re
 
 NAME_PATTERN = r"^[A-Za-z0-9_.:/-]{1,128}$"
@@ -45,3 +47,17 @@ def check_int(kind: str, value: object, low: int, unit: str = "") -> int:
         raise ValueError(f"{kind} must be an int >= {low}{' ' + unit if unit else ''}, "
                          f"got {value!r}")
     return value
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ``::1``, IPv4-mapped
+    ``::ffff:127.x``); False for any other address or host name (``0.0.0.0``, ``::``, ``""``)."""
+    host = host.strip()
+    if host.lower() == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from rich import box
 from rich.console import Console
@@ -62,7 +63,10 @@ def _finite(v: object) -> float | None:
     """``v`` as a float when it is a finite number, else None."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    f = float(v)
+    try:
+        f = float(v)
+    except OverflowError:                   # an int too large for a float (JSON allows it)
+        return None
     return f if math.isfinite(f) else None
 
 
@@ -198,11 +202,11 @@ def build_table(status: Sequence[Snap], histories: Mapping[str, Sequence[Snap]] 
             group = "streams" if scope == "stream" else "layers"
             mine = [i for i, a in enumerate(alerts)
                     if a.get("stream") == name and a.get("scope", "stream") == scope]
-            series = [(h.get(group) or {}).get(name, {}).get(RANK) for h in past]
+            series = [((h.get(group) or {}).get(name) or {}).get(RANK) for h in past]
             table.add_row(
                 *([Text(run)] if many else []),
                 Text(shown(name) if scope == "stream" else f"{shown(name)} (layer)"),
-                str(snap.get("step", "–")),
+                Text(shown(snap.get("step", "–"))),
                 fmt_rank(values.get(RANK)), sparkline(series, width),
                 fmt_ratio(values.get(STD_RATIO)), fmt_ratio(values.get(dormant_key)),
                 fmt_ratio(values.get(LOW_QUALITY)),
@@ -279,6 +283,46 @@ class WatchError(Exception):
     """The server could not be read (unreachable, HTTP error, not JSON, not repwatch's)."""
 
 
+def _json_type(value: object) -> str:
+    """The JSON type of ``value`` with an article, for error messages."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+_GROUPS = ("streams", "layers", "counters")
+"""Snapshot keys whose values map a name to a dict of values (or None)."""
+
+
+def snapshot_problem(snap: object) -> str | None:
+    """Why ``snap``, as a server sent it, is not a snapshot dict that :func:`build_table` can
+    show (a field of the wrong type), or None. Values of odd types are shown as text or ``–``;
+    only the shapes the table walks are checked: a server's answer is not trusted."""
+    if not isinstance(snap, dict):
+        return f"a snapshot that is {_json_type(snap)}, not an object"
+    if not isinstance(snap.get("run"), str):
+        return f"a snapshot whose run name is {_json_type(snap.get('run'))}, not a string"
+    for key in (*_GROUPS, "dropped", "errors"):
+        if not isinstance(snap.get(key) or {}, dict):
+            return f"a snapshot whose {key} is {_json_type(snap.get(key))}, not an object"
+    for key in _GROUPS:
+        if not all(v is None or isinstance(v, dict) for v in (snap.get(key) or {}).values()):
+            return f"a snapshot with an entry of {key} that is not an object"
+    alerts = snap.get("alerts") or []
+    if not isinstance(alerts, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("name"), str) for a in alerts):
+        return "a snapshot whose alerts are not a list of named alerts"
+    return None
+
+
+def path_segment(name: str) -> str:
+    """``name`` as one URL path segment: every character but letters, digits and ``_.-~``
+    percent-encoded (``/``, ``?``, ``#``, control characters), and a ``.``/``..`` segment too (a
+    client would normalise it away)."""
+    quoted = quote(name, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
 def fetch(url: str, run: str | None = None, *, token: str | None = None,
           limit: int = HISTORY_LIMIT, client: Any = None,
           timeout: float = 5.0) -> tuple[list[Snap], dict[str, list[Snap]]]:
@@ -293,7 +337,7 @@ def fetch(url: str, run: str | None = None, *, token: str | None = None,
     def get(path: str, params: dict[str, Any] | None = None) -> Any:
         try:
             resp = cl.get(url + path, params=params)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise WatchError(f"cannot reach {url + path}: {exc or type(exc).__name__}") from None
         if resp.status_code == 404 and params is not None:
             return []
@@ -301,22 +345,24 @@ def fetch(url: str, run: str | None = None, *, token: str | None = None,
             raise WatchError(f"{url + path} answered HTTP {resp.status_code}")
         try:
             return resp.json()
-        except ValueError:
+        except (ValueError, RecursionError):           # RecursionError: nested too deep
             raise WatchError(f"{url + path} did not answer JSON (is it a repwatch server?): "
                              f"{resp.text[:60]!r}") from None
 
     try:
         runs = get("/v1/runs")
-        if not isinstance(runs, list) or not all(isinstance(r, dict) and "run" in r
-                                                 for r in runs):
+        if not isinstance(runs, list):
             raise WatchError(f"{url}/v1/runs did not answer a list of runs "
                              f"(is it a repwatch server?)")
+        for r in runs:
+            if (problem := snapshot_problem(r)) is not None:
+                raise WatchError(f"{url}/v1/runs answered {problem} (is it a repwatch server?)")
         if run is not None:
             runs = [r for r in runs if r["run"] == run]
         histories = {}
-        for r in runs:
-            hist = get(f"/v1/runs/{r['run']}/history", {"limit": limit})
-            histories[r["run"]] = [h for h in hist if isinstance(h, dict)] \
+        for r in runs:        # a malformed snapshot of a history only loses its sparkline point
+            hist = get(f"/v1/runs/{path_segment(r['run'])}/history", {"limit": limit})
+            histories[r["run"]] = [h for h in hist if snapshot_problem(h) is None] \
                 if isinstance(hist, list) else []
         return runs, histories
     finally:
@@ -343,10 +389,10 @@ def watch(url: str, *, run: str | None = None, interval: float = 2.0, once: bool
             {"Authorization": f"Bearer {token}"} if token else {})) as client:
         try:
             status, hist = fetch(url, run, client=client)
-        except WatchError as exc:
-            print(f"repwatch watch: error: {exc}", file=sys.stderr)
+        except WatchError as exc:                      # shown(): one line, no escapes
+            print(f"repwatch watch: error: {shown(exc)}", file=sys.stderr)
             return 2
-        title = f"repwatch · {url}"
+        title = f"repwatch · {shown(url)}"
 
         def frame(note: str | None = None) -> Table:
             return build_table(status, hist, title=title, note=note,
@@ -366,7 +412,7 @@ def watch(url: str, *, run: str | None = None, interval: float = 2.0, once: bool
                         status, hist = fetch(url, run, client=client)
                         note = None
                     except WatchError as exc:
-                        note = f"{exc}; retrying every {interval:g} s"
+                        note = f"{shown(exc)}; retrying every {interval:g} s"
                     lv.update(frame(note))
         except KeyboardInterrupt:
             return 0

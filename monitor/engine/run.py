@@ -38,25 +38,51 @@ def publish_due(before: int, after: int, period: int) -> bool:
     return after // period > before // period
 
 
+DEFAULT_MAX_STEP_JUMP = 10_000_000
+"""The largest forward jump of a run's step between two batches that a sidecar accepts."""
+
+
+class StepJump(ValueError):
+    """A batch's step is further ahead of its run than the clock accepts (counted, not applied)."""
+
+
 class BatchClock:
-    """How a sidecar run's step advances, the same for every backend.
+    """How a sidecar run's step moves, the same for every backend.
 
     A batch carrying ``step`` greater than the run's step first advances the run to it, then is
     scored: ``step`` is the number of steps the trainer had completed when it captured the batch
     (``Monitor.step_count``), so a publish at step s covers the batches captured before step s,
     as in-process. Batches without a step advance the run by one at each batch of the run's
     first stream (except its very first batch).
+
+    A step going back is one of two things. Below the run's last published step it is a
+    *resume* (the trainer restarted from an earlier checkpoint): the run's clock follows it, so
+    publishing resumes at the next multiple of the cadence, and the history drops what came
+    after it (:meth:`RunPublisher.rewind`). At or after the last publish it is a late batch
+    (scored; the clock stays). A forward jump of more than ``max_jump`` steps after the run's
+    first batch raises :class:`StepJump`: the batch is scored and its step is not applied.
+    A run's batches come from one trainer process (one run name per rank).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_jump: int = DEFAULT_MAX_STEP_JUMP) -> None:
+        self.max_jump = int(max_jump)
         self.first_stream: str | None = None
         self.batches = 0
 
-    def advance(self, stream: str, step: int | None, current: int) -> int:
-        """Steps to advance the run (at ``current``) before scoring this batch of ``stream``."""
-        if step is not None:
-            return max(step - current, 0)
-        return 1 if stream == self.first_stream and self.batches > 0 else 0
+    def target(self, stream: str, step: int | None, current: int, published: int | None
+               ) -> int:
+        """The run's step once this batch of ``stream`` is taken (the run is at ``current``;
+        ``published``: the step of its last publish, None before the first)."""
+        if step is None:
+            return current + (1 if stream == self.first_stream and self.batches > 0 else 0)
+        if step >= current:
+            if self.batches and step - current > self.max_jump:
+                raise StepJump(f"step {step} jumps {step - current} steps ahead of the run "
+                               f"(at {current}); at most {self.max_jump} are accepted")
+            return step
+        if published is not None and step < published:
+            return step                           # a resume from an earlier checkpoint
+        return current                            # a late batch
 
     def scored(self, stream: str) -> None:
         """Count a batch of ``stream`` (the run's first stream is the first one seen)."""
@@ -83,6 +109,18 @@ class RunPublisher:
         self.history: deque[Snapshot] = deque(maxlen=history)
         self.callbacks: list[Callable[[Alert], Any]] = []
         self.log_path = Path(log_path) if log_path is not None else None
+        self._resumed_from: int | None = None
+
+    def rewind(self, step: int, was: int) -> None:
+        """The run went back from step ``was`` to ``step`` (a resume from an earlier
+        checkpoint): the history drops the snapshots after ``step`` (the abandoned branch; the
+        JSONL log keeps them) and the next snapshot carries ``resumed_from=was``."""
+        kept = [snap for snap in self.history if snap.step <= step]
+        self.history.clear()
+        self.history.extend(kept)
+        self._resumed_from = was
+        log.warning("repwatch run %s resumed at step %d (it was at step %d); its history "
+                    "after step %d is dropped", self.run, step, was, step)
 
     def publish(self, readings: Readings, step: int, started: float,
                 order: Iterable[str] | None = None, **extra: Any
@@ -107,8 +145,9 @@ class RunPublisher:
             firing, fired, resolved = self.alerts.evaluate(groups, step)
         values = {f.name: getattr(r, f.name) for f in fields(Readings)}
         snap = Snapshot(run=self.run, step=step, time=time.time(), **values, alerts=firing,
-                        errors=self.errors.counts(),
+                        errors=self.errors.counts(), resumed_from=self._resumed_from,
                         publish_duration_seconds=time.perf_counter() - started, **extra)
+        self._resumed_from = None
         self.latest = snap
         self.history.append(snap)
         return snap, fired, resolved

@@ -11,7 +11,9 @@ with the abstract — and keeps the form and its constants configurable. Verify 
 of arXiv 2203.01881v6 before treating the numbers as the paper's.
 
 Everything here is device-only (no host synchronisation): masks are multiplied in, counts stay
-tensors, and sizes come from shapes.
+tensors, and sizes come from shapes. :func:`qscore` and :func:`feature_zscores` are array-API
+(numpy arrays or torch tensors; the implementation is torch-free, in
+:mod:`monitor.functional.qscore_window`); the regulariser and AUPRC are torch code.
 """
 
 from __future__ import annotations
@@ -22,23 +24,22 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from monitor.functional._xp import Array
+from monitor.functional.qscore_window import QSCORE_FORMS as _FORMS
+from monitor.functional.qscore_window import (
+    check_qscore_rows,
+    qscore_parts,
+    qscore_rows,
+    row_zscores,
+)
+
 QScoreForm = Literal["linf_over_l1", "scale_free", "max_z", "l1"]
-QSCORE_FORMS: tuple[str, ...] = ("linf_over_l1", "scale_free", "max_z", "l1")
+QSCORE_FORMS: tuple[str, ...] = _FORMS
 """Implemented forms: the paper's most likely form, the scale-robust companion, two ablations."""
 
 
-def _as_rows(z: Tensor, what: str = "z") -> Tensor:
-    if not isinstance(z, Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor, got {type(z).__name__}")
-    if z.dim() != 2:
-        raise ValueError(f"{what}: expected a 2-D (n, d) tensor of representations, "
-                         f"got shape {tuple(z.shape)}")
-    if not z.is_floating_point():
-        raise TypeError(f"{what}: expected a floating-point tensor, got {z.dtype}")
-    if z.shape[1] < 2:
-        raise ValueError(f"{what}: expected at least 2 features per row (within-sample z-scores), "
-                         f"got d = {z.shape[1]}")
-    return z
+def _as_rows(z: Array, what: str = "z") -> Array:
+    return check_qscore_rows(z, what)
 
 
 def _check_form(form: str) -> None:
@@ -46,31 +47,23 @@ def _check_form(form: str) -> None:
         raise ValueError(f"form must be one of {list(QSCORE_FORMS)}, got {form!r}")
 
 
-def feature_zscores(z: Tensor, eps2: float = 1e-8) -> Tensor:
+def feature_zscores(z: Array, eps2: float = 1e-8) -> Array:
     """Within-sample z-scores ``ζ_ij = (z_ij − mean_j z_ij) / (std_j z_ij + eps2)`` (ddof 0).
 
-    ``z`` is ``(n, d)``; the mean and std run over the d features of each row (not over the
-    batch). Returns ``(n, d)`` in ``z``'s dtype. A constant row gives ζ = 0.
+    ``z`` is ``(n, d)`` (a torch tensor or a numpy array); the mean and std run over the d
+    features of each row (not over the batch). Returns ``(n, d)`` in ``z``'s dtype and
+    namespace. A constant row gives ζ = 0.
     """
-    z = _as_rows(z)
-    mean = z.mean(dim=1, keepdim=True)                                   # (n, 1)
-    centred = z - mean                                                   # (n, d)
-    std = (centred * centred).mean(dim=1, keepdim=True).sqrt()           # (n, 1), ddof 0
-    return centred / (std + eps2)                                        # (n, d)
+    return row_zscores(_as_rows(z), eps2)
 
 
-def _qscore_parts(z: Tensor, eps2: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _qscore_parts(z: Array, eps2: float) -> tuple[Array, Array, Array, Array]:
     """(x, finite rows, max_j ζ, ‖x‖₁) in float64 with non-finite rows zeroed."""
-    x = _as_rows(z).to(torch.float64)                                    # (n, d)
-    finite = torch.isfinite(x).all(dim=1)                                # (n,)
-    x = torch.where(finite[:, None], x, torch.zeros_like(x))
-    zmax = feature_zscores(x, eps2).amax(dim=1)                          # (n,)
-    l1 = x.abs().sum(dim=1)                                              # (n,)
-    return x, finite, zmax, l1
+    return qscore_parts(_as_rows(z), eps2)
 
 
-def qscore(z: Tensor, form: QScoreForm = "linf_over_l1", eps1: float = 1e-8,
-           eps2: float = 1e-8) -> Tensor:
+def qscore(z: Array, form: QScoreForm = "linf_over_l1", eps1: float = 1e-8,
+           eps2: float = 1e-8) -> Array:
     """Per-sample Q-Score of representations ``z`` (n, d) → ``(n,)`` float64. UNVERIFIED form.
 
     With ``ζ_ij`` the within-sample z-scores (:func:`feature_zscores`, ddof 0, ``+eps2`` on the
@@ -90,19 +83,14 @@ def qscore(z: Tensor, form: QScoreForm = "linf_over_l1", eps1: float = 1e-8,
     most deviating feature lies below the row mean, which is rare for the non-negative, post-ReLU
     features Q is meant for (pitfall 2). Rows containing NaN/Inf get a NaN score. Computed in
     float64.
+
+    Array-API: a torch tensor gives a tensor on its device, a numpy array a numpy array (one
+    implementation, :func:`monitor.functional.qscore_window.qscore_rows`, torch-free; the
+    sidecar scores its sketched streams' original rows with it, and the ONNX kernel is exported
+    from it).
     """
     _check_form(form)
-    x, finite, zmax, l1 = _qscore_parts(z, eps2)
-    if form == "linf_over_l1":
-        q = zmax / (l1 + eps1)
-    elif form == "scale_free":
-        d = x.shape[1]
-        q = zmax * math.sqrt(d) * x.norm(dim=1) / (l1 + eps1)
-    elif form == "max_z":
-        q = zmax
-    else:  # "l1"
-        q = 1.0 / (l1 + eps1)
-    return torch.where(finite, q, torch.full_like(q, math.nan))
+    return qscore_rows(z, form, eps1, eps2)
 
 
 def qscore_regularizer(z: Tensor, lambda1: float = 1e-3, lambda2: float = 1e-2,
@@ -130,6 +118,9 @@ def qscore_regularizer(z: Tensor, lambda1: float = 1e-3, lambda2: float = 1e-2,
         raise ValueError(f"form must be 'linf_over_l1' or 'scale_free', got {form!r}")
     if lambda1 < 0 or lambda2 < 0:
         raise ValueError(f"lambda1 and lambda2 must be >= 0, got {lambda1!r}, {lambda2!r}")
+    if not isinstance(z, Tensor):
+        raise TypeError(f"z: expected a torch.Tensor (a differentiable term), got "
+                        f"{type(z).__name__}")
     z = _as_rows(z)
     finite = torch.isfinite(z).all(dim=1)                                # (n,)
     x = torch.where(finite[:, None], z, torch.zeros_like(z))             # (n, d)

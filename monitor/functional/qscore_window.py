@@ -4,7 +4,11 @@ quantiles, the calibrated threshold and the low-quality rate.
 Written once against the array API numpy and torch share (as :mod:`monitor.functional.spectral`),
 so the in-process ``QScoreScorer`` and the torch-free sidecar compute the same values. Nothing
 here synchronises a device: counts stay arrays, data-dependent ranges are masks.
-Q-Score itself (per row) is :func:`monitor.functional.qscore.qscore` (Kalibhat et al., 2022).
+
+Q-Score itself (per row, Kalibhat et al., 2022) is here too, array-API as the rest
+(:func:`qscore_rows`; :func:`monitor.functional.qscore.qscore` is its public, documented entry
+point): the torch scorers and the exported ONNX kernel run it on tensors, the sidecar on numpy
+rows it does not give the kernel (its sketched streams, whose kernel sees projected rows).
 """
 
 from __future__ import annotations
@@ -136,3 +140,73 @@ def quantile_from_histogram(counts: Array, edges: Array, q: float) -> Array:
     val = xp.reshape(lo + (hi - lo) * xp.clip(frac, min=0.0, max=1.0), ())
     val = xp.where(xp.reshape(b, ()) == c.shape[0] - 1, e[-1], val)
     return xp.where(total > 0, val, math.nan)
+
+
+# ----------------------------------------------------------------------------- per-row Q-Score
+
+QSCORE_FORMS: tuple[str, ...] = ("linf_over_l1", "scale_free", "max_z", "l1")
+"""Implemented forms: the paper's most likely form, the scale-robust companion, two ablations
+(:func:`monitor.functional.qscore.qscore` documents them)."""
+
+
+def check_qscore_rows(z: Array, what: str = "z") -> Array:
+    """``z`` unchanged when it is a 2-D floating-point ``(n, d)`` array with ``d >= 2``; else a
+    clear ``TypeError``/``ValueError`` (within-sample z-scores need two features)."""
+    try:
+        xp = array_namespace(z)
+    except TypeError:
+        raise TypeError(f"{what}: expected a torch.Tensor or a numpy array, got "
+                        f"{type(z).__name__}") from None
+    if z.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D (n, d) tensor of representations, "
+                         f"got shape {tuple(z.shape)}")
+    if not xp.isdtype(z.dtype, "real floating"):
+        raise TypeError(f"{what}: expected a floating-point tensor, got {z.dtype}")
+    if z.shape[1] < 2:
+        raise ValueError(f"{what}: expected at least 2 features per row (within-sample z-scores), "
+                         f"got d = {z.shape[1]}")
+    return z
+
+
+@quiet
+def row_zscores(z: Array, eps2: float = 1e-8) -> Array:
+    """Within-sample z-scores ``(z − mean_j z) / (std_j z + eps2)`` (ddof 0) of ``(n, d)`` rows,
+    in ``z``'s dtype, unchecked (:func:`monitor.functional.qscore.feature_zscores`)."""
+    xp = array_namespace(z)
+    mean = xp.mean(z, axis=1, keepdims=True)                             # (n, 1)
+    centred = z - mean                                                   # (n, d)
+    std = xp.sqrt(xp.mean(centred * centred, axis=1, keepdims=True))     # (n, 1), ddof 0
+    return centred / (std + eps2)                                        # (n, d)
+
+
+@quiet
+def qscore_parts(z: Array, eps2: float = 1e-8) -> tuple[Array, Array, Array, Array]:
+    """``(x, finite rows, max_j ζ, ‖x‖₁)`` of ``(n, d)`` rows in float64, non-finite rows
+    zeroed in ``x`` (unchecked)."""
+    xp = array_namespace(z)
+    x = xp.astype(z, xp.float64)                                         # (n, d)
+    finite = xp.all(xp.isfinite(x), axis=1)                              # (n,)
+    x = xp.where(finite[:, None], x, xp.zeros_like(x))
+    zmax = xp.max(row_zscores(x, eps2), axis=1)                          # (n,)
+    l1 = xp.sum(xp.abs(x), axis=1)                                       # (n,)
+    return x, finite, zmax, l1
+
+
+@quiet
+def qscore_rows(z: Array, form: str = "linf_over_l1", eps1: float = 1e-8,
+                eps2: float = 1e-8) -> Array:
+    """Per-row Q-Score of ``(n, d)`` rows → ``(n,)`` float64, NaN for rows with NaN/Inf
+    (the definition and its forms: :func:`monitor.functional.qscore.qscore`)."""
+    if form not in QSCORE_FORMS:
+        raise ValueError(f"form must be one of {list(QSCORE_FORMS)}, got {form!r}")
+    xp = array_namespace(check_qscore_rows(z))
+    x, finite, zmax, l1 = qscore_parts(z, eps2)
+    if form == "linf_over_l1":
+        q = zmax / (l1 + eps1)
+    elif form == "scale_free":
+        q = zmax * math.sqrt(x.shape[1]) * xp.linalg.vector_norm(x, axis=1) / (l1 + eps1)
+    elif form == "max_z":
+        q = zmax
+    else:  # "l1"
+        q = 1.0 / (l1 + eps1)
+    return xp.where(finite, q, xp.full_like(q, math.nan))

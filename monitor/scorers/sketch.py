@@ -38,9 +38,9 @@ from torch import Tensor
 
 from monitor.functional.moments import clean_rows
 from monitor.functional.sketch import (
-    exact_state_bytes,
     gaussian_projection,
     project_rows,
+    sketch_dim_for,
 )
 from monitor.scorers.moments import WindowMoments
 from monitor.validation import check_int
@@ -146,14 +146,8 @@ class SpectralPath:
 
     def sketch_dim_for(self, name: str, dim: int, window: int) -> int:
         """k for a stream of dimension ``dim`` (0: the exact path)."""
-        mode = self.streams.get(name, self.mode)
-        if mode == "exact" or dim <= self.sketch_dim:
-            return 0
-        if mode == "sketch":
-            return self.sketch_dim
-        over_memory = (self.memory_limit_bytes is not None
-                       and exact_state_bytes(dim, window) > self.memory_limit_bytes)
-        return self.sketch_dim if dim > self.sketch_above or over_memory else 0
+        return sketch_dim_for(self.streams.get(name, self.mode), dim, window, self.sketch_above,
+                              self.sketch_dim, self.memory_limit_bytes)
 
     def resolved(self, name: str, dim: int, window: int) -> SpectralPath:
         """This policy's choice for one stream, as a fixed ``"exact"``/``"sketch"`` path (so a

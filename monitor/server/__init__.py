@@ -3,6 +3,7 @@ run), its background server and its live dashboard (:mod:`monitor.server.dashboa
 ``web/``). Torch-free."""
 
 from monitor.server.app import (BackgroundServer, ReadSource, SingleRunSource, create_app,
-                                create_read_app)
+                                create_read_app, serve_run)
 
-__all__ = ["BackgroundServer", "ReadSource", "SingleRunSource", "create_app", "create_read_app"]
+__all__ = ["BackgroundServer", "ReadSource", "SingleRunSource", "create_app", "create_read_app",
+           "serve_run"]

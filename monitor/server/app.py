@@ -6,10 +6,25 @@ Serves ``/metrics`` (Prometheus text format from :mod:`exporters.prometheus`), `
 and the live dashboard at ``/`` (:mod:`monitor.server.dashboard`). An in-process Monitor serves
 it over its one run (:class:`SingleRunSource`); the sidecar over every run it scores, with its
 write route added. Every request reads plain-float Snapshots; no request touches a tensor.
+
+The OpenAPI document is at ``/openapi.json``; there is no ``/docs`` or ``/redoc`` page (FastAPI's
+load their scripts from a public CDN, so they would not work offline). To browse the schema,
+open ``/openapi.json`` in any OpenAPI viewer (e.g. Swagger UI or Redoc run locally, or an
+editor's OpenAPI preview), or read it with ``curl -s http://HOST:PORT/openapi.json | jq``.
+
+Both servers (the in-process :class:`BackgroundServer` and ``repwatch serve``) take their uvicorn
+settings from :func:`server_config`: a request head must be complete within ``header_timeout``
+seconds of the connection opening (or of the previous response), an idle kept-alive connection
+is closed after ``keep_alive`` seconds, and at most ``max_connections`` connections stay open
+(requests beyond answer 503, connections beyond are closed at once).
 """
 
 from __future__ import annotations
 
+import logging
+
+import asyncio
+import importlib.util
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +41,7 @@ from monitor._version import __version__
 from monitor.alerts import DEFAULT_RULES, AlertRule
 from monitor.server.dashboard import history_payload, mount_dashboard, spectra_payload
 from monitor.snapshot import Snapshot
-from monitor.validation import NAME_PATTERN
+from monitor.validation import NAME_PATTERN, is_loopback
 
 
 class ReadSource(Protocol):
@@ -90,7 +105,8 @@ def create_read_app(source: ReadSource, *, title: str = "repwatch",
                     description: str = "Live representation-health metrics of training runs.",
                     collectors: Sequence[Collector] = ()) -> FastAPI:
     """The read routes over ``source``; ``collectors`` add to ``/metrics``."""
-    app = FastAPI(title=title, version=__version__, description=description)
+    app = FastAPI(title=title, version=__version__, description=description, docs_url=None,
+                  redoc_url=None)          # their pages need a CDN; /openapi.json stays
     registry = make_registry(source.snapshots, source.rules)
     for collector in collectors:
         registry.register(collector)
@@ -154,13 +170,119 @@ def create_app(latest: Callable[[], Snapshot | None], history: Callable[[], Sequ
     return create_read_app(SingleRunSource(latest, history, rules))
 
 
-class BackgroundServer:
-    """uvicorn serving ``app`` from a daemon thread; ``start()`` returns once it listens."""
+HEADER_TIMEOUT_SECONDS = 10.0
+"""Default time a connection has to send a complete request head, from its opening or from the
+end of the previous response (uvicorn has no such limit: a partial head was kept forever)."""
+KEEP_ALIVE_SECONDS = 5.0
+"""Default time an idle kept-alive connection stays open between requests (uvicorn's)."""
+MAX_CONNECTIONS = 128
+"""Default cap on open connections (and on requests in progress)."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 9400) -> None:
+
+class _ConnectionGuard(asyncio.Protocol):
+    """Mixed into a uvicorn HTTP protocol class by :func:`guarded_protocol`: closes a connection
+    whose request head is not complete ``header_timeout`` s after it opened or after its
+    previous response ended, and a connection that opens while ``max_connections`` are open.
+
+    Relies only on what uvicorn's h11 and httptools protocols share: ``connections`` (the
+    server's open connections), ``cycle`` (the current request, None before the first head is
+    complete; ``response_complete`` once answered) and ``on_response_complete``."""
+
+    header_timeout: float = HEADER_TIMEOUT_SECONDS
+    max_connections: int | None = None
+    _head_timer: asyncio.TimerHandle | None = None
+    # set by the uvicorn protocol class
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    connections: set[Any]
+    cycle: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            transport.close()                  # over the cap: not kept (connection_lost follows)
+            return
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing():
+            self._arm_head_timer()             # the next request's head (or keep-alive's end)
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_deadline)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_deadline(self) -> None:
+        self._head_timer = None
+        cycle = self.cycle                     # a request whose head came in: not ours to time
+        if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+
+def guarded_protocol(http: str = "auto", header_timeout: float = HEADER_TIMEOUT_SECONDS,
+                     max_connections: int | None = MAX_CONNECTIONS) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP/1.1 protocol class ``http`` (``auto``: httptools when installed, else h11)
+    with :class:`_ConnectionGuard`'s header timeout and connection cap."""
+    if http == "auto":
+        http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    if http == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    elif http == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base  # type: ignore[assignment]
+    else:
+        raise ValueError(f"http must be auto, h11 or httptools, got {http!r}")
+    return type(f"Guarded{base.__name__}", (_ConnectionGuard, base),
+                {"header_timeout": float(header_timeout), "max_connections": max_connections})
+
+
+def _positive_seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+        raise ValueError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
+    return float(value)
+
+
+def server_config(app: Any, host: str, port: int, *, log_level: str = "warning",
+                  header_timeout: float = HEADER_TIMEOUT_SECONDS,
+                  keep_alive: float = KEEP_ALIVE_SECONDS, max_connections: int = MAX_CONNECTIONS,
+                  http: str = "auto") -> uvicorn.Config:
+    """The uvicorn settings of every repwatch server (in process and ``repwatch serve``):
+    request heads complete within ``header_timeout`` s, idle kept-alive connections closed after
+    ``keep_alive`` s, at most ``max_connections`` connections open (further ones closed on
+    arrival) and as many requests in progress (503 beyond); no access log, no lifespan, no
+    WebSockets."""
+    header_timeout = _positive_seconds("header_timeout", header_timeout)
+    keep_alive = _positive_seconds("keep_alive", keep_alive)
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or (
+            max_connections < 1):
+        raise ValueError(f"max_connections must be an int >= 1, got {max_connections!r}")
+    return uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off",
+        ws="none", http=guarded_protocol(http, header_timeout, max_connections),
+        timeout_keep_alive=keep_alive,  # type: ignore[arg-type]  # a float works (call_later)
+        # uvicorn answers 503 once `connections >= limit` counting the asking one, and the
+        # guard keeps at most max_connections open: +1 lets every open connection be served
+        limit_concurrency=max_connections + 1)
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` from a daemon thread; ``start()`` returns once it listens.
+    ``limits`` (``header_timeout``, ``keep_alive``, ``max_connections``, ``http``) go to
+    :func:`server_config`."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 9400,
+                 **limits: Any) -> None:
         self.host = host
-        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                     access_log=False, lifespan="off")
+        self.config = server_config(app, host, port, **limits)
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self._run, name="repwatch-http", daemon=True)
         self.port = port
@@ -197,3 +319,18 @@ class BackgroundServer:
         self.server.should_exit = True
         if self.thread.is_alive():
             self.thread.join(timeout)
+
+
+def serve_run(source: SingleRunSource, host: str, port: int) -> BackgroundServer:
+    """Serve one run's read app from a background thread (OSError when it cannot listen). On a
+    host that is not loopback it warns once: the read server has no authentication."""
+    server = BackgroundServer(create_read_app(source), host, port)
+    server.start()
+    logger = logging.getLogger("repwatch")
+    logger.info("repwatch serving on %s", server.url)
+    if not is_loopback(host):
+        logger.warning("repwatch's read server on %s (host=%r) is reachable from other hosts "
+                       "without authentication (metrics, dashboard, run history); bind "
+                       "host='127.0.0.1', or put a reverse proxy that authenticates in front "
+                       "of it", server.url, host)
+    return server

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
+import os
+import shlex
 import signal
+import stat
 import sys
 import threading
 from typing import Any
 
 from monitor.cli.argtypes import positive_int
+from monitor.engine.run import DEFAULT_MAX_STEP_JUMP
+from monitor.sidecar.config import DEFAULT_MEMORY_BUDGET_MB
+from monitor.validation import is_loopback
 
 log = logging.getLogger("repwatch.sidecar")
 
@@ -66,6 +71,39 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--admit-wait", type=float, default=0.25, metavar="SECONDS",
                    help="how long a POST waits for room in a full queue before 429 (default "
                         "0.25; 0: answer 429 at once)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="time a POST has to send its whole body (default 30; 408 beyond)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="time a connection has to send a complete request head, from its "
+                        "opening or from the previous answer (default 10; closed beyond)")
+    p.add_argument("--keep-alive", type=float, default=5.0, metavar="SECONDS",
+                   help="an idle kept-alive connection is closed after this long (default 5)")
+    p.add_argument("--max-connections", type=_positive, default=128,
+                   help="open connections at most (default 128; more are closed at once and "
+                        "requests beyond answer 503); bodies being read take at most this "
+                        "many times --max-body-mb")
+    p.add_argument("--workers", type=_positive, default=2,
+                   help="scoring threads (default 2): runs are scored in parallel, each run's "
+                        "batches in order")
+    p.add_argument("--queue-batches-per-run", type=_positive, default=None, metavar="N",
+                   help="places of the scoring queue one run may hold (default: half of "
+                        "--queue-batches), so a slow run leaves room for the others")
+    p.add_argument("--memory-budget-mb", type=float, default=DEFAULT_MEMORY_BUDGET_MB,
+                   metavar="MIB",
+                   help=f"bytes the scoring state and queued batches may take (default "
+                        f"{DEFAULT_MEMORY_BUDGET_MB:g}: fits a 1 GiB container); a new stream "
+                        "beyond it answers 409")
+    p.add_argument("--spectral-path", choices=("auto", "exact", "sketch"), default=None,
+                   help="a stream's window state (default auto: a Gaussian sketch above "
+                        "--sketch-above dimensions; APPROXIMATE, docs/performance.md)")
+    p.add_argument("--sketch-above", type=_positive, default=None, metavar="D",
+                   help="dimension above which auto sketches (default 4096)")
+    p.add_argument("--sketch-dim", type=_positive, default=None, metavar="K",
+                   help="the sketch's dimension k (default 2048)")
+    p.add_argument("--max-step-jump", type=_positive, default=DEFAULT_MAX_STEP_JUMP,
+                   metavar="STEPS",
+                   help="largest forward jump of a run's step between two batches (default "
+                        f"{DEFAULT_MAX_STEP_JUMP}); larger ones are counted, not applied")
     p.add_argument("--threads", type=_positive, default=1,
                    help="CPU threads of the ONNX Runtime scorer (default 1: a sidecar shares "
                         "the pod's cores with training)")
@@ -80,20 +118,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def read_token(path: str) -> str:
-    """The token in ``path`` (whitespace stripped); ValueError when unreadable or empty."""
+    """The token in ``path`` (whitespace stripped); ValueError when unreadable or empty. Warns
+    on stderr (as ssh does for a key) when any user of the machine may access it (a mode bit
+    for others): a warning, not a refusal, because mounted secrets are often 0644 or 0444
+    (Kubernetes' default ``defaultMode``, Compose secrets); group access (0640 with a pod's
+    ``fsGroup``) is the usual way to share a secret with a non-root container."""
     try:
         with open(path, encoding="utf-8") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
             token = fh.read().strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read token file {path!r}: {exc}") from None
@@ -101,6 +134,10 @@ def read_token(path: str) -> str:
         raise ValueError(f"token file {path!r} is empty; put the bearer token in it")
     if any(c.isspace() or not c.isprintable() for c in token):
         raise ValueError(f"token in {path!r} must be one word of printable characters")
+    if os.name == "posix" and mode & 0o007:
+        print(f"repwatch: warning: token file {path!r} is accessible by every user "
+              f"(mode {stat.S_IMODE(mode):04o}); restrict it: chmod 600 {shlex.quote(path)}",
+              file=sys.stderr)
     return token
 
 
@@ -141,7 +178,14 @@ def run(args: argparse.Namespace) -> int:
             max_rows_per_batch=args.max_rows_per_batch, max_dim=args.max_dim,
             max_streams_per_run=args.max_streams_per_run, max_runs=args.max_runs,
             queue_batches=args.queue_batches, admit_wait_seconds=args.admit_wait,
-            threads=args.threads,
+            body_timeout_seconds=args.body_timeout, header_timeout_seconds=args.header_timeout,
+            keep_alive_seconds=args.keep_alive, max_connections=args.max_connections,
+            threads=args.threads, workers=args.workers,
+            queue_batches_per_run=args.queue_batches_per_run,
+            memory_budget_mb=args.memory_budget_mb, max_step_jump=args.max_step_jump,
+            monitor_options={key: value for key, value in (
+                ("spectral_path", args.spectral_path), ("sketch_above", args.sketch_above),
+                ("sketch_dim", args.sketch_dim)) if value is not None},
             io_binding={"auto": None, "on": True, "off": False}[args.io_binding])
     except ValueError as exc:
         return _fail(str(exc))
@@ -161,6 +205,7 @@ def serve(config: Any, shm: str | None = None) -> int:
     with ``shm`` (``NAME[?slots=N&slot_mb=M]``) also read the shared-memory ring ``NAME``."""
     import uvicorn
 
+    from monitor.server.app import server_config
     from monitor.sidecar.service import Sidecar, create_sidecar_app, limit_native_threads
 
     limit_native_threads(config.threads)
@@ -181,8 +226,10 @@ def serve(config: Any, shm: str | None = None) -> int:
               f"({reader.ring.slots} slots of {reader.ring.slot_size} bytes); trainers use "
               f"sink='shm://{reader.spec.name}'", file=sys.stderr)
     app = create_sidecar_app(config, sidecar)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
-                                           log_level="info", access_log=False, lifespan="off"))
+    server = uvicorn.Server(server_config(
+        app, config.host, config.port, log_level="info",
+        header_timeout=config.header_timeout_seconds, keep_alive=config.keep_alive_seconds,
+        max_connections=config.max_connections))
     print(f"repwatch sidecar on http://{config.host}:{config.port}/ (backend {config.backend}, "
           f"device {getattr(sidecar.backend, 'device', config.device)}, "
           f"token {'required' if config.token else 'off'})", file=sys.stderr)

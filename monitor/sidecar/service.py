@@ -3,7 +3,10 @@
 A trainer (``Monitor(sink=...)``) posts sampled embedding batches; the handler authenticates,
 checks limits and parses the body (:mod:`monitor.transport.wire`), then hands the batch to ONE
 scoring worker thread through a bounded queue. A full queue answers 429 with ``Retry-After``
-and drops the batch (counted), so memory stays bounded by ``queue_batches × max_body_bytes``.
+and drops the batch (counted), so queued batches take at most ``queue_batches ×
+max_body_bytes``. A body is read (within ``body_timeout_seconds``, else 408) before a queue place
+is taken, so a client that withholds its body holds no place; bodies being read take at most
+``max_connections × max_body_bytes``, and only as much as their clients have actually sent.
 The worker feeds a backend; the torch backend runs one :class:`monitor.Monitor` per run, so
 metric names, alerts and the Snapshot are exactly those of in-process mode.
 
@@ -13,13 +16,17 @@ moment its fate is decided — scored by the worker, or dropped (``overload``: q
 raised, ``shutdown``: still queued at close) — and always together with that outcome, under one
 lock, so ``received = scored + dropped`` holds at every scrape. Rows waiting in the queue are
 shown by ``repwatch_sidecar_queued_samples``. Requests refused before their rows are parsed
-(401, 409 cardinality limits, 413, 415, 400 on headers, 422) are not "received"; they count in
-``repwatch_sidecar_rejected_requests_total{reason}`` (no run label: refused names must not
-create series).
+(401, 409 cardinality limits, 413, 415, 400 on headers or body length, 408 body not sent in
+time, 422) are not "received"; they count in ``repwatch_sidecar_rejected_requests_total{reason}``
+(no run label: refused names must not create series; a 408 counts as ``timeout``).
 
 Limits (all in :class:`SidecarConfig`): body bytes (413, from ``Content-Length`` before the body
-is read and again while it streams in), rows per batch and dimension (400), runs per service and
-streams per run (409 "too many runs/streams"), stream dimension fixed by its first batch (409).
+is read and again while it streams in; the raw form's body must be exactly the size its shape
+gives: 400 for a ``Content-Length`` that disagrees, before reading, and as soon as a streamed body
+passes it), rows per batch and dimension (400), runs per service and streams per run (409 "too
+many runs/streams"), stream dimension fixed by its first batch (409), time to send the body
+(408). Connection limits (request head timeout, keep-alive, connection cap) are uvicorn's, set by
+:func:`monitor.server.app.server_config`.
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -49,10 +55,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exporters.catalogue import BY_NAME, PREFIX
 from monitor.alerts import AlertRule
-from monitor.engine.run import BatchClock
+from monitor.engine.run import BatchClock, StepJump
 from monitor.errors import ErrorLog
 from monitor.server.app import ErrorBody, RunName, create_read_app
 from monitor.sidecar.config import SidecarConfig
+from monitor.sidecar.scheduler import FairQueue
 from monitor.snapshot import Snapshot
 from monitor.transport import wire
 from monitor.transport.errors import REJECT_REASONS, Rejected
@@ -98,9 +105,9 @@ class Backend(Protocol):
 class _Run:
     """One run of the torch backend: its Monitor and how its step advances."""
 
-    def __init__(self, monitor: Any) -> None:
+    def __init__(self, monitor: Any, max_step_jump: int) -> None:
         self.monitor = monitor
-        self.clock = BatchClock()
+        self.clock = BatchClock(max_step_jump)
 
 
 class TorchBackend:
@@ -139,7 +146,7 @@ class TorchBackend:
             mon = Monitor(run=run, every=self.config.every, max_rows=self.config.window,
                           window=self.config.window, port=None, rules=self.config.rules,
                           strict=True, **opts)
-            r = _Run(mon)
+            r = _Run(mon, self.config.max_step_jump)
             with self._lock:
                 self._runs[run] = r
         return r
@@ -149,9 +156,17 @@ class TorchBackend:
         r = self._run(run)
         mon = r.monitor
         try:                                   # a failing publish is not this batch's fault
-            steps = r.clock.advance(stream, step, mon.step_count)
-            if steps:
-                mon.step(steps)
+            latest = mon.latest
+            target = r.clock.target(stream, step, mon.step_count,
+                                    None if latest is None else latest.step)
+            if target > mon.step_count:
+                mon.step(target - mon.step_count)
+            elif target < mon.step_count:      # a resume: the run's clock follows it
+                state = mon.state_dict()
+                state["step"] = target
+                mon.load_state_dict(state)
+        except StepJump as exc:                # counted in the run's own errors
+            mon.errors.record("step", exc)
         except Exception as exc:  # noqa: BLE001 - counted and logged once; scoring goes on
             self._errors.record("publish", exc, key=f"publish[{run}]")
         torch = self._torch
@@ -159,6 +174,24 @@ class TorchBackend:
         y = torch.from_numpy(labels).to(self.device) if labels is not None else None  # (b,)
         mon.observe(stream, x, labels=y)       # strict Monitor: raises, the service counts it
         r.clock.scored(stream)
+
+    def stream_bytes(self, dim: int, stream: str | None = None) -> int:
+        """Estimated bytes a new stream of dimension ``dim`` holds: its state on the path the
+        Monitor picks (:mod:`monitor.engine.memory`) plus the d×d (or k×k) float64
+        temporaries of an update and a publish."""
+        from monitor.config import MonitorConfig
+        from monitor.engine.memory import stream_state_bytes
+        from monitor.functional.sketch import sketch_dim_for
+
+        cfg = MonitorConfig(run="budget", window=self.config.window, max_rows=self.config.window,
+                            port=None, **self.config.monitor_options)
+        paths = cfg.spectral_path if not isinstance(cfg.spectral_path, str) else {
+            "*": cfg.spectral_path}
+        mode = dict(paths).get(stream or "*", dict(paths).get("*", "auto"))
+        k = sketch_dim_for(mode, dim, cfg.window, cfg.sketch_above, cfg.sketch_dim,
+                           cfg.memory_limit_bytes)
+        width = k or dim
+        return stream_state_bytes(dim, cfg.window, sketch_dim=k or None) + 16 * width * width
 
     def snapshots(self) -> list[Snapshot]:
         with self._lock:
@@ -210,6 +243,10 @@ class _Batch:
     def b(self) -> int:
         return int(self.rows.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.rows.nbytes) + (0 if self.labels is None else int(self.labels.nbytes))
+
 
 class Sidecar:
     """Per-run state of the service: admission, accounting, the bounded queue and its worker;
@@ -218,27 +255,31 @@ class Sidecar:
     def __init__(self, config: SidecarConfig, backend: Backend | None = None) -> None:
         self.config = config
         self.backend: Backend = backend if backend is not None else BACKENDS[config.backend](config)
-        self._queue: queue.Queue[_Batch] = queue.Queue(maxsize=config.queue_batches)
+        self._queue: FairQueue[_Batch] = FairQueue(config.queue_batches, config.run_share)
         self._lock = threading.Lock()
         self._dims: dict[str, dict[str, int]] = {}                # run → stream → dimension
         self._received: dict[tuple[str, str], int] = {}
         self._scored: dict[tuple[str, str], int] = {}
         self._dropped: dict[tuple[str, str], int] = {}            # (run, reason)
         self._queued: dict[str, int] = {}                         # run → rows waiting
+        self._state_bytes: dict[tuple[str, str], int] = {}        # a stream's scoring state
+        self._queued_bytes = 0
         self._reserved = 0                                        # places held by readers
         self._rejected: dict[str, int] = {}
+        self._runs_logged_at = float("-inf")                      # last "too many runs" log
         self._errors = ErrorLog()
         self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="repwatch-sidecar-scorer",
-                                        daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._work, name=f"repwatch-sidecar-scorer-{i}",
+                                          daemon=True) for i in range(config.workers)]
+        for worker in self._workers:
+            worker.start()
 
     # ------------------------------------------------------------------ admission
 
     @property
     def ready(self) -> bool:
         """True while the scoring worker runs."""
-        return self._worker.is_alive() and not self._stop.is_set()
+        return all(w.is_alive() for w in self._workers) and not self._stop.is_set()
 
     @property
     def saturated(self) -> bool:
@@ -247,12 +288,19 @@ class Sidecar:
         with self._lock:
             return self._queue.qsize() + self._reserved >= self.config.queue_batches
 
+    def has_room(self, run: str) -> bool:
+        """Whether a batch of ``run`` would be queued now (the queue and the run's share of it
+        have room): the shm reader waits on it, leaving batches in the ring."""
+        with self._lock:
+            return not self._queue.room(run, self._reserved)
+
     async def reserve(self, timeout: float) -> bool:
         """Reserve a place in the scoring queue, waiting without blocking the event loop at most
         ``timeout`` s while it is full; True when reserved (pass ``reserved=True`` to
-        :meth:`submit`, or :meth:`release` it). Called before a request's body is read, so a
-        burst waits on its socket instead of being read, refused with 429 and sent again; the
-        reservation keeps concurrent waiters from all taking the one place that frees up."""
+        :meth:`submit`, or :meth:`release` it). Called once a request's body is read and
+        decoded (never before: a client that withholds its body must hold no place), so a
+        short stall of the scorer costs no batch; the reservation keeps concurrent waiters from
+        all taking the one place that frees up."""
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
@@ -277,9 +325,14 @@ class Sidecar:
         streams = self._dims.get(run)
         if streams is None:
             if len(self._dims) >= self.config.max_runs:
+                now = time.monotonic()          # the runs' names: logged (once a minute),
+                if now >= self._runs_logged_at + 60:          # not told to the client
+                    self._runs_logged_at = now
+                    log.info("refused new run %r: at most %d runs, has %s", run,
+                             self.config.max_runs, sorted(self._dims)[:20])
                 raise Rejected(409, "too_many_runs",
                                f"too many runs: this service takes at most {self.config.max_runs} "
-                               f"runs (has {sorted(self._dims)[:10]}...); got new run {run!r}")
+                               f"runs and has {len(self._dims)}; got new run {run!r}")
         elif stream not in streams and len(streams) >= self.config.max_streams_per_run:
             raise Rejected(409, "too_many_streams",
                            f"too many streams for run {run!r}: at most "
@@ -301,6 +354,7 @@ class Sidecar:
             if reserved:
                 self._reserved -= 1
             self._admit_locked(run, stream)
+            self._budget_locked(run, stream, b, d, batch.nbytes)
             streams = self._dims.setdefault(run, {})
             first = streams.setdefault(stream, d)
             if first != d:
@@ -309,17 +363,48 @@ class Sidecar:
                                f"stream {run!r}/{stream!r} has dimension {first} (from its first "
                                f"batch); got rows of dimension {d}. Use another stream name for "
                                "another layer")
-            try:
-                if not reserved and self._queue.qsize() + self._reserved >= self.config.queue_batches:
-                    raise queue.Full                      # the free places are reserved
-                self._queue.put_nowait(batch)
-            except queue.Full:
+            full = self._queue.room(run, self._reserved)
+            if full:
                 self._account_locked(run, stream, b, dropped={"overload": b})
+                what = (f"scoring queue full ({self.config.queue_batches} batches)" if full == "full"
+                        else f"run {run!r} holds its share of the scoring queue "
+                             f"({self.config.run_share} batches)")
                 raise Rejected(429, "overload",
-                               f"scoring queue full ({self.config.queue_batches} batches); "
-                               f"batch dropped, retry after {self.config.retry_after_seconds} s",
-                               {"Retry-After": str(self.config.retry_after_seconds)}) from None
+                               f"{what}; batch dropped, retry after "
+                               f"{self.config.retry_after_seconds} s",
+                               {"Retry-After": str(self.config.retry_after_seconds)})
+            self._queue.put(run, batch)
+            self._queued_bytes += batch.nbytes
             self._queued[run] = self._queued.get(run, 0) + b
+
+    def _budget_locked(self, run: str, stream: str, b: int, d: int, nbytes: int) -> None:
+        """Raise :class:`Rejected` when a batch would take the service past its memory budget:
+        409 for a new stream whose scoring state does not fit (counted under ``rejected``), 429
+        for a batch that does not fit the queue now (dropped as ``overload``)."""
+        budget = self.config.memory_budget_bytes
+        used = sum(self._state_bytes.values()) + self._queued_bytes
+        key = (run, stream)
+        if key not in self._state_bytes and stream not in self._dims.get(run, {}):
+            sizer = getattr(self.backend, "stream_bytes", None)
+            need = int(sizer(d, stream)) if sizer is not None else 0
+            if used + need + nbytes > budget:
+                mib = 1 << 20
+                raise Rejected(409, "memory",
+                               f"a new stream of dimension {d} needs about {need / mib:.0f} MiB "
+                               f"of scoring state; the service's memory budget is "
+                               f"{budget / mib:.0f} MiB and {used / mib:.0f} MiB are in use "
+                               "(raise --memory-budget-mb, sketch wide streams with "
+                               "--spectral-path sketch or a lower --sketch-above, or send "
+                               "fewer dimensions)")
+            self._state_bytes[key] = need
+            return
+        if used + nbytes > budget:
+            self._account_locked(run, stream, b, dropped={"overload": b})
+            raise Rejected(429, "overload",
+                           f"the service's memory budget ({budget >> 20} MiB) is taken by "
+                           f"scoring state and queued batches; batch dropped, retry after "
+                           f"{self.config.retry_after_seconds} s",
+                           {"Retry-After": str(self.config.retry_after_seconds)})
 
     def _account_locked(self, run: str, stream: str, b: int, scored: int = 0,
                         dropped: dict[str, int] | None = None) -> None:
@@ -335,16 +420,16 @@ class Sidecar:
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            try:
-                batch = self._queue.get(timeout=0.05)
-            except queue.Empty:
+            got = self._queue.take(timeout=0.05)
+            if got is None:
                 continue
+            run, batch = got
             try:
                 self._score(batch)
             except BaseException as exc:  # noqa: BLE001 - never let the worker die
                 self._errors.record("sidecar", exc, key="worker")
             finally:
-                self._queue.task_done()
+                self._queue.done(run)
 
     def _score(self, batch: _Batch) -> None:
         b = batch.b
@@ -358,12 +443,13 @@ class Sidecar:
             outcome = {"scored": finite, "dropped": {"nonfinite": b - finite}}
         with self._lock:
             self._queued[batch.run] -= b
+            self._queued_bytes -= batch.nbytes
             self._account_locked(batch.run, batch.stream, b, **outcome)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until every queued batch has been scored (True) or ``timeout`` passed (False)."""
         deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
+        while not self._queue.idle():
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.005)
@@ -398,17 +484,15 @@ class Sidecar:
         if self._stop.is_set():
             return
         self._stop.set()
-        self._worker.join(timeout)
-        while True:
-            try:
-                batch = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        for batch in self._queue.drain():
             with self._lock:
                 self._queued[batch.run] -= batch.b
+                self._queued_bytes -= batch.nbytes
                 self._account_locked(batch.run, batch.stream, batch.b,
                                      dropped={"shutdown": batch.b})
-            self._queue.task_done()
         self.backend.close()
 
 
@@ -475,6 +559,7 @@ _BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _err("Malformed headers or body, or a shape over the limits"),
     401: _err("Missing or wrong bearer token",
               {"WWW-Authenticate": {"schema": {"type": "string"}}}),
+    408: _err("Body not received within the body timeout"),
     409: _err("Stream dimension changed, or too many runs/streams"),
     413: _err("Body over the size limit"),
     415: _err("Unsupported Content-Type or dtype"),
@@ -582,6 +667,7 @@ class BatchHandler:
             if int(length) > config.max_body_bytes:
                 raise Rejected(413, "too_large", f"body of {int(length)} bytes is over the "
                                f"limit of {config.max_body_bytes} bytes")
+        exact: tuple[int, str] | None = None          # the raw form's size, and what it holds
         try:
             step = wire.parse_step(headers.get(wire.H_STEP))
             if kind == wire.CONTENT_TYPE_RAW:
@@ -592,31 +678,56 @@ class BatchHandler:
                     raise Rejected(413, "too_large",
                                    f"shape ({b}, {d}) {dtype} needs {size} bytes, over the "
                                    f"limit of {config.max_body_bytes} bytes")
+                exact = (size, f"{b}×{d} {dtype} rows" + (f" + {b} int64 labels"
+                                                          if has_labels else ""))
+                if length is not None and int(length) != size:
+                    raise Rejected(400, "bad_request",
+                                   f"Content-Length {int(length)} does not match {wire.H_SHAPE} "
+                                   f"{b},{d}: the body must be {size} bytes ({exact[1]})")
         except ProtocolError as exc:
             raise Rejected(exc.status, "unsupported" if exc.status == 415 else "bad_request",
                            exc.message) from None
         sc.admit(run, stream)
+        # The body first, within the deadline, and only then a queue place: a client that
+        # withholds its body holds nothing but its own connection (capped by uvicorn).
+        body = await self._receive(chunks, exact)
+        rows, labels, step = await self._decode(body, headers)
         reserved = await sc.reserve(config.admit_wait_seconds)
-        try:
-            rows, labels, step = await self._read_batch(chunks, headers)
-            held, reserved = reserved, False          # submit consumes it, even on raise
-            sc.submit(run, stream, rows, labels, step, reserved=held)
-        finally:
-            if reserved:
-                sc.release()
+        sc.submit(run, stream, rows, labels, step, reserved=reserved)   # consumes it, even on raise
         return int(rows.shape[0]), step
 
-    async def _read_batch(self, chunks: AsyncIterator[bytes], headers: Mapping[str, str]
-                          ) -> tuple[np.ndarray, np.ndarray | None, int | None]:
-        """Read the body (its size checked while it streams in) into a buffer of its own and
-        decode it (float32 rows: a view on that buffer, no second copy)."""
+    async def _receive(self, chunks: AsyncIterator[bytes],
+                       exact: tuple[int, str] | None) -> bytearray:
+        """The body, in a buffer of its own, read within ``body_timeout_seconds`` (408 beyond)
+        and refused as soon as it passes ``exact``'s size (400: the raw form's size is known
+        from its shape) or else ``max_body_bytes`` (413)."""
         config = self.config
+        limit = config.max_body_bytes if exact is None else exact[0]
+        close = {"Connection": "close"}              # the rest of the body is not read
         body = bytearray()
-        async for chunk in chunks:
-            body += chunk
-            if len(body) > config.max_body_bytes:
-                raise Rejected(413, "too_large", f"body over the limit of "
-                               f"{config.max_body_bytes} bytes")
+        try:
+            async with asyncio.timeout(config.body_timeout_seconds):
+                async for chunk in chunks:
+                    if len(body) + len(chunk) > limit:
+                        if exact is not None:
+                            raise Rejected(400, "bad_request",
+                                           f"body must be {limit} bytes ({exact[1]}), got more",
+                                           close)
+                        raise Rejected(413, "too_large", f"body over the limit of {limit} bytes",
+                                       close)
+                    body += chunk
+        except TimeoutError:
+            raise Rejected(408, "timeout",
+                           f"request body not received within {config.body_timeout_seconds:g} s "
+                           f"({len(body)} bytes came); send the body right after the headers",
+                           close) from None
+        return body
+
+    async def _decode(self, body: bytearray, headers: Mapping[str, str]
+                      ) -> tuple[np.ndarray, np.ndarray | None, int | None]:
+        """Decode a body read by :meth:`_receive` (float32 rows: a view on its buffer, no
+        second copy)."""
+        config = self.config
         try:
             if len(body) <= _INLINE_DECODE_BYTES:          # ≤ 1 MiB: not worth a thread
                 return wire.decode_batch(headers, body, max_rows=config.max_rows_per_batch,

@@ -7,7 +7,8 @@ The receiving ends raise and count these: the sidecar's HTTP route and the share
 from __future__ import annotations
 
 REJECT_REASONS: tuple[str, ...] = ("unauthorized", "invalid", "unsupported", "too_large",
-                                   "bad_request", "too_many_runs", "too_many_streams")
+                                   "bad_request", "timeout", "too_many_runs", "too_many_streams",
+                                   "memory")
 """Why a batch request was refused before its rows were parsed
 (``repwatch_sidecar_rejected_requests_total``)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import math
 import os
 import pty
@@ -319,3 +320,210 @@ def test_names_from_the_server_are_rendered_as_text() -> None:
     assert "\x1b]" not in out and clear not in out and "\x07" not in out
     assert "[bold]x[/bold]" in out                     # markup shown as typed, not applied
     assert "\\x1b" in out                               # the control character, made visible
+
+
+# ---- a broken or hostile server ---------------------------------------------------------------
+
+class _Fake:
+    """A stand-in server: answers GET ``path`` (with the query string) from ``routes``
+    (raw path → JSON-ready value, or bytes sent as they are; 404 otherwise) and records the
+    raw request paths it was asked for."""
+
+    def __init__(self, routes: dict[str, Any]) -> None:
+        self.routes = routes
+        self.paths: list[str] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                fake.paths.append(self.path)
+                path = self.path.split("?")[0]
+                if path not in fake.routes:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                answer = fake.routes[path]
+                body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Fake:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def _snap(run: Any = "r", **fields: Any) -> dict[str, Any]:
+    """A well-formed snapshot dict of one stream, with ``fields`` replacing its values."""
+    return {"run": run, "step": 3, "time": 0.0,
+            "streams": {"s": {"effective_rank": 4.0, "embedding_std_ratio": 0.5}},
+            "counters": {"s": {"samples": 64}}, "dropped": {}, "errors": {}, "alerts": [],
+            **fields}
+
+
+def _watch_here(url: str, capsys: pytest.CaptureFixture[str], *, run: str | None = None,
+                **kw: Any) -> tuple[int, str, str]:
+    """``watch(url, once=True)`` in this process; (exit code, table text, stderr)."""
+    from io import StringIO
+
+    from monitor.cli.watch import watch
+
+    buf = StringIO()
+    rc = watch(url, run=run, once=kw.pop("once", True), interval=0.01,
+               console=Console(file=buf, width=160), **kw)
+    return rc, buf.getvalue(), capsys.readouterr().err
+
+
+def _one_line_error(rc: int, err: str) -> str:
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("repwatch watch: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("name", "segment"), [
+    ("a\x1b]0;pwned\x07b", "a%1B%5D0%3Bpwned%07b"), ("a\nb", "a%0Ab"), ("\x00", "%00"),
+    ("a/b?c#d e%2F", "a%2Fb%3Fc%23d%20e%252F"), ("..", "%2E%2E"),
+    ("team/exp-1.2", "team%2Fexp-1.2")])
+def test_watch_quotes_run_names_in_urls_and_shows_them_visibly(
+        name: str, segment: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run name that is not URL-safe (control characters, ``/?#``, a space, ``..``) is
+    quoted for its history request, and shown with its control characters made visible."""
+    from monitor.cli.watch import shown
+
+    hist_path = f"/v1/runs/{segment}/history"
+    with _Fake({"/v1/runs": [_snap(name)], hist_path: [_snap(name, step=1), _snap(name)]}) as f:
+        rc, text, err = _watch_here(f.url, capsys)
+        assert rc == 0, err
+        assert any(p.startswith(hist_path + "?") for p in f.paths), f.paths
+        assert shown(name) in text and "\x1b" not in text and "\x07" not in text
+        spark = "".join(c for c in _row(text, "s") if c in SPARK_CHARS)
+        assert len(spark) == 2                          # the history was read
+        rc, text, err = _watch_here(f.url, capsys, run=name)
+        assert rc == 0 and f"run {shown(name)}" in text, err
+
+
+NOT_RUNS: dict[str, Any] = {
+    "malformed JSON": b'[{"run": "r"',
+    "not UTF-8": b'["\xff\xfe"]',
+    "a number": 42, "a string": "runs", "null": None, "a dict": {"runs": [_snap()]},
+    "a list of lists": [[1, 2]], "a list of strings": ["r"], "no run key": [{"step": 1}],
+    "an int run name": [_snap(5)], "a null run name": [_snap(None)],
+    "a dict run name": [_snap({"a": 1})], "a list run name": [_snap(["r"])],
+    "a 5000-digit step": b'[{"run": "r", "step": ' + b"9" * 5000 + b"}]",
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "streams a list": [_snap(streams=[1, 2])],
+    "stream values a list": [_snap(streams={"s": [4.0]})],
+    "layers a string": [_snap(layers="x")],
+    "alerts a string": [_snap(alerts="firing")],
+    "alerts a dict": [_snap(alerts={"name": "x"})],
+    "an alert not a dict": [_snap(alerts=[1])],
+    "an alert without a name": [_snap(alerts=[{"stream": "s"}])],
+    "an int alert name": [_snap(alerts=[{"name": 7, "stream": "s"}])],
+    "counters a list": [_snap(counters=[1])],
+    "a counter not a dict": [_snap(counters={"s": 5})],
+    "errors a list": [_snap(errors=[1])],
+    "dropped a string": [_snap(dropped="x")],
+}
+
+
+@pytest.mark.parametrize("answer", list(NOT_RUNS.values()), ids=list(NOT_RUNS))
+def test_watch_on_a_malformed_answer_is_one_line_and_exit_2(
+        answer: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    with _Fake({"/v1/runs": answer}) as f:
+        rc, text, err = _watch_here(f.url, capsys)
+    assert text == ""
+    _one_line_error(rc, err)
+
+
+SHOWN_SAFELY: dict[str, Any] = {
+    "huge ints": _snap(step=10**400, streams={"s": {"effective_rank": 10**400,
+                                                     "embedding_std_ratio": -10**400}},
+                       counters={"s": {"samples": 10**400}}, dropped={"x": 10**400},
+                       errors={"x": 10**400}),
+    "huge floats": _snap(streams={"s": {"effective_rank": 1e308, "embedding_std_ratio": 2e-308}},
+                         counters={"s": {"samples": 1.7e308}, "t": {"samples": 1.7e308}}),
+    "markup and escapes in values": _snap(step="[/bold]\x1b[2J", errors={"e": "[/x]\x07"},
+                                          alerts=[{"name": "Repwatch[/b]", "stream": "s",
+                                                   "since_step": "\x1b]0;t\x07",
+                                                   "signal": ["x"], "value": "[/y]"}]),
+    "non-number values": _snap(streams={"s": {"effective_rank": "4", "embedding_std_ratio":
+                                              {"a": 1}}}, counters={"s": {"samples": [1]}}),
+    "nulls": _snap(streams={"s": None}, counters=None, dropped=None, errors=None, alerts=None),
+}
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:1\x1b[2J", "ftp://x",
+                                 "http://127.0.0.1:99999"])
+def test_watch_invalid_url_is_one_line_and_exit_2(url: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    rc, text, err = _watch_here(url, capsys)
+    assert text == "" and "\x1b" not in _one_line_error(rc, err)
+
+
+@pytest.mark.parametrize("snap", list(SHOWN_SAFELY.values()), ids=list(SHOWN_SAFELY))
+def test_watch_shows_odd_values_safely(snap: dict[str, Any],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Values of odd types or sizes are shown (as text, control characters visible) or as
+    ``–``, never a traceback; a malformed history only loses its sparkline points."""
+    with _Fake({"/v1/runs": [snap],
+                "/v1/runs/r/history": [snap, 5, [], {"streams": [1]}, {"run": "r"}]}) as f:
+        rc, text, err = _watch_here(f.url, capsys)
+    assert rc == 0, err
+    assert "\x1b" not in text and "\x07" not in text
+    assert "run r" in text
+
+
+def test_watch_keeps_polling_when_a_later_answer_is_malformed(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """In the live view a malformed answer after a good one is a caption note, not a crash."""
+    answers = iter([[_snap(streams=[1])], b"{", [[1]], [_snap(alerts="x")]])
+    calls: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        calls.append(seconds)
+        try:
+            f.routes["/v1/runs"] = next(answers)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    with _Fake({"/v1/runs": [_snap()]}) as f:
+        rc, text, err = _watch_here(f.url, capsys, once=False, sleep=sleep)
+    assert rc == 0, err
+    assert len(calls) == 5
+    assert "retrying every" in text
+
+
+@pytest.mark.e2e
+def test_watch_once_piped_shows_control_characters_visibly() -> None:
+    """`repwatch watch --once` into a pipe: a hostile run name reaches stdout made visible and
+    the command exits 0 (the history request quoted the name)."""
+    name = "a\x1b]0;pwned\x07b\nc"
+    with _Fake({"/v1/runs": [_snap(name)], "/v1/runs/a%1B%5D0%3Bpwned%07b%0Ac/history":
+                [_snap(name)]}) as f:
+        out = _watch(f.url, "--once", timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert any("%1B%5D0%3Bpwned%07b%0Ac/history?" in p for p in f.paths), f.paths
+        assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+        assert "a\\x1b]0;pwned\\x07b\\nc" in out.stdout
+        bad = _watch(f.url, "--once", "--run", name, timeout=60)
+        assert bad.returncode == 0, bad.stderr
+        f.routes["/v1/runs"] = [_snap(7)]
+        bad = _watch(f.url, "--once", timeout=60)
+    _one_line_error(bad.returncode, bad.stderr)
+    assert bad.stdout == ""

@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from monitor.sidecar.cli import is_loopback
+from monitor.validation import is_loopback
 from tests.deploy.manifests import (DEPLOY, ROOT, dockerfile_instructions, flag, image_command,
                                     load_one, with_flag)
 from tests.torchless_serve import free_port, serve_without_torch

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from monitor.sidecar.cli import is_loopback
+from monitor.validation import is_loopback
 from monitor.transport.shm import DEFAULT_SLOTS, HEADER_SIZE, parse_spec
 from tests.deploy.manifests import (COMPONENT, DEPLOY, EXAMPLE, K8S, ROOT, build_example, flag,
                                     image_command, kustomize_command, load_docs, load_one,

@@ -164,6 +164,48 @@ def test_qscore_bad_input() -> None:
         qscore(torch.randn(3, 4), "linf")  # type: ignore[arg-type]
 
 
+def test_qscore_is_array_api_numpy_equals_torch() -> None:
+    """numpy rows give numpy scores (the sidecar's sketched streams), equal to the torch ones to
+    round-off (reductions in another order), NaN where torch has NaN; errors alike."""
+    rng = np.random.default_rng(7)
+    z = relu_rows(rng, 40, 17)
+    z[3, 2], z[4] = np.nan, 0.0
+    for dtype in (np.float32, np.float64):
+        x = z.astype(dtype)
+        for form in QSCORE_FORMS:
+            got = qscore(x, form)
+            assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.shape == (40,)
+            np.testing.assert_allclose(got, qscore(t(x), form).numpy(), rtol=1e-12, atol=0,
+                                       equal_nan=True)
+        zeta = feature_zscores(x)
+        assert isinstance(zeta, np.ndarray) and zeta.dtype == dtype
+    assert qscore(np.empty((0, 5))).shape == (0,)
+    with pytest.raises(TypeError, match="floating-point.*int64"):
+        qscore(np.ones((3, 4), np.int64))
+    with pytest.raises(ValueError, match="at least 2 features"):
+        qscore(np.ones((3, 1)))
+    with pytest.raises(TypeError, match="torch.Tensor or a numpy array.*list"):
+        qscore([[1.0, 2.0]])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        qscore_regularizer(np.ones((3, 4)))  # type: ignore[arg-type]
+
+
+def test_per_row_qscore_runs_without_torch() -> None:
+    """The implementation (monitor.functional.qscore_window.qscore_rows) imports no torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np\n"
+            "from monitor.functional.qscore_window import qscore_rows\n"
+            "q = qscore_rows(np.array([[0.0, 1.0, 3.0], [np.nan, 1.0, 1.0]]))\n"
+            "assert q.shape == (2,) and np.isfinite(q[0]) and np.isnan(q[1]), q\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 # ----------------------------------------------------------------------------- regulariser
 
 

@@ -42,6 +42,40 @@ def test_projection_is_isotropic_in_expectation() -> None:
     assert omega.std() == pytest.approx(1.0 / np.sqrt(k), rel=0.02)
 
 
+def test_numpy_projection_is_one_seeded_draw_in_blocks() -> None:
+    """``xp=numpy`` (the sidecar): numpy's PCG64 seeded with ``seed``, drawn in row blocks (no
+    d×k float64 temporaries) yet equal to one (d, k) draw scaled by 1/√k."""
+    import math
+
+    d, k = 3000, 700                                   # several blocks of (1 << 20) // k rows
+    a = gaussian_projection(d, k, 5, xp=np)
+    ref = np.random.default_rng(5).standard_normal((d, k)) / math.sqrt(k)
+    assert a.dtype == np.float32 and a.shape == (d, k)
+    np.testing.assert_array_equal(a, ref.astype(np.float32))
+    b = gaussian_projection(40, 7, 5, np.float64, xp=np)
+    np.testing.assert_array_equal(
+        b, np.random.default_rng(5).standard_normal((40, 7)) / math.sqrt(7))
+    assert not np.array_equal(gaussian_projection(40, 7, 6, xp=np), b.astype(np.float32))
+
+
+def test_the_numpy_path_runs_without_torch() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np\n"
+            "from monitor.functional.sketch import gaussian_projection, sketch_dim_for, "
+            "sketched_participation_ratio\n"
+            "om = gaussian_projection(64, 16, 0, xp=np)\n"
+            "y = np.random.default_rng(0).standard_normal((200, 64)) @ om\n"
+            "pr = sketched_participation_ratio(y.T @ y, y.sum(0), 200, True, 64)\n"
+            "assert 1 <= float(pr) <= 64 and sketch_dim_for('auto', 8192, 64, 4096, 2048) == 2048\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_project_rows_matches_numpy() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(10, 32, generator=gen)

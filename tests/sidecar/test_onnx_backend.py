@@ -60,6 +60,10 @@ def test_values_match_the_torch_backend() -> None:
         shared = set(va) & set(vb)
         assert {"effective_rank", "embedding_std_ratio", "low_quality_samples_ratio",
                 "qscore_threshold", "effective_rank_peak_ratio"} <= shared
+        # the same names (spectral_sketch_dim: 0 on the exact path), AUPRC aside (no predictions
+        # reach the ONNX backend); sketched streams: tests/sidecar/test_onnx_sketch.py
+        assert set(va) == set(vb) - {"qscore_auprc", "qscore_misclassified_ratio"}
+        assert va["spectral_sketch_dim"] == 0.0
         assert a.counters["enc"] == b.counters["enc"]
         ha, hb = a.histograms["qscore"]["enc"], b.histograms["qscore"]["enc"]
         assert ha.cumulative == hb.cumulative and ha.count == hb.count
