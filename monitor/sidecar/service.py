@@ -1,10 +1,12 @@
 """``repwatch serve``: the sidecar ingest service (FastAPI) and its scoring backend.
 
 A trainer (``Monitor(sink=...)``) posts sampled embedding batches; the handler authenticates,
-checks limits and parses the body (:mod:`monitor.transport.wire`), then hands the batch to ONE
-scoring worker thread through a bounded queue. A full queue answers 429 with ``Retry-After``
-and drops the batch (counted), so queued batches take at most ``queue_batches ×
-max_body_bytes``. A body is read (within ``body_timeout_seconds``, else 408) before a queue place
+checks limits and parses the body (:mod:`monitor.transport.wire`), then hands the batch to the
+scoring workers (``workers`` threads) through a bounded queue that is fair between runs
+(:mod:`monitor.sidecar.scheduler`: a run's batches are scored in order, by one worker at a time,
+and a run holds at most its share of the queue). A full queue answers 429 with ``Retry-After``
+and drops the batch (counted). A memory budget (``memory_budget_mb``) bounds the streams'
+scoring state (a new stream that would pass it: 409) and the queued batches (429). A body is read (within ``body_timeout_seconds``, else 408) before a queue place
 is taken, so a client that withholds its body holds no place; bodies being read take at most
 ``max_connections × max_body_bytes``, and only as much as their clients have actually sent.
 The worker feeds a backend; the torch backend runs one :class:`monitor.Monitor` per run, so

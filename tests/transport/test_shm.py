@@ -8,13 +8,10 @@ The consumer side decodes with a reference decoder written from the protocol tex
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -36,15 +33,6 @@ SHM = Path("/dev/shm")
 pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="needs POSIX shared memory (/dev/shm)")
 
 
-@pytest.fixture
-def name() -> Iterator[str]:
-    """A fresh ring name; fails the test when the segment is left behind."""
-    n = f"rwtest-{uuid.uuid4().hex[:12]}"
-    yield n
-    leaked = (SHM / n).exists()
-    if leaked:
-        os.unlink(SHM / n)
-    assert not leaked, f"segment {n} leaked"
 
 
 def _ref_decode(headers: dict[str, str], payload: bytes) -> tuple[np.ndarray, np.ndarray | None]:

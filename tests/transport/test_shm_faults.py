@@ -17,8 +17,7 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,15 +37,6 @@ RING = "{name}?slots=8&slot_mb=0.0625"       # 8 slots of 64 KiB: a 0.5 MiB segm
 FULL_SIZE = 256 + SLOTS * ((1 << 16) + 320)
 
 
-@pytest.fixture
-def name() -> Iterator[str]:
-    """A fresh ring name; fails the test when the segment is left behind."""
-    n = f"rwfault-{uuid.uuid4().hex[:12]}"
-    yield n
-    leaked = (SHM / n).exists()
-    if leaked:
-        os.unlink(SHM / n)
-    assert not leaked, f"segment {n} leaked"
 
 
 class FakeSidecar:
