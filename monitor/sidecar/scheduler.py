@@ -42,12 +42,13 @@ class FairQueue(Generic[T]):
         q = self._waiting.get(run)
         return len(q) if q else 0
 
-    def room(self, run: str, reserved: int = 0) -> str:
-        """'' when a batch of ``run`` fits (with ``reserved`` places held elsewhere), else why
-        not: ``"full"`` or ``"run"`` (the run holds its share)."""
+    def room(self, run: str, reserved: int = 0, run_reserved: int = 0) -> str:
+        """'' when a batch of ``run`` fits (with ``reserved`` places held elsewhere,
+        ``run_reserved`` of them for ``run``), else why not: ``"full"`` or ``"run"`` (the run
+        holds its share)."""
         if self._size + reserved >= self.capacity:
             return "full"
-        if self.waiting(run) >= self.per_run:
+        if self.waiting(run) + run_reserved >= self.per_run:
             return "run"
         return ""
 

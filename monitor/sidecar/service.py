@@ -267,6 +267,7 @@ class Sidecar:
         self._state_bytes: dict[tuple[str, str], int] = {}        # a stream's scoring state
         self._queued_bytes = 0
         self._reserved = 0                                        # places held by readers
+        self._reserved_runs: dict[str, int] = {}                  # of them, per run
         self._rejected: dict[str, int] = {}
         self._runs_logged_at = float("-inf")                      # last "too many runs" log
         self._errors = ErrorLog()
@@ -294,9 +295,9 @@ class Sidecar:
         """Whether a batch of ``run`` would be queued now (the queue and the run's share of it
         have room): the shm reader waits on it, leaving batches in the ring."""
         with self._lock:
-            return not self._queue.room(run, self._reserved)
+            return not self._queue.room(run, self._reserved, self._reserved_runs.get(run, 0))
 
-    async def reserve(self, timeout: float) -> bool:
+    async def reserve(self, run: str, timeout: float) -> bool:
         """Reserve a place in the scoring queue, waiting without blocking the event loop at most
         ``timeout`` s while it is full; True when reserved (pass ``reserved=True`` to
         :meth:`submit`, or :meth:`release` it). Called once a request's body is read and
@@ -306,17 +307,27 @@ class Sidecar:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                if self._queue.qsize() + self._reserved < self.config.queue_batches:
+                if not self._queue.room(run, self._reserved, self._reserved_runs.get(run, 0)):
                     self._reserved += 1
+                    self._reserved_runs[run] = self._reserved_runs.get(run, 0) + 1
                     return True
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.002)
 
-    def release(self) -> None:
-        """Give back a reservation that will not be submitted (a request that failed)."""
+    def release(self, run: str) -> None:
+        """Give back a reservation of ``run`` that will not be submitted (a request that
+        failed)."""
         with self._lock:
-            self._reserved -= 1
+            self._unreserve_locked(run)
+
+    def _unreserve_locked(self, run: str) -> None:
+        self._reserved -= 1
+        left = self._reserved_runs.get(run, 0) - 1
+        if left > 0:
+            self._reserved_runs[run] = left
+        else:
+            self._reserved_runs.pop(run, None)
 
     def reject(self, reason: str) -> None:
         """Count a request refused before its rows were parsed."""
@@ -354,7 +365,7 @@ class Sidecar:
         b, d = batch.b, int(rows.shape[1])
         with self._lock:
             if reserved:
-                self._reserved -= 1
+                self._unreserve_locked(run)
             self._admit_locked(run, stream)
             self._budget_locked(run, stream, b, d, batch.nbytes)
             streams = self._dims.setdefault(run, {})
@@ -365,7 +376,7 @@ class Sidecar:
                                f"stream {run!r}/{stream!r} has dimension {first} (from its first "
                                f"batch); got rows of dimension {d}. Use another stream name for "
                                "another layer")
-            full = self._queue.room(run, self._reserved)
+            full = self._queue.room(run, self._reserved, self._reserved_runs.get(run, 0))
             if full:
                 self._account_locked(run, stream, b, dropped={"overload": b})
                 what = (f"scoring queue full ({self.config.queue_batches} batches)" if full == "full"
@@ -694,7 +705,7 @@ class BatchHandler:
         # withholds its body holds nothing but its own connection (capped by uvicorn).
         body = await self._receive(chunks, exact)
         rows, labels, step = await self._decode(body, headers)
-        reserved = await sc.reserve(config.admit_wait_seconds)
+        reserved = await sc.reserve(run, config.admit_wait_seconds)
         sc.submit(run, stream, rows, labels, step, reserved=reserved)   # consumes it, even on raise
         return int(rows.shape[0]), step
 

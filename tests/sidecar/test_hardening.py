@@ -4,6 +4,7 @@ loopback), raw bodies longer than their shape, what a 409 tells, token file perm
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
 import time
@@ -167,7 +168,8 @@ def _ingest(handler: BatchHandler, headers: dict[str, str],
         except Rejected as exc:
             return exc
 
-    return asyncio.run(go()), pulled
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:   # no event loop of the caller's
+        return pool.submit(asyncio.run, go()).result(60), pulled
 
 
 def test_a_raw_body_longer_than_its_shape_is_refused_as_soon_as_it_is() -> None:
