@@ -13,11 +13,18 @@ The dashboard is Grafana's classic JSON model (``schemaVersion`` 39, not the v2 
   never turn into a huge regex alternation, refreshed on time-range change, sorted);
 * one row per signal family, one time-series panel per catalogue metric of the family (in
   catalogue order): counters as per-second rates, the histogram as quantiles, a Unix timestamp as
-  an age; ratios (catalogue ``unit="ratio"``) in ``percentunit``; the description is the
-  catalogue help (+ paper); threshold lines where an alert of ``monitor.alerts.DEFAULT_RULES``
-  reads the metric;
+  an age; fractions of a whole (catalogue ``unit="ratio"``: shares of units, samples, the
+  trace, ...) and their rises in ``percentunit``, ratios of two values where 1 is "as much as
+  the reference" (:data:`PLAIN_RATIOS`: std ratio ≈ 1 healthy, variance and rank over their
+  first window) as plain numbers (``none``); both on a 0–1 soft axis so that noise around
+  0.82 is not stretched to full height; the description is the catalogue help (+ paper);
+  threshold lines where an alert of ``monitor.alerts.DEFAULT_RULES`` reads the metric;
 * the "repwatch health" row also holds scrape health (``up``) and two GPU panels from the NVIDIA
-  DCGM exporter, which show "No data" where no DCGM exporter runs;
+  DCGM exporter, which show "No data" where no DCGM exporter runs. GPUs carry no run label: the
+  panels keep the GPUs whose ``namespace``/``pod`` labels (dcgm-exporter's Kubernetes pod
+  mapping) match a pod of the selected runs (the labels a PodMonitor scrape puts on repwatch's
+  series); outside Kubernetes neither side has them and every GPU is shown (said in the panel
+  description);
 * an annotation query marks ``ALERTS{alertname=~"Repwatch.*"}`` of the selected runs.
 """
 
@@ -31,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin
 
-from exporters.catalogue import CATALOGUE, PREFIX, MetricSpec, metric_for_signal
+from exporters.catalogue import BY_NAME, CATALOGUE, PREFIX, MetricSpec, metric_for_signal
 from monitor.alerts import DEFAULT_RULES, AlertRule
 
 DASHBOARD_UID = "repwatch"
@@ -59,6 +66,16 @@ _SEVERITY_COLOR: dict[str, str] = {"critical": "red", "warning": "orange", "info
 _SEVERITY_RANK: dict[str, int] = {"info": 1, "warning": 2, "critical": 3}
 
 _PANEL_W, _PANEL_H, _PER_ROW = 8, 8, 3
+
+PLAIN_RATIOS: frozenset[str] = frozenset(PREFIX + n for n in (
+    "embedding_std_ratio", "embedding_variance_ratio", "effective_rank_baseline_ratio",
+    "activation_effective_rank_baseline_ratio"))
+"""Catalogue ``ratio`` metrics that are a value over a reference (1: as much as the reference;
+above 1 possible), not a fraction of a whole: shown as plain numbers (unit ``none``), not in
+percent (``embedding_std_ratio`` ≈ 1 is healthy, not "100 %")."""
+
+RISES: dict[str, str] = {PREFIX + "dormant_units_ratio_rise": PREFIX + "dormant_units_ratio"}
+"""Metrics that are a difference of a fraction metric: shown in the unit of that metric."""
 
 
 # ----------------------------------------------------------------------------- families
@@ -201,6 +218,9 @@ class _PanelSpec:
     unit: str
     thresholds: list[Threshold] = field(default_factory=list)
     min: float | None = None
+    soft: tuple[float, float] | None = None
+    """Soft y-axis range (Grafana ``axisSoftMin``/``axisSoftMax``): always shown, widened by
+    values outside it."""
 
 
 def _title(spec: MetricSpec) -> str:
@@ -209,6 +229,15 @@ def _title(spec: MetricSpec) -> str:
 
 def _describe(spec: MetricSpec) -> str:
     return spec.help + (f" ({spec.paper})" if spec.paper else "") + f" Metric: {spec.name}."
+
+
+def grafana_unit(spec: MetricSpec) -> str:
+    """Grafana unit of a gauge: ``percentunit`` for fractions of a whole (and their rises),
+    ``none`` for :data:`PLAIN_RATIOS`, ``s`` for seconds, else ``short``."""
+    base = BY_NAME[RISES[spec.name]] if spec.name in RISES else spec
+    if base.unit == "ratio":
+        return "none" if base.name in PLAIN_RATIOS else "percentunit"
+    return {"seconds": "s"}.get(base.unit, "short")
 
 
 def metric_panel(spec: MetricSpec, thresholds: Sequence[Threshold] = ()) -> _PanelSpec:
@@ -234,26 +263,50 @@ def metric_panel(spec: MetricSpec, thresholds: Sequence[Threshold] = ()) -> _Pan
         return _PanelSpec(f"{_title(spec).removesuffix(' timestamp seconds')} age",
                           _describe(spec) + " Shown as seconds since then.",
                           [_Target(expr, _legend(labels))], "s", min=0)
-    unit = {"ratio": "percentunit", "seconds": "s"}.get(spec.unit, "short")
+    unit = grafana_unit(spec)
     note = f" {_threshold_note(thresholds)}" if thresholds else ""
+    soft = (0, 1) if unit in ("percentunit", "none") and (
+        spec.unit == "ratio" or spec.name in RISES) else None
     return _PanelSpec(_title(spec), _describe(spec) + note,
                       [_Target(f"{spec.name}{_matchers(spec)}", _legend(labels))], unit,
-                      list(thresholds))
+                      list(thresholds), soft=soft)
+
+
+def run_pods() -> str:
+    """One series per (namespace, pod) of the selected runs: the join that scopes a GPU series
+    (dcgm-exporter) to the runs' pods."""
+    return f'{metric_for_signal("time", "run").name}{{run=~"$run"}}'
+
+
+def dcgm_expr(metric: str) -> str:
+    """``metric`` of the GPUs used by the pods of the selected runs: ``and on(namespace, pod)``
+    with the runs' series. Outside Kubernetes neither side has these labels (both empty), so
+    every GPU matches."""
+    return f"{metric} and on(namespace, pod) {run_pods()}"
 
 
 def external_panels() -> list[_PanelSpec]:
     """Scrape health and the NVIDIA DCGM exporter's GPU panels ("No data" without it)."""
     dcgm = ("From the NVIDIA DCGM exporter (dcgm-exporter), scraped by the same Prometheus; "
-            "'No data' where none runs. Not filtered by run: GPUs carry no run label.")
+            "'No data' where none runs. GPUs carry no run label: shown are the GPUs whose "
+            "namespace and pod labels (dcgm-exporter's Kubernetes pod mapping; its "
+            "ServiceMonitor needs honorLabels: true, else Prometheus renames them "
+            "exported_namespace/exported_pod and no GPU matches) are a pod of the selected "
+            "runs (the namespace/pod labels a PodMonitor scrape puts on repwatch's series, as "
+            "in deploy/k8s). Without those labels on either side (outside Kubernetes) this "
+            "cannot be scoped: every GPU Prometheus scrapes is shown, whichever run is "
+            "selected.")
     return [
         _PanelSpec("scrape targets up (repwatch jobs)",
                    "Prometheus' own up series of scrape jobs named like repwatch: 1 up, 0 down "
                    "(alert RepwatchDown).",
                    [_Target('up{job=~".*repwatch.*"}', "{{job}} {{instance}}")], "short", min=0),
         _PanelSpec("GPU utilisation (DCGM)", f"{DCGM_GPU_UTIL}: GPU utilisation in percent. {dcgm}",
-                   [_Target(DCGM_GPU_UTIL, "{{Hostname}} GPU {{gpu}}")], "percent", min=0),
+                   [_Target(dcgm_expr(DCGM_GPU_UTIL), "{{Hostname}} GPU {{gpu}} {{pod}}")],
+                   "percent", min=0),
         _PanelSpec("GPU memory used (DCGM)", f"{DCGM_FB_USED}: framebuffer memory used, MiB. {dcgm}",
-                   [_Target(DCGM_FB_USED, "{{Hostname}} GPU {{gpu}}")], "mbytes", min=0),
+                   [_Target(dcgm_expr(DCGM_FB_USED), "{{Hostname}} GPU {{gpu}} {{pod}}")],
+                   "mbytes", min=0),
     ]
 
 
@@ -271,6 +324,8 @@ def _panel_json(p: _PanelSpec, pid: int, x: int, y: int) -> dict[str, Any]:
     }
     if p.min is not None:
         defaults["min"] = p.min
+    if p.soft is not None:
+        defaults["custom"]["axisSoftMin"], defaults["custom"]["axisSoftMax"] = p.soft
     return {
         "type": "timeseries",
         "id": pid,

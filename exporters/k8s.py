@@ -30,6 +30,9 @@ COMPONENT_DIR = "deploy/k8s/components/repwatch"
 
 PROMETHEUS_RULE_FILE = "prometheusrule.yaml"
 DASHBOARD_FILE = "grafana-dashboard.yaml"
+HAND_WRITTEN_FILES: tuple[str, ...] = ("kustomization.yaml", "podmonitor.yaml",
+                                       "sidecar-patch.yaml")
+"""The component's other files: written by hand, kept in the repository, never rendered."""
 DASHBOARD_KEY = "repwatch.json"
 """Key (file name in Grafana's dashboard folder) of the dashboard in the ConfigMap."""
 
@@ -118,6 +121,7 @@ def write_manifests(directory: str | Path, runbook_base: str | None = None) -> l
     return written
 
 
-__all__ = ["COMPONENT_DIR", "DASHBOARD_FILE", "DASHBOARD_KEY", "PROMETHEUS_RULE_FILE",
+__all__ = ["COMPONENT_DIR", "DASHBOARD_FILE", "DASHBOARD_KEY", "HAND_WRITTEN_FILES",
+           "PROMETHEUS_RULE_FILE",
            "dashboard_configmap", "dashboard_json", "prometheus_rule", "render_manifests",
            "write_manifests"]

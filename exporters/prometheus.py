@@ -1,11 +1,16 @@
 """Prometheus exposition of Snapshots: a custom Collector on a private registry.
 
 The collector reads plain floats at scrape time; a scrape never touches a tensor or the GPU.
+:class:`BuildInfoCollector` adds ``repwatch_build_info`` (the repwatch, Python and torch
+versions) without importing torch.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
+import platform
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -13,6 +18,7 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
@@ -123,6 +129,37 @@ def _has_labels(key: SignalKey, names: Sequence[str]) -> bool:
 
 def _le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+def torch_version() -> str:
+    """The installed torch's version, read without importing torch (the sidecar runs without
+    it): ``torch.__version__`` when torch is imported already, else the distribution's metadata;
+    ``""`` when torch is not installed."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(getattr(torch, "__version__", None), str):
+        return str(torch.__version__)
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+class BuildInfoCollector(Collector):
+    """``repwatch_build_info{version, python, torch} 1`` (an OpenMetrics info metric; ``torch``
+    is ``""`` where torch is not installed). The versions are read once, when it is made."""
+
+    def __init__(self, version: str | None = None) -> None:
+        if version is None:
+            from monitor._version import __version__ as version
+        self.labels = {"version": str(version), "python": platform.python_version(),
+                       "torch": torch_version()}
+
+    def describe(self) -> list[Metric]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        yield InfoMetricFamily("repwatch_build", "repwatch, Python and torch versions of this "
+                               "process (torch empty: not installed)", value=self.labels)
 
 
 def make_registry(snapshots: Callable[[], Sequence[Snapshot]],

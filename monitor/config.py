@@ -12,6 +12,12 @@ from monitor.validation import check_int, check_name
 
 Tokens = Literal["mean", "cls", "all"]
 TOKEN_MODES: tuple[str, ...] = ("mean", "cls", "all")
+CaptureMode = Literal["train", "always", "eval"]
+CAPTURE_MODES: tuple[str, ...] = ("train", "always", "eval")
+"""When a forward hook captures: only while the hooked module is in training mode (``"train"``),
+always, or only in eval mode (``"eval"``)."""
+DEFAULT_MAX_CLASSES = 1000
+"""Label capacity of neural collapse when neither ``max_classes`` nor a classifier gives one."""
 DEFAULT_PORT = 9400
 """The in-process server's port when none is given (the sidecar's default port too)."""
 
@@ -24,6 +30,8 @@ class MonitorConfig:
         run: run label on every metric.
         every: publish every ``every`` calls of ``step()``.
         max_rows: at most this many rows per captured batch (uniform subsample, own RNG).
+            ``observe()`` takes its own ``max_rows=``; an evaluation batch (``observe`` with
+            ``predictions=``) keeps all its rows by default (at most ``window``).
         window: rows in each stream's sliding scoring window.
         port: HTTP port for ``/metrics`` and the dashboard at ``/`` (0: any free port; None: no
             server; ``"auto"``, the default: 9400, or no server in sidecar mode, whose metrics
@@ -44,7 +52,9 @@ class MonitorConfig:
             :class:`monitor.scorers.qscore.QScoreScorer` options, or False.
         dormant_taus: τ levels of the dormant-unit fractions of watched activation layers.
         max_classes: label capacity of the neural-collapse statistics (labels ≥ it are
-            counted as out of range and skipped).
+            counted as out of range and skipped). None (the default): the ``out_features`` of
+            the classifier given to ``watch_classifier`` (the largest, with several), else
+            1000. NC3/NC4 take a classifier of any number of classes either way.
         nc1_depth_threshold: NC1 level that defines the "effective depth" (first watched
             stream, in watch order, whose NC1 is below it).
         sink: sidecar mode (:mod:`monitor.transport`): the URL of a ``repwatch serve`` sidecar
@@ -73,6 +83,15 @@ class MonitorConfig:
         memory_limit_bytes: per-stream limit on the exact state for ``"auto"`` (None: none).
         cuda_stream: on a GPU, score streams on a side CUDA stream of repwatch's own
             (:mod:`monitor.engine.side_streams`): the training stream only records an event.
+        capture: when forward hooks (``watch``, ``watch_activations``) capture: ``"train"``
+            (the default) only while the hooked module is in training mode (its
+            ``.training``; for a DDP/DataParallel/``torch.compile`` wrapper, the wrapped
+            module's too), so validation passes under ``model.eval()`` stay out of the
+            training windows; ``"always"``; or ``"eval"`` (only in eval mode, e.g. a stream of
+            validation features). ``torch.no_grad()`` alone does not stop capture (an EMA
+            teacher runs in training mode under it); ``Monitor.paused()`` stops it for a block.
+            ``watch(capture=)`` overrides it per stream; ``observe()`` is not filtered by it
+            (an explicit call), though ``paused()`` stops it too.
     """
 
     run: str = "default"
@@ -91,7 +110,7 @@ class MonitorConfig:
     peak_warmup: int = 100
     qscore: bool | dict[str, Any] = True
     dormant_taus: Sequence[float] = (0.0, 0.025, 0.1)
-    max_classes: int = 1000
+    max_classes: int | None = None
     nc1_depth_threshold: float = 0.1
     sink: Any = None
     token: str | None = None
@@ -102,12 +121,15 @@ class MonitorConfig:
     sketch_dim: int = 2048
     memory_limit_bytes: int | None = None
     cuda_stream: bool = True
+    capture: CaptureMode = "train"
 
     def __post_init__(self) -> None:
         check_name("run", self.run)
         for name, low in (("every", 1), ("max_rows", 1), ("window", 2), ("seed", 0),
-                          ("history", 1), ("peak_warmup", 0), ("max_classes", 2)):
+                          ("history", 1), ("peak_warmup", 0)):
             check_int(name, getattr(self, name), low)
+        if self.max_classes is not None:
+            check_int("max_classes", self.max_classes, 2)
         if self.max_rows > self.window:
             raise ValueError(f"max_rows ({self.max_rows}) must not exceed window ({self.window})")
         if self.port == "auto":
@@ -116,6 +138,8 @@ class MonitorConfig:
             raise ValueError(f"port must be 0–65535 or None, got {self.port}")
         if self.tokens not in TOKEN_MODES:
             raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {self.tokens!r}")
+        if self.capture not in CAPTURE_MODES:
+            raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {self.capture!r}")
         if not all(isinstance(r, AlertRule) for r in self.rules):
             raise TypeError("rules must be a sequence of monitor.alerts.AlertRule")
         object.__setattr__(self, "rules", tuple(self.rules))

@@ -9,6 +9,12 @@ Inputs (one per model):
   one stream's scoring window (``engine.streams[stream].moments.ring`` where ``ring_valid``
   is 1). Those rows are whatever the run saw last, not a shared probe, so only RankMe ranks
   them.
+* **checkpoints holding a monitor state** — any dict saved with ``torch.save`` in which a
+  Monitor state sits under some key, at any depth: the README's
+  ``{"model": model.state_dict(), "repwatch": mon.state_dict()}``, a Lightning ``.ckpt``
+  (``callbacks/RepwatchCallback[run=...]/monitor``). A Monitor state is a dict with
+  ``version`` 1 and ``engine``; when a file holds several, ``key=`` (``--key``, the
+  ``/``-joined keys leading to it) picks one.
 
 Criteria: ``rankme`` — RankMe of the rows (Garrido et al., ICML 2023; higher is better;
 compare at equal n and d), and ``centrality`` — mean linear CKA to the other models
@@ -48,6 +54,7 @@ class Representation:
     rows: Tensor           # (n, d) float64, CPU
     stream: str | None = None
     step: int | None = None
+    key: str | None = None  # where the Monitor state sat in a checkpoint ("" at top level)
 
 
 def _rows_from_array(value: Any, path: Path) -> Tensor:
@@ -87,8 +94,72 @@ def _rows_from_monitor_state(state: dict[str, Any], path: Path,
     return rows, stream, int(step) if isinstance(step, int) else None
 
 
-def load_representation(path: str | Path, stream: str | None = None) -> Representation:
-    """Read one input file (embedding dump or saved Monitor state) into rows."""
+def is_monitor_state(obj: Any) -> bool:
+    """A :meth:`monitor.Monitor.state_dict` (version 1, with ``engine``)."""
+    return isinstance(obj, dict) and obj.get("version") == 1 and "engine" in obj
+
+
+KEY_SEP = "/"
+"""Joins the keys leading to a Monitor state inside a checkpoint (``callbacks/X/monitor``)."""
+
+_MAX_DEPTH = 8
+
+
+def find_monitor_states(obj: Any, _path: tuple[str, ...] = (),
+                        _depth: int = 0) -> list[tuple[str, dict[str, Any]]]:
+    """``(key path, state)`` of every Monitor state in ``obj``: ``obj`` itself (path ``""``) or
+    any value of nested dicts (and lists/tuples, by index), at most 8 levels deep; paths join
+    the keys with ``/``. A Monitor state is not searched further."""
+    if is_monitor_state(obj):
+        return [(KEY_SEP.join(_path), obj)]
+    if _depth >= _MAX_DEPTH:
+        return []
+    items: Any
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return []
+    found: list[tuple[str, dict[str, Any]]] = []
+    for k, v in items:
+        if isinstance(v, (dict, list, tuple)):
+            found += find_monitor_states(v, (*_path, str(k)), _depth + 1)
+    return found
+
+
+def _pick_state(obj: Any, path: Path, key: str | None) -> tuple[str, dict[str, Any]] | None:
+    """The Monitor state of a loaded file: the one at ``key`` (a ``/``-joined key path) or the
+    only one; None when the file holds none and no ``key`` was asked for."""
+    found = find_monitor_states(obj)
+    listed = ", ".join(repr(w) for w, _ in found) or "none"
+    if key is not None:
+        norm = key.strip(KEY_SEP)
+        for where, state in found:
+            if where == norm:
+                return where, state
+        value: Any = obj
+        for part in norm.split(KEY_SEP) if norm else []:
+            if not isinstance(value, dict) or part not in value:
+                raise ValueError(f"{path}: no key {key!r} in this file; repwatch Monitor "
+                                 f"states in it: {listed}")
+            value = value[part]
+        raise ValueError(f"{path}: the value at key {key!r} is a {type(value).__name__}, not "
+                         f"a repwatch Monitor state_dict (a dict with version 1 and "
+                         f"'engine'); Monitor states in this file: {listed}")
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(f"{path}: holds {len(found)} repwatch Monitor states, at keys "
+                         f"{listed}; choose one with --key")
+    return found[0]
+
+
+def load_representation(path: str | Path, stream: str | None = None,
+                        key: str | None = None) -> Representation:
+    """Read one input file (embedding dump, saved Monitor state, or a checkpoint dict holding a
+    Monitor state under some key) into rows. ``key``: the ``/``-joined keys of the Monitor
+    state inside a checkpoint that holds several (see :func:`find_monitor_states`)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
@@ -99,21 +170,28 @@ def load_representation(path: str | Path, stream: str | None = None) -> Represen
         except ValueError as exc:
             raise ValueError(f"{p}: not a plain numeric .npy array ({exc})") from None
         return Representation(p.stem, str(p), "dump", _rows_from_array(arr, p))
-    if suffix not in (".pt", ".pth"):
-        raise ValueError(f"{p}: expected a .pt/.pth (tensor or Monitor state) or .npy file, "
+    if suffix not in (".pt", ".pth", ".ckpt"):
+        raise ValueError(f"{p}: expected a .pt/.pth/.ckpt (tensor, Monitor state or a "
+                         f"checkpoint holding one) or .npy file, "
                          f"got {suffix or 'no suffix'!r}")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{p}: cannot read it as a torch file of tensors/plain data "
                          f"({type(exc).__name__}: {exc})") from None
-    if isinstance(obj, Tensor):
+    if isinstance(obj, Tensor) and key is None:
         return Representation(p.stem, str(p), "dump", _rows_from_array(obj, p))
-    if isinstance(obj, dict) and obj.get("version") == 1 and "engine" in obj:
-        rows, name, step = _rows_from_monitor_state(obj, p, stream)
-        return Representation(p.stem, str(p), "monitor", rows, stream=name, step=step)
-    raise ValueError(f"{p}: expected an (n, d) tensor or a repwatch Monitor state_dict, "
-                     f"got {type(obj).__name__}")
+    picked = _pick_state(obj, p, key)
+    if picked is not None:
+        where, state = picked
+        rows, name, step = _rows_from_monitor_state(state, p, stream)
+        return Representation(p.stem, str(p), "monitor", rows, stream=name, step=step,
+                              key=where)
+    extra = (f" (keys: {', '.join(repr(str(k)) for k in list(obj)[:10])}"
+             f"{', ...' if len(obj) > 10 else ''})" if isinstance(obj, dict) else "")
+    raise ValueError(f"{p}: expected an (n, d) tensor, a repwatch Monitor state_dict, or a "
+                     f"checkpoint dict holding one under some key; got a "
+                     f"{type(obj).__name__} without a Monitor state{extra}")
 
 
 def _criteria(by: str | Sequence[str]) -> tuple[str, ...]:
@@ -125,7 +203,8 @@ def _criteria(by: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def select(paths: Sequence[str | Path], probe: int | None = None,
-           by: str | Sequence[str] = CRITERIA, stream: str | None = None) -> list[dict[str, Any]]:
+           by: str | Sequence[str] = CRITERIA, stream: str | None = None,
+           key: str | None = None) -> list[dict[str, Any]]:
     """Rank the models in ``paths``; best first.
 
     Args:
@@ -137,6 +216,8 @@ def select(paths: Sequence[str | Path], probe: int | None = None,
             >= 2 dumps with equal n; when it is not the only criterion and cannot be computed
             (monitor states, unequal n, one model), its column is None.
         stream: the stream to read from Monitor states (needed when a state has several).
+        key: where the Monitor state sits in checkpoints that hold several (``/``-joined
+            keys, e.g. ``repwatch`` or ``callbacks/RepwatchCallback[run=exp1]/monitor``).
 
     Returns one dict per model: ``rank`` (1 = best), ``name``, ``path``, ``source``, ``stream``,
     ``n``, ``d``, ``rankme``, ``centrality`` (None when not computed), plus ``rankme_rank`` /
@@ -147,7 +228,7 @@ def select(paths: Sequence[str | Path], probe: int | None = None,
         raise ValueError(f"paths must be a non-empty sequence of files, got {paths!r}")
     if probe is not None and (isinstance(probe, bool) or not isinstance(probe, int) or probe < 2):
         raise ValueError(f"probe must be an int >= 2 (rows per input) or None, got {probe!r}")
-    reps = [load_representation(p, stream) for p in paths]
+    reps = [load_representation(p, stream, key) for p in paths]
     names = [r.name for r in reps]
     if len(set(names)) != len(names):                       # same stem in two folders
         names = [r.path for r in reps]
@@ -184,11 +265,11 @@ def select(paths: Sequence[str | Path], probe: int | None = None,
         ranks[c] = {k: i + 1 for i, k in enumerate(order)}
     used = [c for c in crit if c in ranks]
 
-    def key(name: str) -> tuple[float, int]:
+    def order(name: str) -> tuple[float, int]:
         return (sum(ranks[c][name] for c in used) / len(used), ranks[used[0]][name])
 
     out: list[dict[str, Any]] = []
-    for i, name in enumerate(sorted(names, key=key), 1):
+    for i, name in enumerate(sorted(names, key=order), 1):
         rep = reps[names.index(name)]
         row: dict[str, Any] = {
             "rank": i, "name": name, "path": rep.path, "source": rep.source,
@@ -239,7 +320,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run ``repwatch select``; 0 on success, 2 on bad input (message on stderr)."""
     try:
-        rows = select(args.paths, probe=args.probe_rows, by=args.by, stream=args.stream)
+        rows = select(args.paths, probe=args.probe_rows, by=args.by, stream=args.stream,
+                      key=getattr(args, "key", None))
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"repwatch select: error: {exc}", file=sys.stderr)
         return 2

@@ -1,11 +1,16 @@
-"""What a publish produces: plain floats, labels, step and time. Reading it needs no torch."""
+"""What a publish produces: plain floats, labels, step and time. Reading it needs no torch.
+
+:meth:`Snapshot.to_dict` is the JSON form (the API's, and one line per publish of
+``Monitor(log_path=...)``); :meth:`Snapshot.from_dict` reads it back (:mod:`monitor.history`
+reads a whole log).
+"""
 
 from __future__ import annotations
 
 import functools
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 SCOPES: tuple[str, ...] = ("stream", "layer", "param", "run")
@@ -96,6 +101,14 @@ class Histogram:
         """JSON-ready dict."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Histogram:
+        """The histogram of :meth:`to_dict`'s output (null read as NaN)."""
+        _require(d, ("bounds", "cumulative", "sum", "count"), "histogram")
+        return cls(bounds=[_num(v) for v in d["bounds"]],
+                   cumulative=[_num(v) for v in d["cumulative"]],
+                   sum=_num(d["sum"]), count=_num(d["count"]))
+
 
 @dataclass(frozen=True)
 class Alert:
@@ -116,6 +129,15 @@ class Alert:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Alert:
+        """The alert of :meth:`to_dict`'s output (a null ``value`` read as NaN; keys this
+        version does not know are ignored, missing optional ones take their defaults)."""
+        _require(d, _ALERT_REQUIRED, "alert")
+        known = {k: d[k] for k in _ALERT_FIELDS if k in d}
+        known["value"] = _num(known["value"])
+        return cls(**known)
 
 
 @dataclass
@@ -240,3 +262,103 @@ class Snapshot(Readings):
         if self.resumed_from is not None:
             out["resumed_from"] = self.resumed_from
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Snapshot:
+        """The snapshot whose :meth:`to_dict` is ``d`` (e.g. one line of a ``log_path`` log,
+        parsed with :func:`json.loads`); ``from_dict(d).to_dict()`` gives ``d`` back, JSON for
+        JSON, every field included (spectra when ``d`` has them: ``to_dict(spectra=True)``).
+
+        * Signal keys come back typed: every key of ``streams``, ``layers``, ``params``,
+          ``run_signals``, ``counters`` and ``histograms`` is a :class:`SignalKey`
+          (``dormant_units_ratio{tau=0.1}`` has ``.signal`` and ``.labels``; it equals and
+          hashes like the plain string, so lookups by string work as before).
+          ``Alert.signal`` stays a plain string, as the alert engine makes it.
+        * ``null`` values (how :meth:`to_dict` writes NaN and ±Inf) are read as NaN: an Inf
+          comes back as NaN, which :meth:`to_dict` writes the same way.
+        * ``run``, ``step`` and ``time`` are required; a missing optional field takes its
+          default (logs of older versions), keys this version does not know are ignored.
+
+        Raises ValueError (naming the field) when ``d`` is not such a dict.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a snapshot is a JSON object, got {type(d).__name__}")
+        _require(d, ("run", "step", "time"), "snapshot")
+        try:
+            step = d["step"]
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise ValueError(f"step must be an integer, got {step!r}")
+            spectra = d.get("spectra")
+            return cls(
+                run=str(d["run"]), step=step, time=_num(d["time"]),
+                streams=_keyed_groups(d.get("streams"), "streams"),
+                layers=_keyed_groups(d.get("layers"), "layers"),
+                params=_keyed_groups(d.get("params"), "params"),
+                run_signals=_keyed(d.get("run_signals"), "run_signals"),
+                counters=_keyed_groups(d.get("counters"), "counters"),
+                histograms={SignalKey.parse(sig): {
+                    str(s): Histogram.from_dict(_obj(h, f"histograms.{sig}.{s}"))
+                    for s, h in _obj(per, f"histograms.{sig}").items()}
+                    for sig, per in _obj(d.get("histograms"), "histograms").items()},
+                spectra=({str(s): [_num(v) for v in _list(vals, f"spectra.{s}")]
+                          for s, vals in _obj(spectra, "spectra").items()}),
+                dropped={str(k): _num(v) for k, v in _obj(d.get("dropped"), "dropped").items()},
+                alerts=[Alert.from_dict(_obj(a, "alerts[]"))
+                        for a in _list(d.get("alerts"), "alerts")],
+                errors={str(k): v for k, v in _obj(d.get("errors"), "errors").items()},
+                publish_duration_seconds=_num(d.get("publish_duration_seconds", 0.0)),
+                overhead_ratio=_num(d.get("overhead_ratio")),
+                effective_cadence_steps=_num(d.get("effective_cadence_steps")),
+                rank=d.get("rank"),
+                resumed_from=d.get("resumed_from"),
+            )
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"not a snapshot: {exc}") from exc
+
+
+_ALERT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Alert))
+_ALERT_REQUIRED: tuple[str, ...] = tuple(
+    f.name for f in fields(Alert) if f.default is MISSING and f.default_factory is MISSING)
+
+
+def _require(d: dict[str, Any], keys: Iterable[str], what: str) -> None:
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise ValueError(f"{what} without {', '.join(repr(k) for k in missing)}: "
+                         f"keys are {sorted(d)}")
+
+
+def _num(v: Any) -> Any:
+    """A JSON number as written by :meth:`Snapshot.to_dict` (null → NaN; ints stay ints)."""
+    if v is None:
+        return math.nan
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"expected a number or null, got {v!r}")
+    return v
+
+
+def _obj(v: Any, where: str) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ValueError(f"{where} must be an object, got {type(v).__name__}")
+    return v
+
+
+def _list(v: Any, where: str) -> list[Any]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise ValueError(f"{where} must be a list, got {type(v).__name__}")
+    return v
+
+
+def _keyed(values: Any, where: str) -> dict[str, float]:
+    """``{key: number|null}`` with typed keys and NaN for null."""
+    return {SignalKey.parse(k): _num(v) for k, v in _obj(values, where).items()}
+
+
+def _keyed_groups(groups: Any, where: str) -> dict[str, dict[str, float]]:
+    """``{name: {key: number|null}}`` with typed keys and NaN for null."""
+    return {str(name): _keyed(vals, f"{where}.{name}")
+            for name, vals in _obj(groups, where).items()}

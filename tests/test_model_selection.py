@@ -117,10 +117,12 @@ def test_bad_inputs(tmp_path: Path, dumps: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match=r"expected an \(n, d\) embedding matrix, got shape \(4, 3, 2\)"):
         load_representation(tmp_path / "cube.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "ckpt.pt")
-    with pytest.raises(ValueError, match="expected an \\(n, d\\) tensor or a repwatch Monitor state_dict, got dict"):
+    with pytest.raises(ValueError, match=r"expected an \(n, d\) tensor, a repwatch Monitor "
+                       r"state_dict, or a checkpoint dict holding one .* got a dict without a "
+                       r"Monitor state \(keys: 'weights'\)"):
         load_representation(tmp_path / "ckpt.pt")
     (tmp_path / "x.csv").write_text("1,2\n")
-    with pytest.raises(ValueError, match=r"expected a .pt/.pth .* or .npy file, got '.csv'"):
+    with pytest.raises(ValueError, match=r"expected a .pt/.pth/.ckpt .* or .npy file, got '.csv'"):
         load_representation(tmp_path / "x.csv")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="cannot read it as a torch file"):
@@ -141,3 +143,82 @@ def test_bad_inputs(tmp_path: Path, dumps: dict[str, Path]) -> None:
         select([])
     with pytest.raises(ValueError, match="probe must be an int >= 2"):
         select([dumps["good"]], probe=1)
+
+
+# ---- checkpoints holding a Monitor state (issue 19, point 5) ---------------------------------
+
+
+def _monitor_state(rows: torch.Tensor, streams: tuple[str, ...] = ("proj",)) -> dict:
+    mon = Monitor(port=None, window=512, every=4, max_rows=256)
+    for chunk in rows.split(64):
+        for s in streams:
+            mon.observe(s, chunk)
+        mon.step()
+    state = mon.state_dict()
+    mon.close()
+    return state
+
+
+def test_readme_checkpoint_with_model_and_monitor_state(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's own checkpoint, ``{"model": model.state_dict(), "repwatch":
+    mon.state_dict()}``, is read: the Monitor state is found under its key."""
+    gen = torch.Generator().manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.ReLU())
+    state = _monitor_state(torch.randn(384, 24, generator=gen))
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "repwatch": state}, path)
+    rep = load_representation(path)
+    assert (rep.source, rep.stream, rep.key) == ("monitor", "proj", "repwatch")
+    assert tuple(rep.rows.shape) == (384, 24)
+    plain = tmp_path / "plain.pt"
+    torch.save(state, plain)                      # the same state saved alone: same rows
+    assert torch.equal(load_representation(plain).rows, rep.rows)
+    assert load_representation(plain).key == ""
+    # the command line: `repwatch select ckpt.pt` ranks it
+    from monitor.cli import main
+
+    assert main(["select", str(path), str(plain), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {d["name"] for d in data} == {"ckpt", "plain"}
+    assert all(d["source"] == "monitor" and d["n"] == 384 for d in data)
+
+
+def test_nested_checkpoint_and_several_states_need_a_key(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A Lightning-style checkpoint (the state a few dicts down) is found; a file with several
+    Monitor states names their keys and is read with ``--key``."""
+    gen = torch.Generator().manual_seed(6)
+    a = _monitor_state(torch.randn(256, 16, generator=gen))
+    b = _monitor_state(torch.randn(256, 3, generator=gen) @ torch.randn(3, 16, generator=gen))
+    lightning = tmp_path / "last.ckpt"
+    torch.save({"epoch": 3, "state_dict": {"w": torch.zeros(2)},
+                "callbacks": {"RepwatchCallback[run=exp1]": {"monitor": a}}}, lightning)
+    rep = load_representation(lightning)
+    assert rep.key == "callbacks/RepwatchCallback[run=exp1]/monitor" and rep.rows.shape[1] == 16
+
+    two = tmp_path / "two.pt"
+    torch.save({"model": {}, "monitors": {"student": a, "teacher": b}}, two)
+    with pytest.raises(ValueError, match=r"holds 2 repwatch Monitor states, at keys "
+                                         r"'monitors/student', 'monitors/teacher'; choose one "
+                                         r"with --key"):
+        load_representation(two)
+    low = load_representation(two, key="monitors/teacher")
+    assert low.key == "monitors/teacher"
+    assert torch.equal(load_representation(two, key="/monitors/student/").rows,
+                       load_representation(lightning).rows)
+    with pytest.raises(ValueError, match=r"no key 'monitors/x' in this file; .*'monitors/student'"):
+        load_representation(two, key="monitors/x")
+    with pytest.raises(ValueError, match=r"the value at key 'model' is a dict, not a repwatch "
+                                         r"Monitor state_dict"):
+        load_representation(two, key="model")
+    from monitor.cli import main
+
+    assert main(["select", str(two)]) == 2
+    assert "choose one with --key" in capsys.readouterr().err
+    assert main(["select", str(two), str(lightning), "--key", "monitors/teacher",
+                 "--by", "rankme"]) == 2          # last.ckpt has no such key: said clearly
+    assert "last.ckpt: no key 'monitors/teacher'" in capsys.readouterr().err
+    assert main(["select", str(two), "--key", "monitors/teacher", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["rankme"] < 4.0                    # the rank-3 teacher, not the student

@@ -3,6 +3,8 @@
 Forward hooks always return None, work on detached tensors under ``no_grad`` and never
 synchronise the device; the row reduction itself is :mod:`monitor.capture.rows`. Under
 ``torch.compile`` a hook calls the opaque custom op ``repwatch::capture`` (registry ``_LIVE``).
+A hook captures according to its mode (:data:`monitor.config.CAPTURE_MODES`): by default only
+while its module is in training mode, so validation passes stay out of the training windows.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from monitor.capture.rows import first_tensor, to_rows
-from monitor.config import TOKEN_MODES, Tokens
+from monitor.config import CAPTURE_MODES, TOKEN_MODES, CaptureMode, Tokens
 from monitor.errors import ErrorLog
 
 
@@ -69,7 +71,7 @@ class CaptureTarget:
     take_activations: Callable[[str, Tensor], None]
     """A watched activation layer's raw output."""
     capturing: Callable[[], bool]
-    """Whether this step is captured (the overhead budget may skip steps)."""
+    """Whether rows are captured now (the overhead budget may skip steps; ``paused()``)."""
     errors: ErrorLog
     spent: Callable[[float], None]
     """Host seconds the hook spent (the overhead budget's account)."""
@@ -81,21 +83,30 @@ class Capture:
     Under ``torch.compile`` the hook only picks the tensor and calls the opaque custom op
     ``repwatch::capture``, which does the work at run time: the compiled graph keeps one node
     for it, with no graph break (``fullgraph=True`` works) and the same rows as eager mode.
+
+    ``mode``: ``"train"`` captures only while ``module`` (and the module a DDP, DataParallel,
+    FSDP or ``torch.compile`` wrapper wraps) is in training mode, ``"eval"`` only while it is
+    not, ``"always"`` whatever its mode.
     """
 
     component = "capture"
 
     def __init__(self, target: CaptureTarget, stream: str, module: nn.Module,
-                 select: Callable[[Any], Tensor] | None = None, tokens: Tokens = "mean") -> None:
+                 select: Callable[[Any], Tensor] | None = None, tokens: Tokens = "mean",
+                 mode: CaptureMode = "train") -> None:
         if tokens not in TOKEN_MODES:
             raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
+        if mode not in CAPTURE_MODES:
+            raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {mode!r}")
         if select is not None and not callable(select):
             raise TypeError(f"select must be callable(output) -> Tensor, got {type(select).__name__}")
         self.target = target
         self.stream = stream
         self.select = select
         self.tokens: Tokens = tokens
+        self.mode: CaptureMode = mode
         self.enabled = True
+        self._inner = _wrapped(module)
         self._guard = target.errors.guard(self.component, key=f"{self.component}[{stream}]",
                                           on_error=self._switch_off)
         self._key = next(_KEYS)
@@ -103,6 +114,8 @@ class Capture:
         self._handle = module.register_forward_hook(self)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.mode != "always" and self._training(module) != (self.mode == "train"):
+            return None                  # e.g. a validation pass under model.eval()
         if _COMPILED_CAPTURE is not None and _compiling():
             t = self._tensor(output)
             if t is not None:
@@ -110,6 +123,15 @@ class Capture:
             return None
         self._process(output, selected=False)
         return None
+
+    def _training(self, module: nn.Module) -> bool:
+        """Whether ``module`` runs in training mode: its flag, and the wrapped module's for a
+        wrapper (``inner.eval()`` leaves a DDP/compile wrapper's own flag True). Under
+        torch.compile Dynamo reads (and guards on) the flag while tracing."""
+        if not module.training:
+            return False
+        inner = self._inner() if self._inner is not None else None
+        return inner is None or bool(inner.training)
 
     def _tensor(self, output: Any) -> Tensor | None:
         return self.select(output) if self.select is not None else first_tensor(output)
@@ -153,6 +175,15 @@ class Capture:
         self._handle.remove()
         self.enabled = False
         _LIVE.pop(self._key, None)
+
+
+def _wrapped(module: nn.Module) -> weakref.ref[nn.Module] | None:
+    """A weak reference to the module a DDP/DataParallel/FSDP/``torch.compile`` wrapper wraps
+    (None for a plain module): its training flag decides too."""
+    from monitor.engine.distributed import unwrap
+
+    inner = unwrap(module)
+    return weakref.ref(inner) if inner is not module else None
 
 
 class ActivationCapture(Capture):

@@ -363,12 +363,52 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _manifests(args: argparse.Namespace) -> int:
-    """Write the generated Kubernetes manifests (PrometheusRule, dashboard ConfigMap)."""
-    from exporters.k8s import write_manifests
+def _runbook_base(text: str) -> str:
+    """An absolute http(s) URL (argparse type of ``--runbook-base``)."""
+    from exporters.rules import check_runbook_base
 
-    for path in write_manifests(args.out, runbook_base=args.runbook_base):
-        print(path)
+    try:
+        return check_runbook_base(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _manifests(args: argparse.Namespace) -> int:
+    """Write the generated Kubernetes manifests (PrometheusRule, dashboard ConfigMap): into
+    ``--out``, or without it into the repository's component folder, which must be under the
+    working directory (refused elsewhere: a stray ``./deploy/...`` would hold 2 of its 5 files).
+    Every path written is printed, absolute."""
+    from pathlib import Path
+
+    from exporters.k8s import (COMPONENT_DIR, DASHBOARD_FILE, HAND_WRITTEN_FILES,
+                               PROMETHEUS_RULE_FILE, write_manifests)
+    from exporters.rules import DEFAULT_RUNBOOK_BASE
+
+    generated = f"{PROMETHEUS_RULE_FILE} and {DASHBOARD_FILE}"
+    if args.out is None:
+        out = Path(COMPONENT_DIR)
+        if not (out / HAND_WRITTEN_FILES[0]).is_file():
+            print(f"repwatch manifests: error: {Path.cwd() / COMPONENT_DIR} is not the "
+                  f"repository's component folder (no {HAND_WRITTEN_FILES[0]}; run it from the "
+                  f"root of a repwatch checkout, or give --out DIR). It writes the 2 generated "
+                  f"files of the component only ({generated}); the other "
+                  f"{len(HAND_WRITTEN_FILES)} ({', '.join(HAND_WRITTEN_FILES)}) are the "
+                  f"repository's.", file=sys.stderr)
+            return 2
+    else:
+        out = Path(args.out)
+    for path in write_manifests(out, runbook_base=args.runbook_base):
+        print(f"wrote {path.resolve()}")
+    missing = [f for f in HAND_WRITTEN_FILES if not (out / f).is_file()]
+    if missing:
+        print(f"note: {out.resolve()} holds the 2 generated files only; the component also "
+              f"needs {', '.join(missing)} from the repository's {COMPONENT_DIR}/ (not "
+              f"generated, not written here)", file=sys.stderr)
+    if args.runbook_base is None:
+        print(f"note: runbook links point to {DEFAULT_RUNBOOK_BASE} (a repwatch server on "
+              f"the viewer's machine, e.g. after kubectl port-forward POD 9400); pass "
+              f"--runbook-base URL for where your operators read the runbooks",
+              file=sys.stderr)
     return 0
 
 
@@ -476,7 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     watch.add_argument("--run", default=None, help="show only this run")
     watch.add_argument("--interval", type=_positive_float, default=2.0, metavar="SECONDS",
                        help="poll every SECONDS (default 2)")
-    watch.add_argument("--once", action="store_true", help="print one frame and exit")
+    watch.add_argument("--once", action="store_true",
+                       help="print one frame and exit (into a pipe or a file: never wrapped, "
+                            "one line per row, whatever $COLUMNS says)")
     watch.add_argument("--token-file", default=None, metavar="FILE",
                        help="file holding a bearer token sent with every request")
     watch.set_defaults(func=_watch)
@@ -484,17 +526,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules = sub.add_parser("rules", help="render the Prometheus alert rules from the alert spec")
     rules.add_argument("--out", default=None, metavar="PATH",
                        help="write here (default: stdout), e.g. deploy/prometheus/rules.yml")
-    rules.add_argument("--runbook-base", default=None, metavar="URL",
-                       help="base of the runbook links (default: $REPWATCH_RUNBOOK_BASE or "
-                            "docs/runbooks.md)")
+    rules.add_argument("--runbook-base", default=None, metavar="URL", type=_runbook_base,
+                       help="absolute http(s) URL of the runbooks the alerts link to (default: "
+                            "$REPWATCH_RUNBOOK_BASE when it is one, else "
+                            "http://127.0.0.1:9400/runbooks: the page a repwatch server on the "
+                            "viewer's machine serves)")
     rules.set_defaults(func=_rules)
 
     manifests = sub.add_parser("manifests", help="render the generated files of the Kubernetes "
                                                  "component (PrometheusRule, dashboard ConfigMap)")
-    manifests.add_argument("--out", default="deploy/k8s/components/repwatch", metavar="DIR",
-                           help="component directory (default: deploy/k8s/components/repwatch)")
-    manifests.add_argument("--runbook-base", default=None, metavar="URL",
-                           help="base of the runbook links (as for `repwatch rules`)")
+    manifests.add_argument("--out", default=None, metavar="DIR",
+                           help="where to write the 2 generated files (default: "
+                                "deploy/k8s/components/repwatch, only when run from the "
+                                "repository's root; elsewhere --out is required)")
+    manifests.add_argument("--runbook-base", default=None, metavar="URL", type=_runbook_base,
+                           help="absolute http(s) URL of the runbooks (as for `repwatch rules`)")
     manifests.set_defaults(func=_manifests)
 
     dash = sub.add_parser("dashboard", help="render the Grafana dashboard from the catalogue")
@@ -523,11 +569,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpush.set_defaults(func=_grafana_push)
 
     from monitor.cli.bench import add_parser as add_bench
+    from monitor.cli.report import add_parser as add_report
     from monitor.cli.select import add_parser as add_select
     from monitor.sidecar.cli import add_parser as add_serve
     add_select(sub)
     add_serve(sub)
     add_bench(sub)
+    add_report(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

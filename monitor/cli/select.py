@@ -22,8 +22,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "select", help="rank models/checkpoints by RankMe and CKA centrality (no labels)",
         description=DESCRIPTION)
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="embedding dumps (.pt tensor or .npy, (n, d)) or saved Monitor states (.pt)")
+                   help="embedding dumps (.pt tensor or .npy, (n, d)), saved Monitor states "
+                        "(.pt), or checkpoints holding a Monitor state under some key (e.g. "
+                        "torch.save({'model': ..., 'repwatch': mon.state_dict()}, 'ckpt.pt'))")
     p.add_argument("--stream", default=None, help="stream to read from Monitor states")
+    p.add_argument("--key", default=None, metavar="KEY",
+                   help="where the Monitor state sits in a checkpoint holding several: the "
+                        "keys leading to it joined by '/' (e.g. repwatch, or "
+                        "callbacks/RepwatchCallback[run=exp1]/monitor); found by itself when "
+                        "there is one")
     p.add_argument("--by", choices=("rankme", "centrality", "both"), default="both",
                    help="ranking criterion (default both: mean of the two ranks)")
     p.add_argument("--probe-rows", type=int, default=None, metavar="N",

@@ -370,6 +370,35 @@ def fetch(url: str, run: str | None = None, *, token: str | None = None,
             cl.close()
 
 
+PIPE_WIDTH = 1000
+"""Console width when stdout is not a terminal (a pipe, a file, CI logs): wide enough that no
+cell of the table is folded (``strea`` / ``m``); a table is only as wide as its content."""
+
+
+def plain_console() -> Console:
+    """The console of ``repwatch watch``: the terminal's width on a terminal; elsewhere
+    :data:`PIPE_WIDTH` columns, whatever ``$COLUMNS`` says, so that piped output is not wrapped
+    at 80 columns."""
+    if sys.stdout.isatty():
+        return Console(highlight=False)
+    return Console(highlight=False, width=PIPE_WIDTH)
+
+
+def print_unwrapped(console: Console, table: Table) -> None:
+    """Print ``table`` for a pipe or a file: title and caption lines on lines of their own
+    (``soft_wrap``: never broken at the table's width), the rows at their natural width."""
+    title, caption = table.title, table.caption
+    table.title = table.caption = None
+    try:
+        if title is not None:
+            console.print(title, soft_wrap=True)
+        console.print(table)
+        if caption is not None:
+            console.print(caption, soft_wrap=True)
+    finally:
+        table.title, table.caption = title, caption
+
+
 def normalise_url(url: str) -> str:
     """``host:port`` → ``http://host:port``; no trailing slash."""
     url = url.strip().rstrip("/")
@@ -384,7 +413,7 @@ def watch(url: str, *, run: str | None = None, interval: float = 2.0, once: bool
     import httpx
 
     url = normalise_url(url)
-    console = console or Console(highlight=False)
+    console = console or plain_console()
     with httpx.Client(timeout=max(2.0, interval), headers=(
             {"Authorization": f"Bearer {token}"} if token else {})) as client:
         try:
@@ -402,7 +431,10 @@ def watch(url: str, *, run: str | None = None, interval: float = 2.0, once: bool
             if run is not None and not status:
                 print(f"repwatch watch: error: no run {run!r} at {url}", file=sys.stderr)
                 return 2
-            console.print(frame())
+            if console.is_terminal:
+                console.print(frame())
+            else:                                        # a pipe or a file: never wrapped
+                print_unwrapped(console, frame())
             return 0
         try:
             with live(console, frame()) as lv:

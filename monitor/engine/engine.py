@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from monitor.config import DEFAULT_MAX_CLASSES
 from monitor.engine.tracking import RunTracker
 from monitor.errors import ErrorLog
 from monitor.scorers import CollapseScorer, SpectrumScorer
@@ -56,6 +57,9 @@ class Stream:
 
     Optional scorers join when first needed: Q-Score (``qscore=True``), neural collapse (the
     first batch with labels), and the generator/real pair statistics (:meth:`Engine.pair`).
+    At compute an optional part that fails (Q-Score, neural collapse, or NC3/NC4 against a
+    classifier that does not fit) is counted and switched off alone (``parts_off``); the
+    spectral and collapse signals go on.
     """
 
     def __init__(self, name: str, dim: int, window: int, device: torch.device,
@@ -75,6 +79,8 @@ class Stream:
             self.qscore = QScoreScorer(window=window, device=device, **options)
         self.nc: Any = None
         self.enabled = True
+        self.parts_off: set[str] = set()
+        """Optional parts switched off after a failure: ``qscore``, ``nc``, ``nc_classifier``."""
 
     @property
     def device(self) -> torch.device:
@@ -100,31 +106,59 @@ class Stream:
         self.nc.update(rows, labels)
 
     def compute(self, classifier: tuple[Tensor, Tensor | None] | None = None,
-                calibrate: bool = True) -> dict[Key, Tensor]:
+                calibrate: bool = True, errors: ErrorLog | None = None) -> dict[Key, Tensor]:
         """Every scorer's signals as device tensors, the stream's counters and the parts of its
         histograms; ``calibrate``: whether reference levels (the Q-Score threshold) may be
-        fixed now."""
+        fixed now. With ``errors``, a failing optional part (Q-Score, neural collapse, NC3/NC4)
+        is counted there and switched off alone; without, it raises."""
         out: dict[Key, Tensor] = {}
         for scorer in self.scorers:
             out.update(scorer.compute(self.moments))
         if "spectral_sketch_dim" not in out:                    # the exact path
             out["spectral_sketch_dim"] = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.qscore is not None:
-            out.update(self.qscore.compute(calibrate=calibrate))
-            out["negative_values_ratio"] = self._negative_share()
-            parts = (HistogramPart.BOUNDS, HistogramPart.CUMULATIVE, HistogramPart.SUM,
-                     HistogramPart.COUNT)
-            for part, value in zip(parts, self.qscore.histogram(), strict=True):
-                out[HistogramKey("qscore", part)] = value
+            self._part("qscore", errors, out, lambda: self._qscore_signals(calibrate))
         if self.nc is not None:
-            if classifier is not None:
-                out.update(self.nc.compute(classifier[0], classifier[1]))
-            else:
-                out.update(self.nc.compute())
+            stats: list[tuple[Tensor, Tensor, Tensor]] = []
+
+            def window_signals() -> dict[str, Tensor]:
+                stats.append(self.nc.statistics())
+                return self.nc.window_signals(stats[0])
+
+            self._part("nc", errors, out, window_signals)
+            if classifier is not None and stats:
+                self._part("nc_classifier", errors, out, lambda: self.nc.classifier_signals(
+                    classifier[0], classifier[1], stats[0]))
         out["samples"] = self.moments.seen
         out["nonfinite_values"] = self.moments.nonfinite
         return out
 
+    def _qscore_signals(self, calibrate: bool) -> dict[Key, Tensor]:
+        out: dict[Key, Tensor] = dict(self.qscore.compute(calibrate=calibrate))
+        out["negative_values_ratio"] = self._negative_share()
+        parts = (HistogramPart.BOUNDS, HistogramPart.CUMULATIVE, HistogramPart.SUM,
+                 HistogramPart.COUNT)
+        for part, value in zip(parts, self.qscore.histogram(), strict=True):
+            out[HistogramKey("qscore", part)] = value
+        return out
+
+    def _part(self, part: str, errors: ErrorLog | None, out: dict[Key, Tensor],
+              make: Callable[[], Mapping[Any, Tensor]]) -> None:
+        """Add the signals of optional ``part``; with ``errors``, a failure is counted (under
+        ``qscore`` or ``neural_collapse``) and switches this part off, not the stream."""
+        if part in self.parts_off:
+            return
+        if errors is None:
+            out.update(make())
+            return
+        try:
+            values = make()
+        except Exception as exc:
+            component = "qscore" if part == "qscore" else "neural_collapse"
+            errors.record(component, exc, key=f"{part}[{self.name}]")
+            self.parts_off.add(part)
+            return
+        out.update(values)
 
     def _negative_share(self) -> Tensor:
         """Fraction of negative entries among the window's valid rows: Q-Score assumes
@@ -183,7 +217,7 @@ class Engine:
 
     def __init__(self, window: int, errors: ErrorLog, spectrum: dict[str, Any] | None = None,
                  spectrum_points: int = 1024, peak_warmup: int = 0,
-                 qscore: dict[str, Any] | None = None, max_classes: int = 1000,
+                 qscore: dict[str, Any] | None = None, max_classes: int | None = 1000,
                  taus: Sequence[float] = (0.0, 0.025, 0.1), low_activity_rate: float = 0.01,
                  spectral: SpectralPath | None = None) -> None:
         self.window = window
@@ -192,7 +226,12 @@ class Engine:
         self.errors = errors
         self.spectrum_kwargs = spectrum or {}
         self.qscore_kwargs = qscore
-        self.max_classes = max_classes
+        self.max_classes = DEFAULT_MAX_CLASSES if max_classes is None else max_classes
+        """Label capacity of neural collapse; with ``max_classes=None`` it follows the watched
+        classifiers (:meth:`watch_classifier`)."""
+        self.classes_follow_classifiers = max_classes is None
+        self.classifier_classes: dict[str | int, int] = {}
+        """out_features of each watched classifier, by stream name or dimension."""
         self.taus = tuple(taus)
         self.low_activity_rate = low_activity_rate
         self.spectrum_points = spectrum_points
@@ -291,15 +330,30 @@ class Engine:
 
     def watch_classifier(self, linear: Any, stream: str | None = None) -> None:
         """Read NC3/NC4's class weights and bias from ``linear`` at each publish, for
-        ``stream`` (default: every labelled stream of dimension ``linear.in_features``)."""
+        ``stream`` (default: every labelled stream of dimension ``linear.in_features``).
+
+        Unless ``max_classes`` was given, the label capacity becomes the largest
+        ``out_features`` of the watched classifiers (at least 2), and the existing
+        neural-collapse scorers are resized to it."""
         def get() -> tuple[Tensor, Tensor | None]:
             bias = linear.bias.detach() if linear.bias is not None else None
             return linear.weight.detach(), bias
 
+        key: str | int
         if not stream:
-            self.classifiers_by_dim[int(linear.in_features)] = get
+            key = int(linear.in_features)
+            self.classifiers_by_dim[key] = get
         else:
+            key = stream
             self.classifiers[stream] = get
+        self.classifier_classes[key] = int(linear.out_features)
+        if self.classes_follow_classifiers:
+            classes = max(2, *self.classifier_classes.values())
+            if classes != self.max_classes:
+                self.max_classes = classes
+                for st in self.streams.values():
+                    if st.nc is not None:
+                        st.nc.resize(classes)
 
     def sample_scores(self, stream: str) -> tuple[Tensor, Tensor]:
         """Q-Scores of the last batch of ``stream`` and the rows' indices in it (host copies)."""
@@ -321,7 +375,8 @@ class Engine:
             if stream.enabled:
                 self._guard("scorer", name, stream, lambda s=stream, n=name: [
                     Entry("stream", n, k, v)
-                    for k, v in s.compute(self._classifier(n), calibrate=warm).items()],
+                    for k, v in s.compute(self._classifier(n), calibrate=warm,
+                                          errors=self.errors).items()],
                     entries)
         for fake, (_, scorer) in self.pairs.items():
             if scorer is not None and not isinstance(scorer, dict):
@@ -458,6 +513,7 @@ class Engine:
                 from monitor.scorers.neural_collapse import NeuralCollapseScorer
                 stream.nc = NeuralCollapseScorer(stream.dim, self.max_classes, self.window, device)
                 stream.nc.load_state_dict(st["nc"])
+                stream.nc.resize(self.max_classes)     # labels saved under a larger capacity
             stream.enabled = bool(st["enabled"])
             self.streams[name] = stream
         for fake, st in state.get("pairs", {}).items():

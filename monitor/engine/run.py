@@ -108,6 +108,7 @@ class RunPublisher:
         self.latest: Snapshot | None = None
         self.history: deque[Snapshot] = deque(maxlen=history)
         self.callbacks: list[Callable[[Alert], Any]] = []
+        self.publish_callbacks: list[Callable[[Snapshot], Any]] = []
         self.log_path = Path(log_path) if log_path is not None else None
         self._resumed_from: int | None = None
 
@@ -153,8 +154,8 @@ class RunPublisher:
         return snap, fired, resolved
 
     def notify(self, snap: Snapshot, fired: Sequence[Alert], resolved: Sequence[Alert]) -> None:
-        """Log the alerts that fired and resolved, call the callbacks with each fired one and
-        append the snapshot to the JSONL log (outside any lock: callbacks may be slow)."""
+        """Log the alerts that fired and resolved, call the callbacks with each fired one, the
+        publish callbacks with the snapshot, and append the snapshot to the JSONL log (outside any lock: callbacks may be slow)."""
         for alert in fired:
             log.warning("ALERT %s [%s] firing on %s/%s at step %d: %s", alert.name,
                         alert.severity, self.run, alert.stream, snap.step, alert.description)
@@ -165,6 +166,10 @@ class RunPublisher:
         for alert in resolved:
             log.warning("RESOLVED %s on %s/%s at step %d", alert.name, self.run, alert.stream,
                         snap.step)
+        for callback in list(self.publish_callbacks):
+            name = getattr(callback, "__name__", type(callback).__name__)
+            with self.errors.guard("callback", key=f"callback[{name}]"):
+                callback(snap)
         if self.log_path is not None:
             try:
                 with self.log_path.open("a") as fh:

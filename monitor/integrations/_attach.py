@@ -1,4 +1,5 @@
-"""What both framework callbacks share: validate the layer list, build and attach a Monitor."""
+"""What both framework callbacks share: validate the layer list, build and attach a Monitor,
+publish what is pending when training ends."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from monitor.monitor import Monitor
+from monitor.snapshot import Snapshot
 
 Layer = str | nn.Module
 
@@ -78,3 +80,18 @@ def attach(model: nn.Module, layers: tuple[Layer, ...], activations: bool | tupl
         mon.close()
         raise
     return mon
+
+
+def publish_pending(mon: Monitor | None) -> Snapshot | None:
+    """Publish the steps counted since the monitor's latest publish (the end of training's
+    partial cadence), so that the last values reach the framework's loggers before they close;
+    None when nothing is pending or the monitor is closed. Errors are counted, not raised
+    (unless the monitor is strict)."""
+    if mon is None or mon._closed or mon.step_count <= 0:
+        return None
+    latest = mon.latest
+    if latest is not None and latest.step >= mon.step_count:
+        return None
+    with mon.errors.guard("publish"):
+        return mon.publish()
+    return None

@@ -13,12 +13,14 @@ means, ``μ_G`` the global mean of the samples and ``M̃ = [μ_c − μ_G]``:
 * ``neural_collapse_nc2_equinorm`` — ``Std_c ‖μ_c − μ_G‖ / Avg_c ‖μ_c − μ_G‖``.
 * ``neural_collapse_nc2_equiangularity`` — ``Std_{c<c'} cos∠(μ_c − μ_G, μ_c' − μ_G)``.
 * ``neural_collapse_nc2_max_angle`` — ``Avg_{c≠c'} |cos∠ + 1/(C−1)|``.
-* ``neural_collapse_nc3`` — ``‖W/‖W‖_F − M̃/‖M̃‖_F‖_F²`` (needs the classifier at compute).
+* ``neural_collapse_nc3`` — ``‖W/‖W‖_F − M̃/‖M̃‖_F‖_F²`` (needs the classifier at compute; a
+  classifier of any number of classes: see :meth:`NeuralCollapseScorer.classifier_signals`).
 * ``neural_collapse_nc4`` — fraction of window rows where the classifier's argmax differs from
   the nearest class mean (current window means; needs the classifier at compute).
 * ``neural_collapse_classes`` — classes present in the window (C above),
   ``neural_collapse_window_samples`` — valid rows in the window (N),
-  ``labels_out_of_range`` — rows ever seen with a label outside ``[0, max_classes)``
+  ``labels_out_of_range`` — rows ever seen with a label outside ``[0, max_classes)`` (and window
+  rows left out when :meth:`NeuralCollapseScorer.resize` lowers ``max_classes``)
   (counted on the device and excluded, never checked on the host), ``nonfinite_rows`` — rows
   ever seen with a NaN/Inf (excluded likewise).
 
@@ -37,6 +39,8 @@ training set through the current model (eval mode) at a checkpoint and read the 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -120,24 +124,74 @@ class NeuralCollapseScorer(Scorer):
         """NC signals of the window as 0-d device tensors (no host sync).
 
         ``weight`` (max_classes, dim) and ``bias`` (max_classes,) of the linear classifier on
-        these features add ``neural_collapse_nc3`` and ``neural_collapse_nc4``.
+        these features add ``neural_collapse_nc3`` and ``neural_collapse_nc4``
+        (:meth:`classifier_signals` takes a classifier of any number of classes).
         """
-        s, sums, counts = self.statistics()
-        out = window_neural_collapse_signals(s, sums, counts)
+        if weight is not None and tuple(weight.shape) != (self.max_classes, self.dim):
+            raise ValueError(f"expected classifier weight of shape ({self.max_classes}, "
+                             f"{self.dim}), got {tuple(weight.shape)} (classifier_signals() "
+                             "takes any number of classes)")
+        stats = self.statistics()
+        out = self.window_signals(stats)
         if weight is not None:
-            if weight.shape != (self.max_classes, self.dim):
-                raise ValueError(f"expected classifier weight of shape ({self.max_classes}, "
-                                 f"{self.dim}), got {tuple(weight.shape)}")
-            w = weight.detach().to(self.device)
-            b = None if bias is None else bias.detach().to(self.device)
-            mu, _, _ = class_means(sums, counts)
-            m_tilde, present = centered_class_means(sums, counts)           # (C, d), (C,)
-            out["neural_collapse_nc3"] = nc3_self_duality(w, m_tilde, present)
-            out["neural_collapse_nc4"] = nc4_ncc_mismatch(self.ring, w, b, mu, present,
-                                                          row_weights=self.ring_valid)
+            out.update(self.classifier_signals(weight, bias, stats))
+        return out
+
+    def window_signals(self, stats: tuple[Tensor, Tensor, Tensor] | None = None
+                       ) -> dict[str, Tensor]:
+        """NC1/NC2, classes, window rows and the counters, from ``stats`` (:meth:`statistics`)."""
+        s, sums, counts = stats if stats is not None else self.statistics()
+        out = window_neural_collapse_signals(s, sums, counts)
         out["labels_out_of_range"] = self.out_of_range.clone()
         out["nonfinite_rows"] = self.nonfinite.clone()
         return out
+
+    def classifier_signals(self, weight: Tensor, bias: Tensor | None = None,
+                           stats: tuple[Tensor, Tensor, Tensor] | None = None
+                           ) -> dict[str, Tensor]:
+        """NC3 and NC4 against the linear classifier ``weight`` (C', dim), ``bias`` (C',).
+
+        Class c is the classifier's row c. A classifier of fewer rows than ``max_classes``
+        (C' < C) is compared on the first C' classes, and both values are NaN while the window
+        holds a label ≥ C' (a class the classifier does not have; decided on the device); a
+        classifier of more rows (C' > C) has its extra classes absent from the window.
+        """
+        if weight.dim() != 2 or weight.shape[1] != self.dim:
+            raise ValueError(f"expected classifier weight of shape (C, {self.dim}), got "
+                             f"{tuple(weight.shape)}")
+        c_w = weight.shape[0]
+        if bias is not None and tuple(bias.shape) != (c_w,):
+            raise ValueError(f"expected classifier bias of shape ({c_w},), got {tuple(bias.shape)}")
+        _, sums, counts = stats if stats is not None else self.statistics()  # (C, d), (C,)
+        beyond: Tensor | None = None
+        if c_w < sums.shape[0]:
+            beyond = counts[c_w:].sum() > 0                                 # () bool, device
+            sums, counts = sums[:c_w], counts[:c_w]
+        elif c_w > sums.shape[0]:
+            extra = c_w - sums.shape[0]
+            sums = torch.cat([sums, sums.new_zeros(extra, sums.shape[1])])
+            counts = torch.cat([counts, counts.new_zeros(extra)])
+        w = weight.detach().to(self.device)
+        b = None if bias is None else bias.detach().to(self.device)
+        mu, _, _ = class_means(sums, counts)
+        m_tilde, present = centered_class_means(sums, counts)               # (C', d), (C',)
+        out = {"neural_collapse_nc3": nc3_self_duality(w, m_tilde, present),
+               "neural_collapse_nc4": nc4_ncc_mismatch(self.ring, w, b, mu, present,
+                                                       row_weights=self.ring_valid)}
+        if beyond is not None:
+            nan = torch.full((), math.nan, dtype=torch.float64, device=self.device)
+            out = {k: torch.where(beyond, nan, v) for k, v in out.items()}
+        return out
+
+    def resize(self, max_classes: int) -> None:
+        """Take labels in ``[0, max_classes)`` from now on (e.g. a classifier's class count):
+        window rows whose label falls outside are left out and counted as out of range (device
+        work only)."""
+        self.max_classes = check_int("max_classes", max_classes, 2)
+        outside = self.ring_labels >= self.max_classes                       # (window,)
+        self.out_of_range += (outside & (self.ring_valid > 0)).sum().to(torch.float64)
+        self.ring_valid.masked_fill_(outside, 0.0)
+        self.ring_labels.masked_fill_(outside, 0)          # in range for the class statistics
 
     def state_dict(self) -> dict[str, Tensor]:
         state = super().state_dict()

@@ -1,7 +1,10 @@
 """The read app: every read route over a :class:`ReadSource`, and uvicorn serving an app from a
 background thread.
 
-Serves ``/metrics`` (Prometheus text format from :mod:`exporters.prometheus`), ``/healthz``,
+Serves ``/metrics`` (:mod:`exporters.prometheus`'s registry through prometheus_client's own ASGI
+app: the Prometheus text format, OpenMetrics when the scraper's ``Accept`` asks for it, gzip on
+``Accept-Encoding: gzip``; with ``repwatch_build_info`` and the process collector's ``process_*``
+metrics), ``/healthz``,
 ``/readyz``, ``/v1/runs`` (status JSON), ``/v1/runs/{run}/history``, ``/v1/runs/{run}/spectra``
 and the live dashboard at ``/`` (:mod:`monitor.server.dashboard`). An in-process Monitor serves
 it over its one run (:class:`SingleRunSource`); the sidecar over every run it scores, with its
@@ -33,10 +36,15 @@ from typing import Annotated, Any, Protocol
 import uvicorn
 from fastapi import FastAPI, HTTPException, Path, Query
 from fastapi.responses import JSONResponse, Response
-from prometheus_client.registry import Collector
+from fastapi.routing import APIRoute
+from prometheus_client import make_asgi_app
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exporters.prometheus import CONTENT_TYPE, make_registry, render
+from exporters.prometheus import BuildInfoCollector, make_registry
 from monitor._version import __version__
 from monitor.alerts import DEFAULT_RULES, AlertRule
 from monitor.server.dashboard import history_payload, mount_dashboard, spectra_payload
@@ -97,6 +105,45 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+class AsgiRoute(APIRoute):
+    """A route served by ``asgi``, a plain ASGI app, and documented in OpenAPI as an
+    :class:`APIRoute` with the rest of the arguments; ``endpoint`` never runs."""
+
+    def __init__(self, path: str, asgi: ASGIApp, **declaration: Any) -> None:
+        super().__init__(path, **declaration)
+        self.app = asgi
+
+
+def metrics_app(registry: CollectorRegistry) -> ASGIApp:
+    """prometheus_client's ASGI app over ``registry`` (format negotiation, gzip), run in a
+    worker thread as the sync route it replaces was: collecting a registry (every run's
+    snapshot in the sidecar) must not hold the event loop that takes the batches. The app
+    reads only the request's headers; its one ``receive()`` is answered with an empty body.
+    The query string is not passed on: prometheus_client's ``name[]`` filter finds a collector
+    by the names it describes, and repwatch's collectors describe none (their families depend
+    on the snapshots), so a filter would silently drop them; every scrape gets everything."""
+    inner = make_asgi_app(registry)
+
+    async def no_body() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        messages: list[Message] = []
+
+        async def keep(message: Message) -> None:
+            messages.append(message)
+
+        await run_in_threadpool(asyncio.run, inner({**scope, "query_string": b""}, no_body, keep))
+        for message in messages:
+            await send(message)
+
+    return app
+
+
+def _metrics_doc() -> Response:  # the OpenAPI declaration of /metrics (metrics_app serves it)
+    raise NotImplementedError       # no docstring: it would become the route's description
+
+
 RunName = Annotated[str, Path(pattern=NAME_PATTERN, description="Run name")]
 _NO_RUN: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such run"}}
 
@@ -104,12 +151,16 @@ _NO_RUN: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "descripti
 def create_read_app(source: ReadSource, *, title: str = "repwatch",
                     description: str = "Live representation-health metrics of training runs.",
                     collectors: Sequence[Collector] = ()) -> FastAPI:
-    """The read routes over ``source``; ``collectors`` add to ``/metrics``."""
+    """The read routes over ``source``; ``collectors`` add to ``/metrics``, beside
+    ``repwatch_build_info`` and the process collector (``process_*``: CPU, memory, file
+    descriptors of this process; nothing where ``/proc`` is missing)."""
     app = FastAPI(title=title, version=__version__, description=description, docs_url=None,
                   redoc_url=None)          # their pages need a CDN; /openapi.json stays
     registry = make_registry(source.snapshots, source.rules)
     for collector in collectors:
         registry.register(collector)
+    registry.register(BuildInfoCollector(__version__))
+    ProcessCollector(registry=registry)
 
     def snaps_of(run: str) -> Sequence[Snapshot]:
         snaps = source.history(run)
@@ -117,9 +168,9 @@ def create_read_app(source: ReadSource, *, title: str = "repwatch",
             raise HTTPException(404, f"no run {run!r}")
         return snaps
 
-    @app.get("/metrics", response_class=Response, summary="Prometheus metrics of every run")
-    def metrics() -> Response:
-        return Response(render(registry), media_type=CONTENT_TYPE)
+    app.router.routes.append(AsgiRoute(
+        "/metrics", metrics_app(registry), endpoint=_metrics_doc, name="metrics",
+        methods=["GET"], response_class=Response, summary="Prometheus metrics of every run"))
 
     @app.get("/healthz", summary="Liveness")
     def healthz() -> Health:

@@ -102,20 +102,23 @@ def _finite_or_none(v: float | None) -> float | None:
 
 
 def spectra_payload(snaps: Sequence[Snapshot]) -> dict[str, dict[str, Any]]:
-    """Per stream: the latest eigenvalue spectrum (of ``S/n``, descending) and the run's peak
-    spectrum, i.e. the spectrum of the snapshot with the highest effective rank among
-    ``snaps`` (the history ring; the earliest wins a tie)."""
+    """Per stream: the latest eigenvalue spectrum (of ``S/n``, descending) and the peak the
+    alerts use: the spectrum of the publish that set ``effective_rank_peak`` (the run
+    tracker's peak after ``peak_warmup``: its effective rank equals the peak), the latest such
+    among ``snaps`` (the history ring). None when no publish in ``snaps`` set it (before the
+    warm-up, or the peak's publish has left the ring)."""
     out: dict[str, dict[str, Any]] = {}
     for snap in snaps:                                   # oldest first
         for stream, eig in snap.spectra.items():
             if not eig:
                 continue
-            rank = snap.streams.get(stream, {}).get("effective_rank", math.nan)
+            values = snap.streams.get(stream, {})
+            rank = values.get("effective_rank", math.nan)
+            tracked = values.get("effective_rank_peak", math.nan)
             entry = out.setdefault(stream, {"peak": None})
             entry.update(step=snap.step, effective_rank=_finite_or_none(rank),
                          eigenvalues=list(eig))
-            peak = entry["peak"]
-            if math.isfinite(rank) and (peak is None or rank > peak["effective_rank"]):
+            if math.isfinite(rank) and math.isfinite(tracked) and rank >= tracked:
                 entry["peak"] = {"step": snap.step, "effective_rank": rank,
                                  "eigenvalues": list(eig)}
     return out

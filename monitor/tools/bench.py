@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -129,7 +130,39 @@ def _batches(count: int, rows: int, dim: int, device: torch.device, seed: int) -
 def _row(name: str, numerator: float, denominator: float, ratio: float, target: str,
          unit: str, details: dict[str, Any]) -> Row:
     return {"name": name, "numerator": numerator, "denominator": denominator, "ratio": ratio,
-            "target": target, "unit": unit, "details": details}
+            "target": target, "met": target_met(target, ratio), "unit": unit,
+            "details": details}
+
+
+_TARGET = re.compile(r"\s*(?P<op>>=|<=|>|<)\s*(?P<x>[-+0-9.eE]+)(?:\s.*)?$")
+_TOLERANCE = re.compile(r"\s*(?P<x>[-+0-9.eE]+)\s*±\s*(?P<tol>[0-9.eE]+)(?:\s.*)?$")
+
+
+def target_met(target: str, ratio: float) -> bool | None:
+    """Whether ``ratio`` meets ``target`` (``">= 0.70"``, ``"<= 1.01 (GPU)"``, ``"> 1
+    (speed-up)"``, ``"1.00 ± 0.02"``); None when the target cannot be read or the ratio is
+    not a finite number."""
+    if not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        return None
+    m = _TARGET.match(target)
+    if m is not None:
+        x = float(m["x"])
+        return {">=": ratio >= x, "<=": ratio <= x, ">": ratio > x, "<": ratio < x}[m["op"]]
+    m = _TOLERANCE.match(target)
+    if m is not None:
+        return abs(ratio - float(m["x"])) <= float(m["tol"]) + 1e-12
+    return None
+
+
+def missed(result: dict[str, Any]) -> list[Row]:
+    """The figures of ``result`` whose ratio misses its target."""
+    return [r for r in result["figures"] if r.get("met") is False]
+
+
+def _label(row: Row) -> str:
+    what = row["details"].get("workload") or row["details"].get("client") or ""
+    d = row["details"].get("d")
+    return row["name"] + (f" ({what})" if what else "") + (f" d={d}" if d not in (None, "") else "")
 
 
 @torch.no_grad()
@@ -579,33 +612,51 @@ def _run_figures(dev: torch.device, p: dict[str, Any], chosen: Sequence[str], qu
 
 
 def render_table(result: dict[str, Any]) -> Any:
-    """A rich Table of the figures."""
+    """A rich Table of the figures; a missed target is marked ``MISSED`` (bold red)."""
     from rich.table import Table
+    from rich.text import Text
 
     m = result["machine"]
     table = Table(title=f"repwatch bench — {m['device']} ({m['cpu']}, {m['cores']} cores, "
-                        f"{m['threads']} threads), torch {m['torch']}, {m['date']}")
-    for col in ("figure", "d", "numerator", "denominator", "unit", "ratio", "target"):
-        table.add_column(col, justify="left" if col in ("figure", "unit", "target") else "right")
+                        f"{m['threads']} threads), torch {m['torch']}, {m['date']}"
+                        + (" — quick sizes" if result.get("quick") else ""))
+    for col in ("figure", "d", "numerator", "denominator", "unit", "ratio", "target", "met"):
+        table.add_column(col, justify="left" if col in ("figure", "unit", "target", "met")
+                         else "right", no_wrap=col in ("ratio", "target", "met"))
     for row in result["figures"]:
         what = row["details"].get("workload") or row["details"].get("client") or ""
+        met = row.get("met", target_met(row["target"], row["ratio"]))
+        mark = (Text("ok", style="green") if met else Text("MISSED", style="bold red")
+                if met is False else Text("?"))
         table.add_row(row["name"] + (f" ({what})" if what else ""),
                       str(row["details"].get("d", "")), f"{row['numerator']:.4g}",
                       f"{row['denominator']:.4g}", row["unit"], f"{row['ratio']:.3f}",
-                      row["target"])
+                      row["target"], mark)
     return table
 
 
 def main(device: str = "cpu", quick: bool = False, out: str | None = None,
-         only: Sequence[str] | None = None, publish_dims: Sequence[int] | None = None) -> int:
-    """``repwatch bench``: print the table, write the JSON file when ``out`` is given."""
+         only: Sequence[str] | None = None, publish_dims: Sequence[int] | None = None,
+         fail_on_miss: bool = False) -> int:
+    """``repwatch bench``: print the table (missed targets marked ``MISSED`` and listed below
+    it), write the JSON file when ``out`` is given (each figure with ``met``: true, false or
+    null). Exit code 0, or 1 with ``fail_on_miss`` when a target was missed."""
     from rich.console import Console
 
     result = run_bench(device, quick, only, publish_dims)
-    console = Console(width=max(Console().width, 110))
+    console = Console(width=max(Console().width, 120))
     console.print(render_table(result))
     console.print(f"{result['seconds']:.1f} s in all")
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {out}")
-    return 0
+    misses = missed(result)
+    if misses:
+        console.print(f"[bold red]MISSED[/] {len(misses)} of {len(result['figures'])} targets: "
+                      + "; ".join(f"{_label(r)} {r['ratio']:.3f} (target {r['target']})"
+                                  for r in misses)
+                      + ("" if fail_on_miss else " (exit code 0; --fail-on-miss: 1)"),
+                      soft_wrap=True, highlight=False)
+    else:
+        console.print(f"every target met ({len(result['figures'])} figures)")
+    return 1 if misses and fail_on_miss else 0

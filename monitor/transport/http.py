@@ -5,6 +5,8 @@ request against 0.65 for ``httpx``, time the sender thread would otherwise hold 
 GIL; docs/performance.md). Environment proxies are not consulted: a cluster's ``HTTP_PROXY``
 must not route a pod-local sidecar's traffic. Torch-free.
 
+``get`` serves the read-back of the sidecar's snapshots (:mod:`monitor.transport.readback`).
+
 Outcomes: 2xx delivered; connection error or timeout ``sidecar_down``; 5xx ``sidecar_error``;
 429 ``overload`` (with its ``Retry-After``); another 4xx ``rejected``.
 """
@@ -99,9 +101,23 @@ class HttpTransport:
     def _post(self, path: str, headers: Mapping[str, str], body: bytes, timeout: float
              ) -> tuple[int, str | None, bytes]:
         """(status, Retry-After, body) of one POST; raises OSError or HTTPException."""
+        return self._request("POST", path, headers, body, timeout)
+
+    def get(self, path: str, timeout: float | None = None) -> tuple[int, bytes]:
+        """(status, body) of one GET of ``path`` (below the base URL) with the same token and
+        connection handling as the POSTs; raises OSError or HTTPException. For the read-back
+        of :mod:`monitor.transport.readback`, which owns its own instance (one connection per
+        thread)."""
+        status, _, data = self._request("GET", self._prefix + path,
+                                        {"Accept": "application/json"}, None,
+                                        self.timeout if timeout is None else timeout)
+        return status, data
+
+    def _request(self, method: str, path: str, headers: Mapping[str, str],
+                 body: bytes | None, timeout: float) -> tuple[int, str | None, bytes]:
         conn = self._connection(timeout)
         try:
-            conn.request("POST", path, body=body, headers={**self._headers, **headers})
+            conn.request(method, path, body=body, headers={**self._headers, **headers})
             response = conn.getresponse()
             data = response.read()
         except BaseException:

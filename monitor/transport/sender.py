@@ -107,6 +107,7 @@ class Sender:
         self.dropped_batches: dict[str, int] = {}  # batches by reason
         self.sent_rows = 0
         self.sent_batches = 0
+        self.last_step: int | None = None          # of the last submitted batch (read-back)
         self._wire = WIRE_DTYPES[dtype]
         self._rng = random.Random(seed)
         self._delay = self.backoff[0]              # next pause after a failure
@@ -147,6 +148,7 @@ class Sender:
                    if isinstance(labels, Tensor) else type(labels).__name__)
             raise ValueError(f"labels must be integer class ids of shape ({b},), got {got}")
         check_int("step", step, 0)
+        self.last_step = step
         if b == 0 or rows.shape[1] == 0:
             return
         if self._closed:

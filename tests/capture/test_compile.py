@@ -127,7 +127,7 @@ def test_watch_added_after_the_first_compiled_call(reset: bool) -> None:
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     x = torch.randn(32, 20)
     compiled(x)                                  # graph compiled without any hook
-    with Monitor(port=None, every=1, max_rows=32, window=64) as mon:
+    with Monitor(port=None, every=1, max_rows=32, window=64, capture="always") as mon:
         mon.watch(model[3], name="late")
         if reset:
             torch.compiler.reset()
@@ -137,7 +137,7 @@ def test_watch_added_after_the_first_compiled_call(reset: bool) -> None:
     if not reset:
         assert "late" not in snap.streams        # the old graph runs without the hook
         return
-    with Monitor(port=None, every=1, max_rows=32, window=64) as ref:
+    with Monitor(port=None, every=1, max_rows=32, window=64, capture="always") as ref:
         ref.observe("late", model[3](model[2](model[1](model[0](x)))).detach())
         want = ref.step()
     assert want is not None

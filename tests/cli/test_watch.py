@@ -527,3 +527,41 @@ def test_watch_once_piped_shows_control_characters_visibly() -> None:
         bad = _watch(f.url, "--once", timeout=60)
     _one_line_error(bad.returncode, bad.stderr)
     assert bad.stdout == ""
+
+
+def test_watch_once_into_a_pipe_is_not_wrapped(capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`repwatch watch URL --once | ...` (issue 19): stdout is not a terminal, so no line of
+    the table is folded or wrapped at 80 columns ("strea/m"), whatever $COLUMNS says."""
+    from monitor.cli.watch import watch
+
+    monkeypatch.setenv("COLUMNS", "80")
+    stream = "student_projector_stream_of_the_second_view"
+    layer = "encoder.blocks.11.mlp.activation_function"
+    alert = {"name": "RepwatchDimensionalCollapse", "stream": stream, "scope": "stream",
+             "since_step": 120, "signal": "effective_rank_peak_ratio", "value": 0.21,
+             "severity": "warning"}
+    snap = _snap("a-run-with-a-rather-long-name",
+                 streams={stream: {"effective_rank": 12.5, "embedding_std_ratio": 0.82,
+                                   "low_quality_samples_ratio": 0.1},
+                          "backbone": {"effective_rank": 30.1, "embedding_std_ratio": 0.9}},
+                 layers={layer: {"effective_rank": 40.0, "dormant_units_ratio{tau=0.1}": 0.3}},
+                 counters={stream: {"samples": 353280}, "backbone": {"samples": 353280}},
+                 alerts=[alert])
+    hist = "/v1/runs/a-run-with-a-rather-long-name/history"
+    with _Fake({"/v1/runs": [snap], hist: [_snap(snap["run"], step=1), snap]}) as f:
+        rc = watch(f.url, once=True, interval=0.01)      # the console of the command itself
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) > 80          # it did not fit into 80 columns
+    header = next(line for line in lines if "step" in line.split())
+    assert "stream/layer" in header and "alerts" in header
+    row = _row(out, stream)                               # the stream's row is one line,
+    assert "12.5" in row and "0.82" in row and "DimensionalCollapse" in row
+    assert "30.1" in _row(out, "backbone")
+    assert "0.3" in _row(out, layer)                      # the layer's too
+    firing = [line for line in lines if "firing:" in line]
+    assert len(firing) == 1 and firing[0].strip().endswith("(effective_rank_peak_ratio 0.21)")
+    assert any(line.startswith("repwatch · ") and "run a-run-with-a-rather-long-name" in line
+               for line in lines)

@@ -132,7 +132,9 @@ def test_shared_memory_volume_is_shared_and_big_enough() -> None:
     # the trainer's sink names the ring the sidecar creates
     env = {e["name"]: e.get("value") for e in trainer["env"]}
     ring = flag(sidecar["args"], "--shm")
-    assert ring and env["REPWATCH_SINK"] == f"shm://{parse_spec(ring).name}"
+    sink = env["REPWATCH_SINK"]
+    port = flag(sidecar["args"], "--port")
+    assert ring and sink == f"shm://{parse_spec(ring).name}?read=http://127.0.0.1:{port}"
     spec_ring = parse_spec(ring)
     ring_bytes = HEADER_SIZE + (spec_ring.slots or DEFAULT_SLOTS) * spec_ring.slot_size
     assert ring_bytes <= _quantity_bytes(volume["emptyDir"]["sizeLimit"]) / 2, \
@@ -310,7 +312,9 @@ def test_pod_commands_run_over_shared_memory(tmp_path: Path) -> None:
     args = with_flag(args, "--shm", ring)
     assert image_command(ROOT / "Dockerfile")[:2] == ["repwatch", "serve"]   # + these args
     env = {e["name"]: e["value"] for e in trainer["env"]}
-    env["REPWATCH_SINK"] = env["REPWATCH_SINK"].replace(flag(sidecar["args"], "--shm") or "", ring)
+    env["REPWATCH_SINK"] = env["REPWATCH_SINK"].replace(
+        flag(sidecar["args"], "--shm") or "", ring).replace(
+        f":{flag(sidecar['args'], '--port')}", f":{port}")
     entry = image_command(DEPLOY / "trainer.Dockerfile")[:2]
     assert entry == ["repwatch", "demo"]
     targs = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in trainer["args"]]

@@ -19,10 +19,11 @@ import pytest
 import yaml
 
 from exporters.catalogue import BY_NAME, CATALOGUE
+from exporters.catalogue import PREFIX as PREFIX_
 from exporters.grafana import (DASHBOARD_UID, DATASOURCE_UID, DCGM_FB_USED, DCGM_GPU_UTIL,
-                               EXTERNAL_METRICS, FAMILIES, FOLDER_UID, OMITTED, expressions,
-                               family_of, grafana_alert_rules, iter_panels, render_dashboard,
-                               render_json)
+                               EXTERNAL_METRICS, FAMILIES, FOLDER_UID, OMITTED, PLAIN_RATIOS,
+                               RISES, expressions, family_of, grafana_alert_rules, iter_panels,
+                               render_dashboard, render_json)
 from exporters.rules import SOURCE_OF_SCOPE, render_rules
 from monitor.alerts import DEFAULT_RULES
 from monitor.cli import main
@@ -265,22 +266,31 @@ def _panels_of(dashboard: dict[str, Any], metric: str) -> list[dict[str, Any]]:
                     for n, _ in _selectors(t["expr"]))]
 
 
+def _own_panels(dashboard: dict[str, Any], metric: str) -> list[dict[str, Any]]:
+    """The panels that show ``metric`` (their first query's first series), not those that only
+    join with it (the GPU panels read the runs' publish timestamps to find their pods)."""
+    return [p for p in _panels_of(dashboard, metric)
+            if _catalogue_name(_selectors(p["targets"][0]["expr"])[0][0]) == metric]
+
+
 def test_units_and_descriptions_come_from_the_catalogue(dashboard: dict[str, Any]) -> None:
     for spec in CATALOGUE:
-        for p in _panels_of(dashboard, spec.name):
+        for p in _own_panels(dashboard, spec.name):
             assert spec.help in p["description"], spec.name
             unit = p["fieldConfig"]["defaults"]["unit"]
             if spec.kind == "counter":
                 assert unit == "cps" and "rate(" in p["targets"][0]["expr"], spec.name
-            elif spec.unit == "ratio":
-                assert unit == "percentunit", spec.name
+            elif spec.unit == "ratio" or spec.name in RISES:
+                # fractions of a whole (and their rises) in percent; a value over a reference
+                # (1 = as much as it) as a plain number
+                assert unit == ("none" if spec.name in PLAIN_RATIOS else "percentunit"), spec.name
             elif spec.unit == "seconds":
                 assert unit == "s", spec.name
             else:
                 assert unit not in ("percentunit", "s"), spec.name
     for metric, unit in ((DCGM_GPU_UTIL, "percent"), (DCGM_FB_USED, "mbytes")):
         (panel,) = [p for p in iter_panels(dashboard) if p["type"] == "timeseries"
-                    and any(t["expr"] == metric for t in p["targets"])]
+                    and any(t["expr"].startswith(metric + " ") for t in p["targets"])]
         assert panel["fieldConfig"]["defaults"]["unit"] == unit
 
 
@@ -564,3 +574,94 @@ def test_standin_rejects_requests_grafana_would_reject(standin: StandIn) -> None
     assert c.get("/api/folders/none").status_code == 404
     c.close()
 
+
+
+# ----------------------------------------------------------------------------- issue 19
+
+
+def _panel(dashboard: dict[str, Any], metric: str) -> dict[str, Any]:
+    (panel,) = _own_panels(dashboard, metric)
+    return panel
+
+
+def test_ratio_units_say_what_the_value_is(dashboard: dict[str, Any]) -> None:
+    """The std ratio is ≈ 1 when healthy: a plain number, not "100 %"; the dormant fraction
+    and its rise share one unit; 0-1 signals keep a 0-1 (soft) axis."""
+    unit = {m: _panel(dashboard, PREFIX_ + m)["fieldConfig"]["defaults"]
+            for m in ("embedding_std_ratio", "dormant_units_ratio", "dormant_units_ratio_rise",
+                      "embedding_variance_ratio", "effective_rank_peak_ratio", "srank")}
+    assert unit["embedding_std_ratio"]["unit"] == "none"
+    assert unit["embedding_variance_ratio"]["unit"] == "none"
+    assert unit["dormant_units_ratio"]["unit"] == unit["dormant_units_ratio_rise"]["unit"] == \
+        "percentunit"
+    assert unit["effective_rank_peak_ratio"]["unit"] == "percentunit"
+    for m in ("embedding_std_ratio", "dormant_units_ratio", "dormant_units_ratio_rise",
+              "effective_rank_peak_ratio"):
+        custom = unit[m]["custom"]
+        assert (custom["axisSoftMin"], custom["axisSoftMax"]) == (0, 1), m
+    assert "axisSoftMax" not in unit["srank"]["custom"]
+
+
+def _dcgm_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in iter_panels(dashboard) if p["type"] == "timeseries"
+            and any(DCGM_GPU_UTIL in t["expr"] or DCGM_FB_USED in t["expr"]
+                    for t in p["targets"])]
+
+
+def test_gpu_panels_say_how_they_are_scoped(dashboard: dict[str, Any]) -> None:
+    panels = _dcgm_panels(dashboard)
+    assert len(panels) == 2
+    for p in panels:
+        desc = p["description"]
+        assert "pod" in desc and "every GPU" in desc, desc
+        (target,) = p["targets"]
+        assert "on(namespace, pod)" in target["expr"] and '$run' in target["expr"]
+
+
+@pytest.mark.e2e
+def test_gpu_panels_show_the_runs_gpus_only(promtool: str, dashboard: dict[str, Any],
+                                            tmp_path: Path) -> None:
+    """promtool evaluates the panels' queries: in Kubernetes (namespace/pod labels on both
+    sides) only the GPUs of the selected run's pod; without those labels every GPU."""
+    exprs = [p["targets"][0]["expr"] for p in _dcgm_panels(dashboard)]
+    k8s_series = [
+        {"series": f'{DCGM_GPU_UTIL}{{gpu="0",Hostname="n1",namespace="ml",pod="exp1-0"}}',
+         "values": "50x5"},
+        {"series": f'{DCGM_GPU_UTIL}{{gpu="1",Hostname="n1",namespace="ml",pod="other-0"}}',
+         "values": "90x5"},
+        {"series": f'{DCGM_FB_USED}{{gpu="0",Hostname="n1",namespace="ml",pod="exp1-0"}}',
+         "values": "1000x5"},
+        {"series": f'{DCGM_FB_USED}{{gpu="1",Hostname="n1",namespace="ml",pod="other-0"}}',
+         "values": "2000x5"},
+        {"series": 'repwatch_last_publish_timestamp_seconds{run="exp1",namespace="ml",'
+                   'pod="exp1-0",instance="10.0.0.5:9400",job="ml/repwatch"}', "values": "1x5"},
+        {"series": 'repwatch_last_publish_timestamp_seconds{run="exp2",namespace="ml",'
+                   'pod="exp2-0",instance="10.0.0.6:9400",job="ml/repwatch"}', "values": "1x5"},
+    ]
+    plain_series = [
+        {"series": f'{DCGM_GPU_UTIL}{{gpu="0",Hostname="h"}}', "values": "50x5"},
+        {"series": f'{DCGM_GPU_UTIL}{{gpu="1",Hostname="h"}}', "values": "90x5"},
+        {"series": 'repwatch_last_publish_timestamp_seconds{run="exp1",instance="h:9400",'
+                   'job="repwatch"}', "values": "1x5"},
+    ]
+    util, fb = (e.replace("$run", "exp1") for e in exprs)
+    tests = [
+        {"interval": "1m", "input_series": k8s_series, "promql_expr_test": [
+            {"expr": util, "eval_time": "2m", "exp_samples": [
+                {"labels": f'{DCGM_GPU_UTIL}{{gpu="0",Hostname="n1",namespace="ml",'
+                           'pod="exp1-0"}', "value": 50}]},
+            {"expr": fb, "eval_time": "2m", "exp_samples": [
+                {"labels": f'{DCGM_FB_USED}{{gpu="0",Hostname="n1",namespace="ml",'
+                           'pod="exp1-0"}', "value": 1000}]}]},
+        {"interval": "1m", "input_series": plain_series, "promql_expr_test": [
+            {"expr": util, "eval_time": "2m", "exp_samples": [
+                {"labels": f'{DCGM_GPU_UTIL}{{gpu="0",Hostname="h"}}', "value": 50},
+                {"labels": f'{DCGM_GPU_UTIL}{{gpu="1",Hostname="h"}}', "value": 90}]}]},
+    ]
+    (tmp_path / "empty.yml").write_text("groups: []\n")
+    test_file = tmp_path / "dcgm_test.yml"
+    test_file.write_text(yaml.safe_dump({"rule_files": ["empty.yml"], "evaluation_interval": "1m",
+                                         "tests": tests}, sort_keys=False))
+    proc = subprocess.run([promtool, "test", "rules", str(test_file)], capture_output=True,
+                          text=True, timeout=60, check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -74,3 +74,49 @@ def test_importable_without_torch() -> None:
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "prometheusrule.yaml" in proc.stdout
+
+
+# ---- issue 19: `repwatch manifests` says where it writes and refuses a stray ./deploy --------
+
+
+def test_component_is_the_generated_and_the_hand_written_files() -> None:
+    present = {p.name for p in COMPONENT.iterdir() if p.is_file()}
+    assert present == {*k8s.render_manifests(), *k8s.HAND_WRITTEN_FILES}
+
+
+def test_manifests_outside_the_repository_needs_out(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["manifests"]) == 2                       # nothing written into ./deploy/...
+    err = capsys.readouterr().err
+    assert not (tmp_path / "deploy").exists()
+    assert "--out" in err and all(f in err for f in k8s.HAND_WRITTEN_FILES), err
+    out = tmp_path / "mine"
+    assert main(["manifests", "--out", "mine", "--runbook-base", "https://wiki.example/rb"]) == 0
+    cap = capsys.readouterr()
+    # every path written, absolute; and a word on the component's other files
+    assert cap.out.splitlines() == [f"wrote {(out / name).resolve()}"
+                                    for name in k8s.render_manifests()]
+    assert all(f in cap.err for f in k8s.HAND_WRITTEN_FILES), cap.err
+    assert "runbook" not in cap.err                      # a base was given
+    assert {p.name for p in out.iterdir()} == set(k8s.render_manifests())
+
+
+def test_manifests_from_the_repository_root_writes_the_component(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Run from a checkout's root (here a copy of the component's hand-written files), it
+    writes into deploy/k8s/components/repwatch and prints the absolute paths."""
+    component = tmp_path / k8s.COMPONENT_DIR
+    component.mkdir(parents=True)
+    for name in k8s.HAND_WRITTEN_FILES:
+        (component / name).write_text((COMPONENT / name).read_text())
+    monkeypatch.chdir(tmp_path)
+    assert main(["manifests"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.splitlines() == [f"wrote {(component / name).resolve()}"
+                                    for name in k8s.render_manifests()]
+    assert "holds the 2 generated files only" not in cap.err
+    for name, text in k8s.render_manifests().items():
+        assert (component / name).read_text() == text

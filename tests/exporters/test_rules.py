@@ -17,7 +17,7 @@ import yaml
 
 import monitor.alerts
 from exporters.catalogue import BY_NAME
-from exporters.rules import STATIC_RULES, render_rules, render_yaml
+from exporters.rules import DEFAULT_RUNBOOK_BASE, STATIC_RULES, render_rules, render_yaml
 from monitor.alerts import DEFAULT_RULES, AlertRule, Condition
 from monitor.cli import main
 
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy/prometheus/rules.yml"
 UNIT_TESTS = sorted((ROOT / "deploy/prometheus/tests").glob("*.yml"))
 SHIPPED_BASE = "docs/runbooks.md"
+"""REPWATCH_RUNBOOK_BASE unset: the in-process default, which rendered rules never use (relative)."""
 
 
 @pytest.fixture(autouse=True)
@@ -238,7 +239,7 @@ def test_runbook_urls_point_to_runbook_sections() -> None:
     headings = {m.lower() for m in re.findall(r"^## (\w+)$", text, flags=re.MULTILINE)}
     for r in _all_rules(render_rules()):
         base, _, anchor = r["annotations"]["runbook_url"].partition("#")
-        assert base == SHIPPED_BASE
+        assert base == DEFAULT_RUNBOOK_BASE     # absolute: the relative in-process base is not
         assert anchor in headings, f"{r['alert']}: no section #{anchor} in docs/runbooks.md"
 
 
@@ -305,3 +306,56 @@ def test_rules_import_without_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=False, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------- issue 19: runbook links
+
+
+def test_runbook_urls_are_absolute_and_served_by_repwatch() -> None:
+    """Alertmanager and Grafana show runbook_url as a link: it must be an absolute URL. The
+    default points to the runbooks a repwatch server serves (/runbooks, with each alert's
+    anchor), at the loopback address of `make demo` and the compose stack's sidecar."""
+    from urllib.parse import urlsplit
+
+    from fastapi.testclient import TestClient
+
+    from exporters.rules import DEFAULT_RUNBOOK_BASE
+    from monitor.server.app import create_app
+
+    shipped = yaml.safe_load(RULES.read_text())
+    client = TestClient(create_app(lambda: None, lambda: [], DEFAULT_RULES))
+    pages: dict[str, str] = {}
+    for doc in (render_rules(), shipped):
+        for r in _all_rules(doc):
+            url = r["annotations"]["runbook_url"]
+            parts = urlsplit(url)
+            assert parts.scheme in ("http", "https") and parts.netloc, (r["alert"], url)
+            assert url.startswith(DEFAULT_RUNBOOK_BASE + "#"), url
+            if parts.path not in pages:
+                resp = client.get(parts.path)
+                assert resp.status_code == 200, url
+                pages[parts.path] = resp.text
+            assert f'id="{parts.fragment}"' in pages[parts.path], url
+    assert urlsplit(DEFAULT_RUNBOOK_BASE).netloc == "127.0.0.1:9400"
+    compose = yaml.safe_load((ROOT / "deploy/compose.yml").read_text())
+    assert "127.0.0.1:9400:9400" in compose["services"]["sidecar"]["ports"]
+
+
+def test_relative_runbook_base_is_refused(capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ("docs/runbooks.md", "/runbooks", "file:///srv/runbooks.md",
+                "https://x.example/rb#a"):
+        with pytest.raises(ValueError, match="absolute http"):
+            render_rules(runbook_base=bad)
+        with pytest.raises(SystemExit):
+            main(["rules", "--runbook-base", bad])
+        assert "absolute http(s) URL" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            main(["manifests", "--out", "/nonexistent", "--runbook-base", bad])
+        capsys.readouterr()
+    # an absolute $REPWATCH_RUNBOOK_BASE is used; the relative in-process default is not
+    monkeypatch.setattr(monitor.alerts, "RUNBOOK_BASE", "https://wiki.example/repwatch")
+    urls = [r["annotations"]["runbook_url"] for r in _all_rules(render_rules())]
+    assert all(u.startswith("https://wiki.example/repwatch#") for u in urls)
+    assert main(["rules", "--runbook-base", "https://b.example/rb"]) == 0
+    assert "runbook_url: https://b.example/rb#repwatchdown" in capsys.readouterr().out

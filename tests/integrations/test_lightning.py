@@ -175,3 +175,69 @@ def test_bad_arguments_fail_at_construction() -> None:
     cb = RepwatchCallback(layers=["nope"], port=None)
     with pytest.raises(ValueError, match="no submodule 'nope'"):
         cb.on_fit_start(type("T", (), {"is_global_zero": True})(), TinyModule())  # type: ignore[arg-type]
+
+
+class LoggingModule(TinyModule):
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_publishes_go_to_the_trainers_loggers(tmp_path: Path) -> None:
+    """Every publish's scalars through each of ``trainer.loggers`` (here Lightning's own
+    CSVLogger), the final partial cadence published at train end; at the step Lightning logs
+    the same batch's ``self.log`` values at (steps done before it: monitor step − 1)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = RepwatchCallback(layers=["encoder"], activations=["encoder.1"], run="lit", every=4,
+                          port=None, max_rows=64, window=256)
+    pl.seed_everything(0, verbose=False)
+    csv_logger = CSVLogger(tmp_path, name="csv", version=0)
+    t = pl.Trainer(max_steps=10, accelerator="cpu", devices=1, logger=csv_logger,
+                   log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb])
+    t.fit(LoggingModule(), loader())
+    mon = cb.monitor
+    assert mon is not None and [s.step for s in mon.history] == [4, 8, 10]
+    import csv
+
+    with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    key = "repwatch/encoder/effective_rank"
+    logged = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+    assert [s for s, _ in logged] == [3, 7, 9]
+    loss_steps = [int(r["step"]) for r in rows if r.get("train_loss")]
+    assert loss_steps == list(range(10))                 # Lightning's own: batch i at step i
+    for (_, value), snap in zip(logged, mon.history, strict=True):
+        assert value == pytest.approx(snap.get("effective_rank", stream="encoder"))
+    assert any(r.get("repwatch/layer/encoder.1/dormant_units_ratio/tau_0") for r in rows)
+
+
+def test_no_logger_no_logging(tmp_path: Path) -> None:
+    """``logger=False`` (the other tests) and ``log_scalars=False``: nothing is logged."""
+    class Recorder(pl.loggers.Logger):
+        calls: list[dict[str, float]] = []
+
+        @property
+        def name(self) -> str:
+            return "rec"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.calls.append(dict(metrics))
+
+    rec = Recorder()
+    cb = RepwatchCallback(layers=["encoder"], every=2, port=None, max_rows=32, window=64,
+                          log_scalars=False)
+    t = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=rec, log_every_n_steps=1,
+                   enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb])
+    t.fit(TinyModule(), loader())
+    assert not any(k.startswith("repwatch/") for c in rec.calls for k in c)

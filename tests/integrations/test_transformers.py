@@ -140,3 +140,62 @@ def test_bad_arguments_fail_at_construction() -> None:
     with pytest.raises(ValueError, match="no submodule 'bert.nope'"):
         cb.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(),
                           model=tiny_bert(0))
+
+
+def _tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_publishes_reach_the_report_to_destinations(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``report_to=["tensorboard"]``: the Trainer's TensorBoardCallback writes each publish's
+    scalars (added to ``logs`` in ``on_log``) beside the loss, the final (partial) cadence
+    included: published at the last step, before the Trainer's last log."""
+    pytest.importorskip("tensorboard")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    cb = RepwatchCallback(layers=["bert.pooler"], run="hf", every=2, port=None, max_rows=16,
+                          window=512)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=5, per_device_train_batch_size=16,
+        learning_rate=1e-3, logging_steps=1, report_to=["tensorboard"], use_cpu=True, seed=0,
+        save_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=tiny_bert(0), args=args, train_dataset=Tokens(),
+                                   callbacks=[cb])
+    trainer.train()
+    assert cb.monitor is not None and [s.step for s in cb.monitor.history] == [2, 4, 5]
+    got = _tensorboard_scalars(tmp_path / "tb")
+    assert [s for s, _ in got["train/loss"]] == [1, 2, 3, 4, 5]
+    rank = got["train/repwatch/bert.pooler/effective_rank"]
+    assert [s for s, _ in rank] == [2, 4, 5]             # logged once per publish
+    for (step, value), snap in zip(rank, cb.monitor.history, strict=True):
+        assert value == pytest.approx(snap.get("effective_rank", stream="bert.pooler"))
+    assert "train/repwatch/alerts_firing" in got
+
+
+def test_on_log_adds_each_publish_once(tmp_path: Path) -> None:
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    control, state = transformers.TrainerControl(), transformers.TrainerState()
+    cb = RepwatchCallback(layers=["bert.pooler"], every=2, port=None)
+    model = tiny_bert(0)
+    cb.on_train_begin(args, state, control, model=model)
+    try:
+        model(input_ids=torch.randint(1, VOCAB, (4, SEQ)))
+        for step in (1, 2):
+            state.global_step = step
+            cb.on_step_end(args, state, control)
+            logs: dict[str, float] = {"loss": 1.0}
+            assert cb.on_log(args, state, control, logs=logs) is None
+            if step == 1:
+                assert logs == {"loss": 1.0}                 # nothing published yet
+            else:
+                assert logs["repwatch/bert.pooler/effective_rank"] > 0
+                assert logs["repwatch/alerts_firing"] == 0.0
+        again: dict[str, float] = {"loss": 0.5}
+        cb.on_log(args, state, control, logs=again)
+        assert again == {"loss": 0.5}                        # already logged
+    finally:
+        cb.on_train_end(args, state, control)

@@ -45,7 +45,11 @@ def test_metrics_endpoint_passes_promtool(mon: Monitor, promtool: str) -> None:
 def test_health_dashboard_and_runs(mon: Monitor) -> None:
     assert httpx.get(f"{mon.url}/healthz", timeout=10).json() == {
         "status": "ok", "published": False, "step": None}
-    assert httpx.get(f"{mon.url}/metrics", timeout=10).text == ""
+    # before the first publish: no run's metrics, only the build info and process collector
+    text = httpx.get(f"{mon.url}/metrics", timeout=10).text
+    assert "repwatch_build_info{" in text and "process_cpu_seconds_total" in text
+    assert not [line for line in text.splitlines()
+                if line.startswith("repwatch_") and not line.startswith("repwatch_build_info")]
     page = httpx.get(f"{mon.url}/", timeout=10)          # served before the first publish too
     assert page.status_code == 200 and "<title>repwatch dashboard</title>" in page.text
     for asset, kind in (("app.js", "javascript"), ("app.css", "text/css")):
@@ -149,7 +153,8 @@ def test_history_is_bounded_oldest_first_and_equal_to_the_published_snapshots() 
 
 
 def test_spectra_endpoint_gives_latest_and_peak_spectrum() -> None:
-    mon = Monitor(run="spec", port=0, window=256, max_rows=256, every=1, history=16)
+    mon = Monitor(run="spec", port=0, window=256, max_rows=256, every=1, history=16,
+                  peak_warmup=0)
     try:
         published = _published(mon, steps=6, healthy_until=3)
         got = httpx.get(f"{mon.url}/v1/runs/spec/spectra", timeout=10).json()
@@ -159,6 +164,8 @@ def test_spectra_endpoint_gives_latest_and_peak_spectrum() -> None:
         assert got["proj"]["eigenvalues"] == pytest.approx(last.spectra["proj"])
         peak = max(published, key=lambda s: s.streams["proj"]["effective_rank"])
         assert peak.step <= 3                               # the healthy phase, before the drop
+        # the alerts' peak: the publish whose rank set effective_rank_peak
+        assert peak.streams["proj"]["effective_rank"] == last.streams["proj"]["effective_rank_peak"]
         assert got["proj"]["peak"]["step"] == peak.step
         assert got["proj"]["peak"]["eigenvalues"] == pytest.approx(peak.spectra["proj"])
         # the cliff: after the drop to rank 2, the third eigenvalue is far below the peak's
@@ -184,3 +191,19 @@ def test_runbooks_page_has_an_anchor_for_every_alert() -> None:
     for rule in DEFAULT_RULES:
         anchor = rule.runbook_url.split("#", 1)[1]
         assert anchor in ids, (rule.name, anchor, sorted(ids))
+
+
+def test_the_peak_spectrum_is_the_alerts_peak_not_the_random_init() -> None:
+    """Before ``peak_warmup`` no peak is tracked, so none is drawn, even though the first
+    publishes (random init) had the highest rank."""
+    mon = Monitor(run="warm", port=0, window=256, max_rows=256, every=1, history=16,
+                  peak_warmup=4)
+    try:
+        published = _published(mon, steps=6, healthy_until=3)
+        got = httpx.get(f"{mon.url}/v1/runs/warm/spectra", timeout=10).json()["proj"]
+        tracked = published[-1].streams["proj"]["effective_rank_peak"]
+        assert max(s.streams["proj"]["effective_rank"] for s in published) > tracked
+        assert got["peak"] is not None and got["peak"]["step"] >= 4
+        assert got["peak"]["effective_rank"] == pytest.approx(tracked)
+    finally:
+        mon.close()

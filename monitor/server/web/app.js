@@ -8,6 +8,18 @@
   const FIRST_LIMIT = 1000;         // snapshots asked for on the first load of a run
   const SVGNS = "http://www.w3.org/2000/svg";
 
+  const SCOPES = [
+    ["stream", "streams", "Stream"], ["layer", "layers", "Layer (plasticity)"],
+    ["param", "params", "Parameter"], ["run", "run_signals", "Model"],
+  ];
+
+  const state = {
+    run: null, runs: [], latest: null, history: [], lastStep: null, spectra: {},
+    hover: {}, failures: 0, timer: null, busy: false, peakSpectra: {},
+  };
+  const $ = (id) => document.getElementById(id);
+
+  // ---------- signals ----------
   // Signals shown first, in this order (the rest go under "more signals"), with short labels.
   const LABELS = {
     effective_rank: "effective rank (RankMe)",
@@ -35,16 +47,30 @@
     param: [],
     run: [],
   };
-  const SCOPES = [
-    ["stream", "streams", "Stream"], ["layer", "layers", "Layer (plasticity)"],
-    ["param", "params", "Parameter"], ["run", "run_signals", "Model"],
-  ];
-
-  const state = {
-    run: null, runs: [], latest: null, history: [], lastStep: null, spectra: {},
-    hover: {}, failures: 0, timer: null, busy: false,
-  };
-  const $ = (id) => document.getElementById(id);
+  // y-axis references, so that noise is not stretched to full height: signals that live in 0–1
+  // (fractions, shares, cosines, ratios to a reference where 1 is "as before") always show 0–1;
+  // ranks, counts and sizes always show 0; any other axis spans at least MIN_SPAN of its level.
+  const UNIT_RANGE = new Set([
+    "effective_rank_ratio", "effective_rank_peak_ratio", "effective_rank_baseline_ratio",
+    "embedding_std_ratio", "embedding_variance_ratio", "mean_cosine_similarity",
+    "top_eigenvalue_share", "low_quality_samples_ratio", "negative_values_ratio",
+    "dormant_units_ratio", "dormant_units_ratio_rise", "low_activity_units_ratio",
+    "never_active_units_ratio", "qscore_auprc", "qscore_misclassified_ratio",
+    "generator_diversity_ratio", "generator_duplicate_rate", "generator_effective_rank_ratio",
+    "earlybird_mask_distance", "earlybird_ticket_found", "neural_collapse_nc4",
+  ]);
+  const FROM_ZERO = new Set([
+    "effective_rank", "effective_rank_peak", "srank", "participation_ratio", "window_samples",
+    "embedding_dim", "embedding_variance", "activation_units", "weight_norm", "weight_abs_mean",
+    "grad_norm", "weight_rank", "weight_stable_rank", "neural_collapse_classes",
+  ]);
+  const MIN_SPAN = 0.1;
+  function yReference(signal) {
+    const base = signal.split("{")[0];
+    if (UNIT_RANGE.has(base)) return { include: [0, 1] };
+    if (FROM_ZERO.has(base)) return { include: [0] };
+    return { minSpan: MIN_SPAN };
+  }
 
   // ---------- formatting ----------
   function fmt(v) {
@@ -113,7 +139,8 @@
 
   // ---------- the chart renderer ----------
   // spec: {id, series: [{name, color, dash, xs, ys}], logY, markers: [{x, cls, label}],
-  //        xLabel, floorRatio}
+  //        xLabel, include: [values the y axis always shows], minSpan: least y span relative
+  //        to the largest |y| (linear axes)}
   function drawChart(svg, spec) {
     const W = Math.max(200, svg.clientWidth || svg.parentNode.clientWidth || 300);
     const H = 160, L = 46, R = 10, T = 8, B = 22;
@@ -136,6 +163,19 @@
       return;
     }
     if (xmax === xmin) { xmin -= 1; xmax += 1; }
+    const dataMin = ymin;
+    for (const v of spec.include || []) {
+      const y = ty(v);
+      if (finite(y)) { ymin = Math.min(ymin, y); ymax = Math.max(ymax, y); }
+    }
+    if (!spec.logY && spec.minSpan && ymax > ymin) {
+      const least = spec.minSpan * Math.max(Math.abs(ymax), Math.abs(ymin));
+      if (ymax - ymin < least) {
+        const mid = (ymax + ymin) / 2;
+        ymin = mid - least / 2; ymax = mid + least / 2;
+        if (dataMin >= 0 && ymin < 0) { ymax -= ymin; ymin = 0; }   // keep a positive signal's axis >= 0
+      }
+    }
     if (ymax === ymin) {
       const pad = spec.logY ? 0.5 : Math.abs(ymax) * 0.1 || 1;
       ymin -= pad; ymax += pad;
@@ -144,6 +184,9 @@
       ymax += pad;
       ymin = !spec.logY && ymin >= 0 && ymin - pad < 0 ? 0 : ymin - pad;
     }
+    // the drawn y domain (tests read it; log axes in values, not exponents)
+    svg.dataset.ymin = String(spec.logY ? Math.pow(10, ymin) : ymin);
+    svg.dataset.ymax = String(spec.logY ? Math.pow(10, ymax) : ymax);
     const px = (x) => L + ((x - xmin) / (xmax - xmin)) * (W - L - R);
     const py = (y) => T + (1 - (y - ymin) / (ymax - ymin)) * (H - T - B);
 
@@ -280,6 +323,7 @@
           getJSON(`${base}/history?${q}&histograms=false`), getJSON(`${base}/spectra`)]);
         if (fresh.length && state.lastStep !== null && fresh[0].step <= state.lastStep) {
           state.history = [];                // the run restarted: start over
+          state.peakSpectra = {};
         }
         state.history.push(...fresh);
         if (state.history.length > MAX_POINTS) state.history.splice(0, state.history.length - MAX_POINTS);
@@ -320,7 +364,7 @@
   function selectRun(name) {
     if (name === state.run) return;
     state.run = name; state.history = []; state.lastStep = null; state.spectra = {};
-    state.hover = {};
+    state.hover = {}; state.peakSpectra = {};
     $("groups").replaceChildren(); $("spectra").replaceChildren();
     const u = new URL(location.href);
     u.searchParams.set("run", name);
@@ -339,13 +383,28 @@
   function sumValues(obj) {
     return Object.values(obj || {}).reduce((a, v) => a + (finite(v) ? v : 0), 0);
   }
+  // Samples scored: every stream of a run scores the same training rows, so their sum would
+  // count each row once per stream. Shown per stream (the largest when they differ), with each
+  // stream's count on hover.
+  function samplesPerStream(s) {
+    const per = Object.entries(s.counters || {})
+      .filter(([, c]) => c && finite(c.samples)).map(([k, c]) => [k, c.samples]);
+    const counts = per.map(([, v]) => v);
+    const max = counts.length ? Math.max(...counts) : NaN;
+    const same = counts.every((v) => v === max);
+    return { max, same, streams: per.length,
+      title: per.map(([k, v]) => `${k}: ${fmtCount(v)}`).join(", ") };
+  }
   function renderHeader() {
     const s = state.latest;
     if (!s) return;
-    const samples = Object.values(s.counters || {}).reduce((a, c) => a + (finite(c.samples) ? c.samples : 0), 0);
+    const samples = samplesPerStream(s);
     const dropped = sumValues(s.dropped), errors = sumValues(s.errors);
     $("f-step").textContent = fmtCount(s.step);
-    $("f-samples").textContent = fmtCount(samples);
+    $("f-samples").textContent = fmtCount(samples.max);
+    $("f-samples").title = samples.title;
+    $("f-samples-label").textContent = samples.streams <= 1 || samples.same
+      ? "samples scored / stream" : "samples scored, max / stream";
     $("f-dropped").textContent = fmtCount(dropped);
     $("f-dropped").classList.toggle("bad", dropped > 0);
     $("f-errors").textContent = fmtCount(errors);
@@ -397,6 +456,29 @@
     $("recent").replaceChildren(...recent.map(([a, step]) => alertItem(a, step)));
   }
 
+  // The peak the alerts use: the run tracker's effective_rank_peak (highest RankMe once the
+  // window is full and training is past peak_warmup), carried by each snapshot. Its step is
+  // the first snapshot in the page's history whose RankMe equals it (null when that snapshot
+  // is older than the history the page holds). null before the warm-up has passed.
+  const sameRank = (a, b) => finite(a) && finite(b) && Math.abs(a - b) <= 1e-9 * Math.max(1, Math.abs(b));
+  function alertPeak(name) {
+    const cur = state.latest && state.latest.streams && state.latest.streams[name];
+    const value = cur ? cur.effective_rank_peak : null;
+    if (!finite(value)) return null;
+    let step = null;
+    for (const snap of state.history) {
+      const v = snap.streams && snap.streams[name];
+      if (v && sameRank(v.effective_rank, value)) { step = snap.step; break; }
+    }
+    return { value, step };
+  }
+  // Eigenvalue shares λᵢ/Σλ: spectra of different scale (the embeddings grow or shrink during
+  // training) are compared by their shape, which is what the effective rank measures; a
+  // spectrum of higher rank cannot then lie entirely below one of lower rank.
+  function shares(eig) {
+    const total = eig.reduce((a, v) => a + (finite(v) && v > 0 ? v : 0), 0);
+    return eig.map((v) => (finite(v) && total > 0 ? Math.max(v, 0) / total : null));
+  }
   function renderSpectra() {
     const box = $("spectra");
     const names = Object.keys(state.spectra).sort();
@@ -408,20 +490,44 @@
     for (const name of names) {
       const sp = state.spectra[name];
       const id = `spectrum:${name}`;
-      const c = card(box, id, `${name}`, "eigenvalues, log scale");
-      const top = Math.max(...sp.eigenvalues, ...(sp.peak ? sp.peak.eigenvalues : [0]));
+      const c = card(box, id, `${name}`, "eigenvalue share λᵢ/Σλ, log scale");
+      const peak = alertPeak(name);
+      // the alert's peak spectrum: the server's peak when it is that one (the server keeps the
+      // highest rank in its history, which can be a random init's before the warm-up), else a
+      // spectrum this page saw while it was the current one and the peak
+      if (peak && sameRank(sp.effective_rank, peak.value)) {
+        state.peakSpectra[name] = { step: sp.step, effective_rank: sp.effective_rank,
+          eigenvalues: sp.eigenvalues };
+      }
+      let peakSpec = null;
+      if (peak && sp.peak && sameRank(sp.peak.effective_rank, peak.value)) peakSpec = sp.peak;
+      else if (peak && state.peakSpectra[name] && sameRank(state.peakSpectra[name].effective_rank, peak.value)) {
+        peakSpec = state.peakSpectra[name];
+      }
+      const now = shares(sp.eigenvalues);
+      const then = peakSpec ? shares(peakSpec.eigenvalues) : [];
+      const top = Math.max(0, ...now.filter(finite), ...then.filter(finite));
       const floor = top > 0 ? top * 1e-9 : 1e-12;
       const clamp = (v) => (finite(v) ? Math.max(v, floor) : null);
-      const series = [{ name: `step ${sp.step} (rank ${fmt(sp.effective_rank)})`, color: color(0),
-        xs: sp.eigenvalues.map((_, i) => i + 1), ys: sp.eigenvalues.map(clamp) }];
-      if (sp.peak) {
-        series.push({ name: `peak, step ${sp.peak.step} (rank ${fmt(sp.peak.effective_rank)})`,
-          color: color(1), dash: true, xs: sp.peak.eigenvalues.map((_, i) => i + 1),
-          ys: sp.peak.eigenvalues.map(clamp) });
+      const series = [{ name: `now, step ${sp.step} (rank ${fmt(sp.effective_rank)})`, color: color(0),
+        xs: now.map((_, i) => i + 1), ys: now.map(clamp) }];
+      if (peakSpec) {
+        series.push({ name: `alert's peak, step ${peakSpec.step} (rank ${fmt(peakSpec.effective_rank)})`,
+          color: color(1), dash: true, xs: then.map((_, i) => i + 1), ys: then.map(clamp) });
       }
       drawChart(c.querySelector("svg"), { id, series, logY: true, xLabel: "index" });
       c.querySelector(".now").textContent = `d = ${sp.eigenvalues.length}`;
       legend(c, series);
+      let note = null;
+      if (!peak) {
+        note = "no peak yet: the alerts' peak is counted once the window is full and training "
+          + "is past the warm-up (peak_warmup)";
+      } else if (!peakSpec) {
+        note = `alert's peak: rank ${fmt(peak.value)}`
+          + (peak.step !== null ? ` at step ${peak.step}` : " (before this page's history)")
+          + "; its spectrum is not among those the server keeps";
+      }
+      if (note) c.querySelector(".legend").append(el("span", { class: "note" }, note));
     }
   }
 
@@ -476,7 +582,8 @@
             return typeof v === "number" ? v : null;
           });
           const series = [{ name, color: color(0), xs: steps, ys }];
-          drawChart(c.querySelector("svg"), { id, series, markers, xLabel: "step" });
+          drawChart(c.querySelector("svg"), { id, series, markers, xLabel: "step",
+            ...yReference(signal) });
           c.querySelector(".now").textContent = fmt(ys[ys.length - 1]);
         };
         for (const s of first) draw(sec.querySelector(".grid.primary"), s);
