@@ -60,9 +60,12 @@ class MonitorConfig:
         sink: sidecar mode (:mod:`monitor.transport`): the URL of a ``repwatch serve`` sidecar
             (``"http://127.0.0.1:9400"``), an ``shm://`` ring or a sink object. Captured rows
             (after subsampling, with their labels) are shipped from a background thread
-            instead of being scored here; the metrics live on the sidecar, and ``publish()``
-            returns only local state (errors; the sink's dropped rows by reason). Activation
-            layers, weights and ``predictions=`` are not shipped and stay local.
+            instead of being scored here; the metrics live on the sidecar, and the sink's
+            thread reads the run's snapshots back (:mod:`monitor.transport.readback`): a
+            ``publish()`` merges the sidecar's latest values and alerts with the local ones
+            (errors, the sink's dropped rows by reason), and ``on_alert`` fires for the
+            sidecar's alerts. Activation layers, weights and ``predictions=`` are not shipped
+            and stay local.
         token: bearer token of the sidecar (with a URL ``sink``).
         per_rank: under ``torch.distributed``, publish each rank's own values with a ``rank``
             label, every rank serving on ``port + local rank``. By default every publish

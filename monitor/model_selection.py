@@ -85,6 +85,9 @@ def _rows_from_monitor_state(state: dict[str, Any], path: Path,
     if stream not in streams:
         raise ValueError(f"{path}: no stream {stream!r} in the monitor state; it has {sorted(streams)}")
     moments = streams[stream]["moments"]
+    if "ring" not in moments:
+        raise ValueError(f"{path}: a compact Monitor state (state_dict(compact=True)) keeps no "
+                         "rows; repwatch select needs a full state_dict()")
     ring = torch.as_tensor(moments["ring"]).to(torch.float64)           # (window, d)
     valid = torch.as_tensor(moments["ring_valid"]) > 0                  # (window,)
     rows = ring[valid]                                                  # offline: host indexing is fine

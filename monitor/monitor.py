@@ -398,6 +398,7 @@ class Monitor(ModelProbes, Checkpointing):
                 capture.remove()
             if self._server is not None:
                 self._server.stop()
+                self._server = None                       # url is None once closed
             self._path.close()
 
     def __enter__(self) -> Monitor:

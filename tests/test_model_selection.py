@@ -222,3 +222,12 @@ def test_nested_checkpoint_and_several_states_need_a_key(tmp_path: Path,
     assert main(["select", str(two), "--key", "monitors/teacher", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["rankme"] < 4.0                    # the rank-3 teacher, not the student
+
+
+def test_a_compact_state_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    with Monitor(run="c", window=64, max_rows=64, port=None) as mon:
+        mon.observe("s", torch.randn(32, 8, generator=torch.Generator().manual_seed(0)))
+        mon.step()
+        torch.save(mon.state_dict(compact=True), tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="compact Monitor state"):
+        load_representation(tmp_path / "c.pt")

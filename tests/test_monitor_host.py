@@ -71,3 +71,10 @@ def test_is_loopback(host: str, loopback: bool) -> None:
     from monitor.validation import is_loopback
 
     assert is_loopback(host) is loopback
+
+
+def test_url_is_none_once_closed() -> None:
+    mon = Monitor(run="u", port=0)
+    assert mon.url is not None and mon.url.startswith("http://127.0.0.1:")
+    mon.close()
+    assert mon.url is None

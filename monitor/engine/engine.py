@@ -472,19 +472,27 @@ class Engine:
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, Any]:
-        """Checkpointable state of every stream (windows), and the run's peaks and lows."""
+    def state_dict(self, compact: bool = False) -> dict[str, Any]:
+        """Checkpointable state of every stream (windows), and the run's peaks and lows.
+        ``compact``: the windows' sufficient statistics without their rings of rows
+        (:meth:`monitor.Monitor.state_dict`)."""
         streams: dict[str, Any] = {}
         for name, st in self.streams.items():
             entry: dict[str, Any] = {"dim": st.dim, "enabled": st.enabled, "device": str(st.device),
-                                     "moments": st.moments.state_dict()}
+                                     "moments": st.moments.state_dict(compact)}
             if st.qscore is not None:
-                entry["qscore"] = st.qscore.state_dict()
+                entry["qscore"] = st.qscore.state_dict(compact)
             if st.nc is not None:
-                entry["nc"] = st.nc.state_dict()
+                classifier = None
+                if compact:                          # the saved rows keep their NC4
+                    try:
+                        classifier = self._classifier(name)
+                    except Exception:  # noqa: BLE001 - NC4 of the saved rows is then unknown
+                        classifier = None
+                entry["nc"] = st.nc.state_dict(compact, classifier)
             streams[name] = entry
         layers = {name: {"units": ly.units, "enabled": ly.enabled, "device": str(ly.device),
-                         "moments": ly.moments.state_dict(),
+                         "moments": ly.moments.state_dict(compact),
                          "activations": ly.activations.state_dict()}
                   for name, ly in self.layers.items()}
         pairs = {fake: {"real": real, "dim": sc.dim, "device": str(sc.device),
@@ -492,14 +500,16 @@ class Engine:
                         "state": sc.state_dict()}
                  for fake, (real, sc) in self.pairs.items()
                  if sc is not None and not isinstance(sc, dict)}
-        return {"window": self.window, **self.tracker.state_dict(),
+        return {"window": self.window, **self.tracker.state_dict(), "compact": compact,
                 "streams": streams, "layers": layers, "pairs": pairs}
 
     def load_state_dict(self, state: dict[str, Any],
                         device_map: Callable[[str], torch.device] | None = None) -> None:
-        """Restore streams saved by :meth:`state_dict` (same window size)."""
+        """Restore streams saved by :meth:`state_dict`, full or compact (same window size)."""
         if int(state["window"]) != self.window:
-            raise ValueError(f"checkpoint window is {state['window']} rows, this monitor's is {self.window}")
+            kind = "compact checkpoint" if state.get("compact") else "checkpoint"
+            raise ValueError(f"{kind} window is {state['window']} rows, this monitor's is "
+                             f"{self.window} (a window's state loads only into the same window)")
         self.streams.clear()
         self.tracker.load_state_dict(state)
         for name, st in state["streams"].items():

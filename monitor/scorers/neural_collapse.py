@@ -56,7 +56,7 @@ from monitor.functional.neural_collapse import (
 )
 from monitor.engine.window import RingCursor
 from monitor.validation import check_int
-from monitor.scorers.state import Scorer
+from monitor.scorers.state import FrozenBlock, Scorer, pack_symmetric, unpack_symmetric
 
 
 class NeuralCollapseScorer(Scorer):
@@ -80,10 +80,12 @@ class NeuralCollapseScorer(Scorer):
         self.add_state("out_of_range", torch.zeros((), **f64), reduce="sum", fill=0.0)
         self.add_state("nonfinite", torch.zeros((), **f64), reduce="sum", fill=0.0)
         self._ring = RingCursor(window)     # next ring slot (host int, from shapes only)
+        self._block: FrozenBlock | None = None   # statistics restored from a compact checkpoint
 
     def reset(self) -> None:
         super().reset()
         self._ring.reset()
+        self._block = None
 
     def update(self, rows: Tensor, labels: Tensor) -> None:
         """Add a batch of rows (b, dim) with labels (b,), both on this scorer's device."""
@@ -113,11 +115,30 @@ class NeuralCollapseScorer(Scorer):
         self.ring_labels.index_copy_(0, idx, y)
         self.ring_valid.index_copy_(0, idx, valid.to(torch.float64))
         self._ring.advance(b)
+        if self._block is not None:                 # saved rows evicted by these slots
+            self._block.first_writes(b)
+            if self._block.done:
+                self._block = None
+
+    def _row_weights(self) -> Tensor:
+        """Validity of the ring's real rows (window,): not the saved rows of a restored block,
+        whose slots hold zero rows."""
+        if self._block is None:
+            return self.ring_valid
+        return self.ring_valid * self._block.touched(self.ring_valid)
 
     def statistics(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(S (d,d), class_sums (C,d), counts (C,))`` of the window, float64, rebuilt from the ring."""
         x = self.ring.to(torch.float64)                                     # (window, d)
-        return class_statistics_unchecked(x, self.ring_labels, self.max_classes, self.ring_valid)
+        s, sums, counts = class_statistics_unchecked(x, self.ring_labels, self.max_classes,
+                                                     self._row_weights())
+        if self._block is not None:                  # + the share of the restored statistics left
+            w = self._block.weight(self.ring_valid)
+            t = self._block.tensors
+            s = s + w * t["S"]
+            sums = sums + w * t["sums"]
+            counts = counts + w * t["counts"]
+        return s, sums, counts
 
     def compute(self, weight: Tensor | None = None,
                 bias: Tensor | None = None) -> dict[str, Tensor]:
@@ -175,29 +196,136 @@ class NeuralCollapseScorer(Scorer):
         b = None if bias is None else bias.detach().to(self.device)
         mu, _, _ = class_means(sums, counts)
         m_tilde, present = centered_class_means(sums, counts)               # (C', d), (C',)
+        rows = self._row_weights()
+        nc4 = nc4_ncc_mismatch(self.ring, w, b, mu, present, row_weights=rows)
+        if self._block is not None:
+            nc4 = self._with_block_nc4(nc4, rows.sum())
         out = {"neural_collapse_nc3": nc3_self_duality(w, m_tilde, present),
-               "neural_collapse_nc4": nc4_ncc_mismatch(self.ring, w, b, mu, present,
-                                                       row_weights=self.ring_valid)}
+               "neural_collapse_nc4": nc4}
         if beyond is not None:
             nan = torch.full((), math.nan, dtype=torch.float64, device=self.device)
             out = {k: torch.where(beyond, nan, v) for k, v in out.items()}
         return out
 
+    def _with_block_nc4(self, nc4: Tensor, rows: Tensor) -> Tensor:
+        """NC4 over the real rows (``nc4`` of ``rows`` valid rows) and the restored block's
+        rows left, which keep the NC4 saved with them (none when it was not known)."""
+        assert self._block is not None
+        saved = self._block.tensors["nc4"]
+        left = torch.where(torch.isfinite(saved), self._block.left(self.ring_valid),
+                           torch.zeros_like(saved))
+        num = torch.where(rows > 0, nc4 * rows, torch.zeros_like(nc4)) \
+            + torch.where(left > 0, saved * left, torch.zeros_like(saved))
+        total = rows + left
+        return torch.where(total > 0, num / total.clamp_min(1e-300), torch.full_like(num, math.nan))
+
     def resize(self, max_classes: int) -> None:
         """Take labels in ``[0, max_classes)`` from now on (e.g. a classifier's class count):
         window rows whose label falls outside are left out and counted as out of range (device
-        work only)."""
+        work only). A restored block holding such labels is left out whole (its rows' second
+        moment cannot be split by class)."""
         self.max_classes = check_int("max_classes", max_classes, 2)
         outside = self.ring_labels >= self.max_classes                       # (window,)
         self.out_of_range += (outside & (self.ring_valid > 0)).sum().to(torch.float64)
         self.ring_valid.masked_fill_(outside, 0.0)
         self.ring_labels.masked_fill_(outside, 0)          # in range for the class statistics
+        if self._block is not None:
+            self._resize_block()
 
-    def state_dict(self) -> dict[str, Tensor]:
+    def _resize_block(self) -> None:
+        assert self._block is not None
+        t = self._block.tensors
+        c, saved = self.max_classes, t["sums"].shape[0]
+        if saved < c:
+            t["sums"] = torch.cat([t["sums"], t["sums"].new_zeros(c - saved, self.dim)])
+            t["counts"] = torch.cat([t["counts"], t["counts"].new_zeros(c - saved)])
+        elif saved > c:
+            keep = (t["counts"][c:].sum() == 0).to(torch.float64)         # () device, no sync
+            touched = self._block.touched(self.ring_valid)
+            self.out_of_range += (1.0 - keep) * self._block.left(self.ring_valid)
+            self.ring_valid *= touched + ~touched * keep
+            for name in ("S", "sums", "counts"):
+                t[name] = t[name] * keep
+            t["sums"], t["counts"] = t["sums"][:c], t["counts"][:c]
+
+    def state_dict(self, compact: bool = False,
+                   classifier: tuple[Tensor, Tensor | None] | None = None) -> dict[str, Tensor]:
+        """The ring and counters. ``compact=True``: the window's statistics instead of its
+        rows (``S`` as its lower triangle, class sums and counts up to the highest label
+        present, C': ``4d(d+1) + 8C'(d+1)`` bytes instead of ``4·window·d + 16·window``), each
+        slot's validity (bool), and the window's NC4 against ``classifier`` (``(weight, bias)``, NaN without one), which the saved rows
+        keep after a load while they are evicted (:class:`~monitor.scorers.state.FrozenBlock`)."""
+        if compact:
+            top = self.saved_classes()
+            s_full, sums, counts = self.statistics()
+            stats = (s_full, sums, counts)
+            nc4 = torch.full((), math.nan, dtype=torch.float64)
+            if classifier is not None:
+                try:
+                    nc4 = self.classifier_signals(classifier[0], classifier[1], stats)[
+                        "neural_collapse_nc4"]
+                except (ValueError, RuntimeError):     # a classifier that does not fit
+                    pass
+            return {"_compact": torch.tensor(True), "S_packed": pack_symmetric(stats[0]).cpu(),
+                    "sums": sums[:top].to("cpu", copy=True),       # copies: not views
+                    "counts": counts[:top].to("cpu", copy=True), "_nc4": nc4.cpu(),
+                    "ring_valid": (self.ring_valid > 0).cpu(),
+                    "out_of_range": self.out_of_range.to("cpu", copy=True),
+                    "nonfinite": self.nonfinite.to("cpu", copy=True),
+                    "_pos": torch.tensor(self._ring.pos)}
         state = super().state_dict()
+        if self._block is not None:
+            state.update(self._block.state(self.ring_valid))
+            state["ring_valid"] = state["ring_valid"] * self._block.touched(state["ring_valid"])
         state["_pos"] = torch.tensor(self._ring.pos)
         return state
 
+    def saved_classes(self) -> int:
+        """Classes a compact state keeps: up to the highest label in the window (its class
+        sums and counts), at least 2. Reads the device (a checkpoint-time call)."""
+        rows = self._row_weights() > 0
+        top = torch.where(rows, self.ring_labels, torch.full_like(self.ring_labels, -1)).max()
+        if self._block is not None:
+            present = torch.nonzero(self._block.tensors["counts"] > 0)
+            if present.numel():
+                top = torch.maximum(top, present.max())
+        return max(2, int(top) + 1)  # sync: a checkpoint-time call, off the hot path
+
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a full or a compact (``_compact``) :meth:`state_dict`."""
+        if "_compact" in state:
+            self._load_compact(state)
+            return
+        block = FrozenBlock.from_state(state, self.window, self.device)
         super().load_state_dict(state)
         self._ring.load(state)
+        self._block = None
+        if block is not None:
+            self._block, valid = block
+            self.ring_valid += valid
+
+    def _load_compact(self, state: dict[str, Tensor]) -> None:
+        d, w = self.dim, self.window
+        f64 = {"dtype": torch.float64, "device": self.device}
+        s = unpack_symmetric(torch.as_tensor(state["S_packed"]), d).to(**f64)
+        sums = torch.as_tensor(state["sums"]).to(**f64)
+        counts = torch.as_tensor(state["counts"]).to(**f64)
+        if sums.dim() != 2 or sums.shape[1] != d or counts.shape != (sums.shape[0],):
+            raise ValueError(f"NeuralCollapseScorer: expected class sums (C, {d}) and counts "
+                             f"(C,), got {tuple(sums.shape)} and {tuple(counts.shape)}")
+        valid = torch.as_tensor(state["ring_valid"]).to(**f64)
+        if valid.shape != (w,):
+            raise ValueError(f"NeuralCollapseScorer.ring_valid: expected shape ({w},), got "
+                             f"{tuple(valid.shape)}")
+        scalars = {k: torch.as_tensor(state[k]).to(**f64).reshape(())
+                   for k in ("out_of_range", "nonfinite", "_nc4")}
+        count = float(torch.as_tensor(state["ring_valid"]).sum())    # host copy: no device sync
+        self.reset()
+        self.ring_valid = valid
+        self.out_of_range = scalars["out_of_range"]
+        self.nonfinite = scalars["nonfinite"]
+        self._ring.load(state)
+        if count > 0:
+            self._block = FrozenBlock({"S": s, "sums": sums, "counts": counts,
+                                       "nc4": scalars["_nc4"]}, count, self._ring.pos, w)
+            self._resize_block()

@@ -214,8 +214,18 @@ class QScoreScorer(Scorer):
 
     # ------------------------------------------------------------------ checkpoint
 
-    def state_dict(self) -> dict[str, Tensor]:
+    def state_dict(self, compact: bool = False) -> dict[str, Tensor]:
+        """Every state and the ring cursors. ``compact=True`` keeps the window's scores (``8 ·
+        window`` bytes: window quantiles have no sufficient statistics, and a score is 8 bytes
+        where a row is ``4d``) and leaves out the evaluation rings when no evaluation batch came
+        (else keeps them, the misclassified flags as bool): the Q-Score window stays exact."""
         state = super().state_dict()
+        if compact:
+            state["_compact"] = torch.tensor(True)
+            if self._eval_ring.filled == 0:
+                del state["eval_q"], state["eval_wrong"]
+            else:
+                state["eval_wrong"] = state["eval_wrong"] > 0
         state["_pos"] = torch.tensor(self._ring.pos)
         state["_filled"] = torch.tensor(self._ring.filled)
         state["_eval_pos"] = torch.tensor(self._eval_ring.pos)
@@ -224,6 +234,11 @@ class QScoreScorer(Scorer):
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a full or a compact :meth:`state_dict`."""
+        if "_compact" in state:
+            state = {**state, "eval_q": state.get("eval_q", self.default("eval_q")),
+                     "eval_wrong": torch.as_tensor(state.get("eval_wrong",
+                                                             self.default("eval_wrong")))}
         super().load_state_dict(state)
         self._ring.load(state)
         self._eval_ring.load({"_pos": state.get("_eval_pos", 0),

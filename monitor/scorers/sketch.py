@@ -93,10 +93,13 @@ class SketchedMoments(WindowMoments):
 
     def negative_count(self) -> Tensor:
         """Negative entries of the window's valid original rows, () float64 (exact)."""
-        return (self.ring_neg * (self.ring_valid > 0)).sum()
+        return self._block_negatives((self.ring_neg * (self.ring_valid > 0)).sum())
 
-    def state_dict(self) -> dict[str, Tensor]:
-        state = super().state_dict()
+    def state_dict(self, compact: bool = False) -> dict[str, Tensor]:
+        """As :meth:`WindowMoments.state_dict` (k-dimensional sums; ``compact`` leaves out the
+        sketched rows and their negative counts), plus the sketch's (k, seed, d): ``Ω`` is
+        drawn again from them, never saved."""
+        state = super().state_dict(compact)
         state["_sketch_dim"] = torch.tensor(self.sketch_dim)
         state["_sketch_seed"] = torch.tensor(self.seed)
         state["_input_dim"] = torch.tensor(self.input_dim)

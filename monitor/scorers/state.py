@@ -71,8 +71,10 @@ class Scorer:
         for name in self._defaults:
             setattr(self, name, self.default(name))
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Copies of the states on the CPU (host transfer: call at publish/checkpoint only)."""
+    def state_dict(self, compact: bool = False) -> dict[str, Tensor]:
+        """Copies of the states on the CPU (host transfer: call at publish/checkpoint only).
+        ``compact``: a scorer holding rings of rows may leave them out (see its own
+        ``state_dict``); here, and for scorers without such rings, the same state."""
         return {name: getattr(self, name).detach().to("cpu", copy=True) for name in self._defaults}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -86,3 +88,107 @@ class Scorer:
                 raise ValueError(f"{type(self).__name__}.{name}: expected shape "
                                  f"{tuple(default.shape)}, got {tuple(value.shape)}")
             setattr(self, name, value.to(device=self.device, dtype=default.dtype).clone())
+
+
+# ---------------------------------------------------------------- compact checkpoints
+
+
+def pack_symmetric(s: Tensor) -> Tensor:
+    """The lower triangle of a symmetric ``(d, d)`` matrix, row by row: ``d(d+1)/2`` values
+    (half the bytes of ``s`` in a checkpoint; :func:`unpack_symmetric` mirrors it back)."""
+    rows, cols = torch.tril_indices(s.shape[0], s.shape[0], device=s.device)
+    return s[rows, cols]
+
+
+def unpack_symmetric(values: Tensor, dim: int) -> Tensor:
+    """The symmetric ``(dim, dim)`` matrix whose lower triangle is ``values``
+    (:func:`pack_symmetric`)."""
+    if values.shape != (dim * (dim + 1) // 2,):
+        raise ValueError(f"expected the {dim * (dim + 1) // 2} values of a packed ({dim}, {dim}) "
+                         f"symmetric matrix, got shape {tuple(values.shape)}")
+    rows, cols = torch.tril_indices(dim, dim, device=values.device)
+    out = values.new_zeros(dim, dim)
+    out[rows, cols] = values
+    out[cols, rows] = values
+    return out
+
+
+class FrozenBlock:
+    """A window restored from a compact checkpoint: its sums without its rows.
+
+    A compact state keeps a window's sums and each slot's validity, not the rows. On loading, the
+    ring holds zero rows where the saved rows were (with their validity, so row counts stay
+    exact) and the sums equal the saved ones: the first publish after the load is the one before
+    the save. Each slot then written for the first time since the load evicts its saved row, as
+    the exact window would, and since that row is unknown the sums lose the saved rows' mean,
+    ``tensors / count`` (``count``: the saved valid rows), per evicted valid row: the remaining
+    saved rows weigh ``weight() = (saved valid rows left) / count``, proportionally. Correct in
+    expectation when the saved rows are exchangeable; exact again once every slot has been
+    written (``size`` rows after the load), when the block is dropped and the sums are rebuilt
+    from the ring, which then holds new rows only.
+
+    ``start``: the ring position at the load; ``written``: slots written since (host ints, from
+    shapes only: no device sync).
+    """
+
+    def __init__(self, tensors: dict[str, Tensor], count: float, start: int, size: int,
+                 written: int = 0) -> None:
+        self.tensors = tensors
+        self.count = float(count)
+        self.start = int(start)
+        self.size = int(size)
+        self.written = int(written)
+
+    @property
+    def done(self) -> bool:
+        """Whether every slot has been written since the load (no saved row is left)."""
+        return self.written >= self.size
+
+    def first_writes(self, b: int) -> int:
+        """Record ``b`` more written slots; how many of them (the first ones) are written for
+        the first time since the load, i.e. evict a saved row."""
+        k = max(0, min(b, self.size - self.written))
+        self.written += b
+        return k
+
+    def touched(self, like: Tensor) -> Tensor:
+        """``(size,)`` bool on ``like``'s device: the slots written since the load."""
+        slots = (torch.arange(self.size, device=like.device) - self.start) % self.size
+        return slots < self.written
+
+    def left(self, valid: Tensor) -> Tensor:
+        """Saved valid rows not evicted yet, () float64 (``valid``: the ring's validity, which
+        holds the saved rows' validity in the slots not written since the load)."""
+        return (valid * ~self.touched(valid)).sum().to(torch.float64)
+
+    def weight(self, valid: Tensor) -> Tensor:
+        """The share of the saved sums still in the window, () float64 (1 at the load)."""
+        return self.left(valid) / self.count
+
+    def state(self, valid: Tensor) -> dict[str, Tensor]:
+        """The block for a full checkpoint (``_block.*`` keys; the saved rows' validity goes
+        under ``_block.valid``, so that the checkpoint's own ``ring_valid`` marks real rows
+        only)."""
+        out = {f"_block.{k}": v.detach().to("cpu", copy=True) for k, v in self.tensors.items()}
+        out["_block.valid"] = ((valid * ~self.touched(valid)) > 0).cpu()
+        out["_block.count"] = torch.tensor(self.count, dtype=torch.float64)
+        out["_block.start"] = torch.tensor(self.start)
+        out["_block.written"] = torch.tensor(self.written)
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], size: int,
+                   device: torch.device) -> tuple[FrozenBlock, Tensor] | None:
+        """The block of a full checkpoint written by :meth:`state` and the saved rows'
+        validity ``(size,)`` float64 (to add to the ring's), or None when it has none."""
+        if "_block.count" not in state:
+            return None
+        valid = torch.as_tensor(state["_block.valid"]).to(device=device, dtype=torch.float64)
+        if valid.shape != (size,):
+            raise ValueError(f"_block.valid: expected shape ({size},), got {tuple(valid.shape)}")
+        fixed = {"_block.valid", "_block.count", "_block.start", "_block.written"}
+        tensors = {k[len("_block."):]: torch.as_tensor(v).to(device=device, dtype=torch.float64)
+                   for k, v in state.items() if k.startswith("_block.") and k not in fixed}
+        block = cls(tensors, float(state["_block.count"]), int(state["_block.start"]), size,
+                    int(state["_block.written"]))
+        return block, valid
