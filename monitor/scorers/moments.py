@@ -39,7 +39,13 @@ from monitor.engine.window import RingCursor
 from monitor.validation import check_int
 from monitor.functional.moments import add_window_delta_, clean_rows, symmetrize_
 from monitor.functional.spectral import normalize_rows
-from monitor.scorers.state import FrozenBlock, Scorer, pack_symmetric, unpack_symmetric
+from monitor.scorers.state import (
+    FrozenBlock,
+    Scorer,
+    load_full_with_block,
+    pack_symmetric,
+    unpack_symmetric,
+)
 
 BLOCK_SUMS: tuple[str, ...] = ("s", "zsum", "nsum", "nsq")
 """The window sums a restored compact block contributes to (``n`` counts its rows through the
@@ -200,16 +206,10 @@ class WindowMoments(Scorer):
         if "_compact" in state:
             self._load_compact(state)
             return
-        block = FrozenBlock.from_state(state, self.window, self.device)
-        super().load_state_dict(state)
-        self._ring.load(state)
+        load_full_with_block(self, state)
         self._pending = 0
         self._stale = False
         self._asym = False
-        self._block = None
-        if block is not None:
-            self._block, valid = block
-            self.ring_valid += valid
 
     def _load_compact(self, state: dict[str, Tensor]) -> None:
         d, w = self.dim, self.window

@@ -56,7 +56,13 @@ from monitor.functional.neural_collapse import (
 )
 from monitor.engine.window import RingCursor
 from monitor.validation import check_int
-from monitor.scorers.state import FrozenBlock, Scorer, pack_symmetric, unpack_symmetric
+from monitor.scorers.state import (
+    FrozenBlock,
+    Scorer,
+    load_full_with_block,
+    pack_symmetric,
+    unpack_symmetric,
+)
 
 
 class NeuralCollapseScorer(Scorer):
@@ -296,13 +302,7 @@ class NeuralCollapseScorer(Scorer):
         if "_compact" in state:
             self._load_compact(state)
             return
-        block = FrozenBlock.from_state(state, self.window, self.device)
-        super().load_state_dict(state)
-        self._ring.load(state)
-        self._block = None
-        if block is not None:
-            self._block, valid = block
-            self.ring_valid += valid
+        load_full_with_block(self, state)
 
     def _load_compact(self, state: dict[str, Tensor]) -> None:
         d, w = self.dim, self.window

@@ -9,7 +9,7 @@ defaults, ``state_dict()``/``load_state_dict()`` checkpoint it, and ``reduce`` s
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -192,3 +192,16 @@ class FrozenBlock:
         block = cls(tensors, float(state["_block.count"]), int(state["_block.start"]), size,
                     int(state["_block.written"]))
         return block, valid
+
+
+def load_full_with_block(scorer: Any, state: dict[str, Tensor]) -> None:
+    """:meth:`Scorer.load_state_dict` of a full state for a scorer with a row ring (``_ring``,
+    ``ring_valid``, ``_block``, ``window``, ``device``), including the frozen block of a
+    compact load still in transition (``_block.*`` keys, :meth:`FrozenBlock.from_state`)."""
+    block = FrozenBlock.from_state(state, scorer.window, scorer.device)
+    Scorer.load_state_dict(scorer, state)
+    scorer._ring.load(state)
+    scorer._block = None
+    if block is not None:
+        scorer._block, valid = block
+        scorer.ring_valid += valid

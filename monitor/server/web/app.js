@@ -301,6 +301,27 @@
   }
   const color = (k) => `var(--s${k % 6})`;
 
+  // ---------- theme toggle (also the report's) ----------
+  // The #theme button cycles auto → dark → light, then redraws (colours come from CSS);
+  // ``remember``: keep the choice in localStorage for the next visit.
+  function initTheme(redraw, remember) {
+    const btn = $("theme");
+    const order = ["auto", "dark", "light"];
+    const current = () => document.documentElement.dataset.theme || "auto";
+    const label = () => { btn.textContent = `◐ ${current()}`; };
+    label();
+    btn.addEventListener("click", () => {
+      const next = order[(order.indexOf(current()) + 1) % order.length];
+      if (next === "auto") delete document.documentElement.dataset.theme;
+      else document.documentElement.dataset.theme = next;
+      if (remember) {
+        try { localStorage.setItem("repwatch-theme", next); } catch (e) { /* storage off */ }
+      }
+      label();
+      redraw();
+    });
+  }
+
   // ---------- data ----------
   async function getJSON(url) {
     const r = await fetch(url, { cache: "no-store" });
@@ -595,25 +616,10 @@
   }
 
   // ---------- theme ----------
-  function initTheme() {
-    const btn = $("theme");
-    const order = ["auto", "dark", "light"];
-    const current = () => document.documentElement.dataset.theme || "auto";
-    const label = () => { btn.textContent = `◐ ${current()}`; };
-    label();
-    btn.addEventListener("click", () => {
-      const next = order[(order.indexOf(current()) + 1) % order.length];
-      if (next === "auto") delete document.documentElement.dataset.theme;
-      else document.documentElement.dataset.theme = next;
-      try { localStorage.setItem("repwatch-theme", next); } catch (e) { /* storage off */ }
-      label();
-      render0();
-    });
-  }
   function render0() { if (state.run && state.history.length) render(); }
 
   document.addEventListener("DOMContentLoaded", () => {
-    initTheme();
+    initTheme(render0, true);
     $("run").addEventListener("change", (ev) => selectRun(ev.target.value));
     document.addEventListener("toggle", (ev) => { if (ev.target.matches && ev.target.matches("details.more")) render0(); }, true);
     let resizeTimer = null;

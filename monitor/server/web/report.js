@@ -1,8 +1,8 @@
 // repwatch report: the offline page of `repwatch report LOG.jsonl [...]` (monitor/cli/report.py).
 // Not loaded on its own: report.py inlines it into one page, inside one function scope, right
 // after the dashboard's own drawing code, cut from app.js (its "signals" to "data" sections:
-// LABELS, PRIMARY, yReference, fmt, el, svgEl, finite, drawChart, card, legend, color), so the
-// charts, their labels and their order are the dashboard's.
+// LABELS, PRIMARY, yReference, fmt, el, svgEl, finite, drawChart, card, legend, color,
+// initTheme), so the charts, their labels and their order are the dashboard's.
 // It draws the data embedded in the page (#repwatch-data): no fetch, no polling, no network.
 
   const DATA = JSON.parse(document.getElementById("repwatch-data").textContent);
@@ -190,24 +190,8 @@
     renderGroups();
   }
 
-  // ---------- theme (as the dashboard's toggle) ----------
-  function initTheme() {
-    const btn = $("theme");
-    const order = ["auto", "dark", "light"];
-    const current = () => document.documentElement.dataset.theme || "auto";
-    const label = () => { btn.textContent = `◐ ${current()}`; };
-    label();
-    btn.addEventListener("click", () => {
-      const next = order[(order.indexOf(current()) + 1) % order.length];
-      if (next === "auto") delete document.documentElement.dataset.theme;
-      else document.documentElement.dataset.theme = next;
-      label();
-      render();
-    });
-  }
-
   function start() {
-    initTheme();
+    initTheme(render, false);
     renderHeader();
     renderAlerts();
     render();
