@@ -189,6 +189,7 @@ class WindowMoments(Scorer):
         if compact:
             cpu = {name: getattr(self, name).detach().to("cpu", copy=True)
                    for name in ("zsum", "nsum", "nsq", "n", "seen", "nonfinite")}
+            # sync: state_dict(compact=True) copies to the host at checkpoint time, off the hot path
             return {"_compact": torch.tensor(True), "s_packed": pack_symmetric(self.s).cpu(),
                     **cpu, "_neg": self.negative_count().cpu(),
                     "ring_valid": (self.ring_valid > 0).cpu(),

@@ -272,6 +272,7 @@ class NeuralCollapseScorer(Scorer):
                         "neural_collapse_nc4"]
                 except (ValueError, RuntimeError):     # a classifier that does not fit
                     pass
+            # sync: state_dict(compact=True) copies to the host at checkpoint time, off the hot path
             return {"_compact": torch.tensor(True), "S_packed": pack_symmetric(stats[0]).cpu(),
                     "sums": sums[:top].to("cpu", copy=True),       # copies: not views
                     "counts": counts[:top].to("cpu", copy=True), "_nc4": nc4.cpu(),

@@ -170,7 +170,7 @@ class FrozenBlock:
         under ``_block.valid``, so that the checkpoint's own ``ring_valid`` marks real rows
         only)."""
         out = {f"_block.{k}": v.detach().to("cpu", copy=True) for k, v in self.tensors.items()}
-        out["_block.valid"] = ((valid * ~self.touched(valid)) > 0).cpu()
+        out["_block.valid"] = ((valid * ~self.touched(valid)) > 0).cpu()  # sync: checkpoint time
         out["_block.count"] = torch.tensor(self.count, dtype=torch.float64)
         out["_block.start"] = torch.tensor(self.start)
         out["_block.written"] = torch.tensor(self.written)

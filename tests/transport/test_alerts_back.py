@@ -39,18 +39,11 @@ from monitor.server import BackgroundServer
 from monitor.sidecar.service import Sidecar, SidecarConfig, create_sidecar_app
 from monitor.snapshot import Alert, Snapshot
 from monitor.transport import HttpSink, ShmSink, make_sink
+from tests.transport.waiting import wait_until as _wait
 
 SHM = Path("/dev/shm")
 COLLAPSE = "RepwatchRepresentationCollapse"
 
-
-def _wait(cond: Callable[[], Any], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def _free_port() -> int:

@@ -27,6 +27,7 @@ from monitor.transport import ShmSink, make_sink
 from monitor.transport.shm import RingError, ShmReader, ShmRing, parse_spec
 from monitor.transport.wire import encode_batch
 from tests.toy_training import train_toy
+from tests.transport.waiting import wait_until as _wait
 
 ROOT = Path(__file__).resolve().parents[2]
 SHM = Path("/dev/shm")
@@ -58,13 +59,6 @@ def _read_all(ring: ShmRing) -> list[tuple[str, str, dict[str, str], bytes]]:
     return out
 
 
-def _wait(cond, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 # ---------------------------------------------------------------------------------- the ring

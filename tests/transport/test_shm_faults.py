@@ -17,7 +17,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,6 +26,7 @@ import pytest
 
 from monitor.transport.shm import RingError, RingFault, ShmReader, ShmRing, ShmTransport
 from monitor.transport.wire import encode_batch
+from tests.transport.waiting import wait_until as _wait
 
 ROOT = Path(__file__).resolve().parents[2]
 SHM = Path("/dev/shm")
@@ -68,13 +68,6 @@ class FakeSidecar:
             return sum(self.rejected.values())
 
 
-def _wait(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def _header(name: str) -> tuple[int, dict[str, int] | None]:
